@@ -1,0 +1,35 @@
+"""Core's built-ins, registered through the ``llmc`` entry point like any plugin."""
+
+from __future__ import annotations
+
+from llmc.hookspecs import hookimpl
+
+
+@hookimpl
+def llmc_register_modifiers(register):
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    register(QuantizationModifier)
+
+
+@hookimpl
+def llmc_register_pipelines(register):
+    from llmc.pipelines.datafree import run_datafree
+    from llmc.pipelines.independent import run_independent
+
+    register("datafree", run_datafree)
+    register("independent", run_independent)
+
+
+@hookimpl
+def llmc_register_savers(register):
+    from llmc.saving import save_compressed_tensors
+
+    register("compressed-tensors", save_compressed_tensors)
+
+
+@hookimpl
+def llmc_register_datasets(register):
+    from llmc.data import corpus
+
+    register(corpus.NAME, corpus.load)

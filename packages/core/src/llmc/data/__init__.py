@@ -1,0 +1,190 @@
+"""Calibration data: from any accepted ``dataset`` argument to a DataLoader of token batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from llmc.args import DatasetArguments
+
+logger = logging.getLogger(__name__)
+
+_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+
+
+def _tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _pick_split(data: datasets.DatasetDict, split: str | None) -> datasets.Dataset:
+    for name in [split] if split else ["calibration", "train", "test", "validation"]:
+        if name in data:
+            return data[name]
+    if split:
+        raise ValueError(f"Dataset has no split {split!r}; its splits are {list(data)}.")
+    return data[next(iter(data))]
+
+
+def _load_local(path: str, args: DatasetArguments) -> datasets.Dataset:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset_path {path!r} does not exist.")
+    files = sorted(f for f in p.iterdir() if f.suffix in _LOCAL_FORMATS) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"dataset_path {path!r} holds no JSON, JSONL, CSV, text or parquet file.")
+    kinds = {_LOCAL_FORMATS.get(f.suffix) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"dataset_path {path!r}: use files of one format among {sorted(_LOCAL_FORMATS)}."
+        )
+    loaded = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    return loaded
+
+
+def _load_named(name: str, args: DatasetArguments) -> datasets.Dataset:
+    from llmc.plugins import get_registry
+
+    registry = get_registry()
+    if registry.has("dataset", name):
+        return registry.get("dataset", name)(args, args.splits)
+    if os.path.exists(name):
+        return _load_local(name, args)
+    try:
+        loaded = datasets.load_dataset(
+            name, args.dataset_config_name, split=args.splits, streaming=args.streaming
+        )
+    except Exception as exc:
+        raise ValueError(
+            f"Could not load dataset {name!r}: {exc}\nThis machine may not reach the Hugging Face "
+            "hub: pass dataset_path= with a local JSON/JSONL/CSV file, a datasets.Dataset, or a "
+            f"registered name ({', '.join(sorted(registry.names('dataset')))})."
+        ) from exc
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        loaded = _pick_split(loaded, args.splits)
+    return loaded
+
+
+def load_raw_dataset(args: DatasetArguments) -> datasets.Dataset | DataLoader:
+    if args.dataset is not None and args.dataset_path is not None:
+        raise ValueError("Pass either dataset= or dataset_path=, not both.")
+    source = args.dataset if args.dataset is not None else args.dataset_path
+    if isinstance(source, (DataLoader, datasets.Dataset, datasets.IterableDataset)):
+        return source
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return _pick_split(source, args.splits)
+    if args.dataset_path is not None:
+        return _load_local(str(args.dataset_path), args)
+    if isinstance(source, (str, os.PathLike)):
+        return _load_named(str(source), args)
+    raise TypeError(
+        f"dataset must be a name, a datasets.Dataset/DatasetDict or a DataLoader, got {type(source).__name__}."
+    )
+
+
+def _select(data: Any, args: DatasetArguments, count: int) -> datasets.Dataset:
+    if isinstance(data, datasets.IterableDataset):
+        if args.shuffle_calibration_samples:
+            data = data.shuffle(seed=args.seed, buffer_size=10 * count)
+        return datasets.Dataset.from_list(list(data.take(count)))
+    if args.shuffle_calibration_samples:
+        data = data.shuffle(seed=args.seed)
+    if len(data) < count:
+        logger.warning("Dataset has %d samples, fewer than the %d asked for.", len(data), count)
+    return data.select(range(min(count, len(data))))
+
+
+def _texts(data: datasets.Dataset, args: DatasetArguments, tokenizer: Any) -> list[str]:
+    columns = data.column_names
+    if args.text_column in columns:
+        return [str(t) for t in data[args.text_column]]
+    if "messages" in columns:
+        if getattr(tokenizer, "chat_template", None):
+            return [tokenizer.apply_chat_template(m, tokenize=False) for m in data["messages"]]
+        return ["\n".join(turn["content"] for turn in m) for m in data["messages"]]
+    raise ValueError(
+        f"Dataset has no {args.text_column!r} column (columns: {columns}); set text_column= "
+        "to the column holding the text."
+    )
+
+
+def tokenize(data: datasets.Dataset, args: DatasetArguments, processor: Any) -> list[list[int]]:
+    """Token ids per sample: truncated, optionally padded or concatenated into full rows."""
+    if "input_ids" in data.column_names:
+        rows = [list(map(int, ids)) for ids in data["input_ids"]]
+        return [r[: args.max_seq_length] for r in rows]
+    tokenizer = _tokenizer_of(processor)
+    if tokenizer is None:
+        raise ValueError("Tokenizing calibration text needs a tokenizer: pass tokenizer=.")
+    texts = _texts(data, args, tokenizer)
+    if args.concatenate_data:
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+        n = args.max_seq_length
+        return [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
+    encoded = tokenizer(texts, truncation=True, max_length=args.max_seq_length)["input_ids"]
+    return [list(e) for e in encoded if len(e) > 0]
+
+
+def _pad_id(processor: Any) -> int:
+    tokenizer = _tokenizer_of(processor)
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[list[int]]], dict[str, torch.Tensor]]:
+    """'truncation' cuts a batch to its shortest sample; 'padding' pads to its longest."""
+    if callable(args.data_collator):
+        return args.data_collator
+    pad_id = _pad_id(processor)
+    pad_to = args.max_seq_length if args.pad_to_max_length else None
+    truncate = args.data_collator == "truncation"
+
+    def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        lengths = [len(r) for r in rows]
+        if pad_to is not None:
+            width = pad_to
+        else:
+            width = min(lengths) if truncate else max(lengths)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            row = row[:width]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return collate
+
+
+def build_calibration_dataloader(args: DatasetArguments, processor: Any) -> DataLoader:
+    raw = load_raw_dataset(args)
+    if isinstance(raw, DataLoader):
+        return raw
+    count = args.num_calibration_samples
+    if args.concatenate_data:
+        rows = tokenize(_select(raw, args, len(raw) if hasattr(raw, "__len__") else count * 4), args, processor)[:count]
+    else:
+        rows = tokenize(_select(raw, args, count), args, processor)
+    if not rows:
+        raise ValueError("Calibration data is empty after tokenization.")
+    logger.info("Calibrating on %d samples of up to %d tokens", len(rows), args.max_seq_length)
+    return DataLoader(
+        rows,
+        batch_size=args.batch_size,
+        shuffle=False,
+        collate_fn=make_collator(args, processor),
+        num_workers=args.dataloader_num_workers,
+    )

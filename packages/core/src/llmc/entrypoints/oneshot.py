@@ -1,0 +1,110 @@
+"""oneshot: preprocess, calibrate, postprocess.
+
+Every check that can fail on the user's input (arguments, recipe, plugins,
+output directory, model path) runs before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from llmc import logs
+from llmc.args import OneshotArguments, parse_oneshot_args
+from llmc.data import build_calibration_dataloader
+from llmc.lifecycle import State
+from llmc.model_loading import check_model_source, preprocess
+from llmc.patches import matching_patches
+from llmc.pipelines import resolve_pipelines, run_pipeline
+from llmc.plugins import PluginNotFoundError, Registry, get_registry
+from llmc.recipe import Recipe
+from llmc.saving import atomic_directory, check_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+def _concrete_pipelines(recipe: Recipe, pipeline: str) -> list[str]:
+    """The pipelines that will run forward passes (``independent`` only dispatches)."""
+    names = [p for stage in recipe.stages for p in resolve_pipelines(pipeline, stage.modifiers)]
+    return list(dict.fromkeys(names))
+
+
+def _check_plugins(registry: Registry, pipelines: list[str], saver: str) -> None:
+    for name in pipelines:
+        if not registry.has("pipeline", name):
+            raise PluginNotFoundError(registry.missing_message("pipeline", name))
+    if not registry.has("saver", saver):
+        raise PluginNotFoundError(registry.missing_message("saver", saver))
+
+
+def _execution_device(name: str | None) -> torch.device:
+    if name is not None:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def oneshot(**kwargs: Any) -> PreTrainedModel:
+    args = parse_oneshot_args(**kwargs)
+    handler = logs.configure(args.output.log_dir)
+    try:
+        return _run(args)
+    finally:
+        if handler is not None:
+            logging.getLogger(logs.LOGGER).removeHandler(handler)
+            handler.close()
+
+
+def _run(args: OneshotArguments) -> PreTrainedModel:
+    started = time.perf_counter()
+    recipe = Recipe.load(args.recipe.recipe, args.recipe.recipe_args, args.recipe.stage)
+    registry = get_registry()
+    pipeline = args.pipeline.pipeline or "independent"
+    pipelines = _concrete_pipelines(recipe, pipeline)
+    _check_plugins(registry, [pipeline, *pipelines], args.output.saver)
+    needs_data = any(getattr(registry.get("pipeline", p), "requires_data", True) for p in pipelines)
+    has_data = args.dataset.dataset is not None or args.dataset.dataset_path is not None
+    if needs_data and not has_data:
+        raise ValueError(
+            f"The recipe runs the {', '.join(pipelines)} pipeline, which needs calibration "
+            "data: pass dataset= (e.g. 'llmc-docs', the offline corpus) or dataset_path=."
+        )
+    check_output_dir(args.output.output_dir, args.output.overwrite_output_dir)
+    check_model_source(args.model.model)
+
+    model, processor = preprocess(args.model)
+    dataloader = build_calibration_dataloader(args.dataset, processor) if has_data else None
+    device = _execution_device(args.pipeline.device)
+
+    with contextlib.ExitStack() as stack:
+        for patch in matching_patches(model):
+            stack.enter_context(patch.calibration_context(model, args.dataset))
+        for stage in recipe.stages:
+            logger.info("Stage %s: %s", stage.name, ", ".join(type(m).__name__ for m in stage.modifiers))
+            state = State(
+                model=model,
+                pipeline_args=args.pipeline,
+                device=device,
+                dataloader=dataloader,
+                processor=processor,
+                stage=stage.name,
+            )
+            run_pipeline(pipeline, state, stage.modifiers)
+    logger.info("Calibration finished in %.1f s", time.perf_counter() - started)
+
+    if args.output.output_dir is not None:
+        save = registry.get("saver", args.output.saver)
+        with atomic_directory(args.output.output_dir) as tmp:
+            save(
+                model,
+                tmp,
+                processor=processor,
+                recipe_yaml=recipe.to_yaml(),
+                save_compressed=args.model.save_compressed,
+            )
+        logger.info("Saved to %s", args.output.output_dir)
+    return model

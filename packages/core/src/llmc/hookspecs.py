@@ -1,0 +1,133 @@
+"""Hook specifications: every way a plugin extends llmc.
+
+Two kinds of hook live here.
+
+*Registration hooks* are called once, when the plugin manager builds its
+registry (see :mod:`llmc.plugins`). Each receives a ``register`` callable; the
+plugin calls it once per thing it provides. The registry remembers which plugin
+registered what, so ``llmc plugins`` can show it and a name clash is an error.
+
+*Lifecycle hooks* are called by a compression session on every modifier that is
+active in the running stage (modifiers are registered with the plugin manager
+for the duration of their stage) and on any installed plugin that implements
+them (progress reporters, loggers). Modifiers are called in recipe order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmc.state import State
+
+PROJECT = "llmc"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- registration -----------------------------------------------------------
+
+
+@hookspec
+def llmc_register_modifiers(register: Callable[[type], None]) -> None:
+    """Register modifier classes.
+
+    Called once when the registry is built. Call ``register(cls)`` for each
+    :class:`llmc.modifiers.Modifier` subclass the plugin provides; it becomes
+    usable by its class name in recipes and as ``from llmc.modifiers import Name``.
+    """
+
+
+@hookspec
+def llmc_register_pipelines(register: Callable[[str, Callable[..., None]], None]) -> None:
+    """Register calibration pipelines.
+
+    Called once when the registry is built. Call ``register(name, run)`` where
+    ``run(session, modifiers)`` drives the lifecycle hooks for those modifiers
+    over the session's model and calibration data (see :mod:`llmc.pipelines`).
+    """
+
+
+@hookspec
+def llmc_register_savers(register: Callable[[str, Callable[..., None]], None]) -> None:
+    """Register checkpoint savers.
+
+    Called once when the registry is built. Call ``register(name, save)`` where
+    ``save(model, output_dir, *, processor, recipe_yaml, save_compressed)``
+    writes a complete checkpoint into ``output_dir`` (an empty, temporary
+    directory that the caller moves into place when ``save`` returns).
+    """
+
+
+@hookspec
+def llmc_register_datasets(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Register named calibration datasets.
+
+    Called once when the registry is built. Call ``register(name, load)`` where
+    ``load(dataset_args, split)`` returns a ``datasets.Dataset`` whose rows hold a
+    ``text`` column (or ``messages``/``input_ids``), ready to tokenize.
+    """
+
+
+@hookspec
+def llmc_register_model_patches(register: Callable[[Any], None]) -> None:
+    """Register model patches and calibration contexts.
+
+    Called once when the registry is built. Call ``register(patch)`` with a
+    :class:`llmc.patches.ModelPatch`. Oneshot applies every patch whose
+    ``matches(model)`` is true after loading the model (model-specific fixes),
+    and enters each matching patch's ``calibration_context(model, session)``
+    around calibration (e.g. routing every token through every MoE expert).
+    """
+
+
+# --- modifier lifecycle -----------------------------------------------------
+
+
+@hookspec
+def llmc_initialize(state: State) -> None:
+    """Called once per stage, before its pipeline runs.
+
+    Modifiers attach to the model here: apply quantization schemes, resolve
+    mappings, validate targets. No calibration data has been seen yet.
+    """
+
+
+@hookspec
+def llmc_calibration_start(state: State) -> None:
+    """Called when the pipeline is about to run the first calibration forward pass.
+
+    Modifiers register their forward hooks (observers, Hessian accumulators)
+    and compute anything that needs only the weights.
+    """
+
+
+@hookspec
+def llmc_batch_end(state: State, batch_index: int) -> None:
+    """Called after each calibration batch has passed through the model
+    (or, in the sequential pipeline, through the current layer)."""
+
+
+@hookspec
+def llmc_sequential_layer_end(state: State, layer_name: str, layer: torch.nn.Module) -> None:
+    """Called when every calibration batch has passed through one sequential
+    target (a decoder layer by default). Modifiers compress that layer now, so
+    its outputs can be recomputed with the compressed weights for the next one.
+    """
+
+
+@hookspec
+def llmc_calibration_end(state: State) -> None:
+    """Called after the last calibration forward pass. Modifiers that did not
+    compress layer by layer do their remaining work here and remove hooks."""
+
+
+@hookspec
+def llmc_finalize(state: State) -> None:
+    """Called once per stage after its pipeline finished. Modifiers freeze
+    quantization parameters and leave the model ready to save."""

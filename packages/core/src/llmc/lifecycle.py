@@ -1,0 +1,50 @@
+"""The state shared by a stage's modifiers and the context that runs their lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pluggy
+import torch
+
+from llmc.plugins import registered_modifiers
+
+if TYPE_CHECKING:
+    from llmc.args import PipelineArguments
+    from llmc.modifiers.base import Modifier
+
+
+@attrs.define
+class State:
+    """What a pipeline and its modifiers share while a stage runs."""
+
+    model: torch.nn.Module
+    pipeline_args: PipelineArguments
+    device: torch.device
+    dataloader: Iterable[dict[str, Any]] | None = None
+    processor: Any = None
+    stage: str | None = None
+
+    def require_data(self, who: str) -> Iterable[dict[str, Any]]:
+        if self.dataloader is None:
+            raise ValueError(
+                f"{who} needs calibration data, but no dataset was given. Pass dataset= "
+                "(a registered name such as 'llmc-docs', a datasets.Dataset, or a DataLoader) "
+                "or dataset_path= (a local JSON/JSONL/CSV file)."
+            )
+        return self.dataloader
+
+
+@contextlib.contextmanager
+def lifecycle(state: State, modifiers: Sequence[Modifier]) -> Iterator[pluggy.HookRelay]:
+    """Initialize ``modifiers`` on entry, finalize them on a clean exit.
+
+    Only these modifiers receive the lifecycle hooks fired inside the block.
+    """
+    with registered_modifiers(modifiers) as hook:
+        hook.llmc_initialize(state=state)
+        yield hook
+        hook.llmc_finalize(state=state)

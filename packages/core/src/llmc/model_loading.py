@@ -1,0 +1,110 @@
+"""Preprocessing: load the model and its tokenizer or processor, untie embeddings, apply patches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
+
+from llmc.args import ModelArguments
+from llmc.patches import matching_patches
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def check_model_source(model: Any) -> None:
+    """Fail fast on a local path that cannot hold a model."""
+    if isinstance(model, PreTrainedModel) or not isinstance(model, (str, os.PathLike)):
+        return
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model={str(model)!r} is a file; pass the checkpoint's directory.")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model={str(model)!r} has no config.json; it is not a transformers checkpoint.")
+        if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+            raise ValueError(
+                f"model={str(model)!r} holds no weights (*.safetensors or *.bin); "
+                "was the checkpoint saved completely?"
+            )
+    elif str(model).startswith((".", "/", "~")):
+        raise ValueError(f"model path {str(model)!r} does not exist.")
+
+
+def load_model(args: ModelArguments) -> PreTrainedModel:
+    if isinstance(args.model, PreTrainedModel):
+        return args.model
+    check_model_source(args.model)
+    dtype: Any = "auto" if args.precision == "auto" else _DTYPES[args.precision]
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, trust_remote_code=args.trust_remote_code_model, revision=args.model_revision
+    )
+    if args.config_name:
+        from transformers import AutoConfig
+
+        kwargs["config"] = AutoConfig.from_pretrained(
+            args.config_name, trust_remote_code=args.trust_remote_code_model
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
+    except OSError as exc:
+        raise OSError(
+            f"Could not load model {str(args.model)!r}: {exc}\nPass a local checkpoint "
+            "directory, or a Hugging Face model ID reachable from this machine."
+        ) from exc
+
+
+def load_processor(args: ModelArguments, model: PreTrainedModel) -> Any:
+    """The tokenizer or processor to save beside the model and to tokenize calibration data."""
+    given = args.processor if args.processor is not None else args.tokenizer
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        return given
+    source = given or (args.model if isinstance(args.model, (str, os.PathLike)) else None)
+    source = source or getattr(model.config, "_name_or_path", None)
+    if not source:
+        return None
+    kwargs = dict(trust_remote_code=args.trust_remote_code_model, revision=args.model_revision)
+    loaders = (AutoProcessor, AutoTokenizer) if args.processor is not None else (AutoTokenizer, AutoProcessor)
+    for loader in loaders:
+        try:
+            return loader.from_pretrained(str(source), **kwargs)
+        except Exception as exc:  # the next loader, or no processor at all
+            logger.debug("%s could not load %s: %s", loader.__name__, source, exc)
+    logger.warning("No tokenizer or processor found for %s; none will be saved.", source)
+    return None
+
+
+def untie_word_embeddings(model: PreTrainedModel) -> None:
+    """Give lm_head its own weight so it can be quantized (or ignored) on its own."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None:
+        return
+    if outputs.weight is inputs.weight or outputs.weight.data_ptr() == inputs.weight.data_ptr():
+        outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=False)
+        logger.info("Untied input and output embeddings.")
+    for config in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
+def preprocess(args: ModelArguments) -> tuple[PreTrainedModel, Any]:
+    model = load_model(args)
+    processor = load_processor(args, model)
+    model.eval()
+    untie_word_embeddings(model)
+    for patch in matching_patches(model):
+        logger.info("Applying model patch %s", patch.name)
+        patch.apply(model)
+    return model, processor

@@ -1,0 +1,111 @@
+"""The modifier base class: recipe arguments plus lifecycle hook implementations."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from llmc.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmc.lifecycle import State
+
+
+@attrs.define(kw_only=True)
+class Modifier:
+    """One compression algorithm, configured by recipe arguments.
+
+    Subclasses are attrs classes whose init fields are the recipe arguments, and
+    override the ``on_*`` methods they need. The ``llmc_*`` methods are the
+    pluggy hook implementations that a session calls while the modifier's stage
+    runs; they only forward to ``on_*``.
+    """
+
+    def pipeline(self) -> str:
+        """Name of the calibration pipeline this modifier needs under ``independent``."""
+        return "basic"
+
+    # --- override these -----------------------------------------------------
+    def on_initialize(self, state: State) -> None: ...
+
+    def on_calibration_start(self, state: State) -> None: ...
+
+    def on_batch_end(self, state: State, batch_index: int) -> None: ...
+
+    def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None: ...
+
+    def on_calibration_end(self, state: State) -> None: ...
+
+    def on_finalize(self, state: State) -> None: ...
+
+    # --- hook implementations ----------------------------------------------
+    @hookimpl
+    def llmc_initialize(self, state: State) -> None:
+        self.on_initialize(state)
+
+    @hookimpl
+    def llmc_calibration_start(self, state: State) -> None:
+        self.on_calibration_start(state)
+
+    @hookimpl
+    def llmc_batch_end(self, state: State, batch_index: int) -> None:
+        self.on_batch_end(state, batch_index)
+
+    @hookimpl
+    def llmc_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        self.on_sequential_layer_end(state, layer_name, layer)
+
+    @hookimpl
+    def llmc_calibration_end(self, state: State) -> None:
+        self.on_calibration_end(state)
+
+    @hookimpl
+    def llmc_finalize(self, state: State) -> None:
+        self.on_finalize(state)
+
+    # --- recipes -------------------------------------------------------------
+    @classmethod
+    def from_recipe_args(cls, args: dict[str, Any]) -> Modifier:
+        """Build from a recipe's argument mapping, naming any unknown argument."""
+        valid = [f.name for f in attrs.fields(cls) if f.init]
+        for key in args:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise TypeError(
+                    f"{cls.__name__} has no argument {key!r}.{hint} Valid arguments: "
+                    f"{', '.join(valid)}."
+                )
+        return cls(**args)
+
+    def recipe_args(self) -> dict[str, Any]:
+        """The arguments that differ from their defaults, as plain YAML-able data."""
+        out: dict[str, Any] = {}
+        for field in attrs.fields(type(self)):
+            if not field.init:
+                continue
+            value = getattr(self, field.name)
+            default = field.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = default.factory()
+            if value != default:
+                out[field.name] = to_plain(value)
+        return out
+
+
+def to_plain(value: Any) -> Any:
+    """Convert recipe values (tuples, pydantic models, enums) to YAML-safe data."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if hasattr(value, "model_dump"):
+        return to_plain(value.model_dump(mode="json", exclude_none=True))
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value

@@ -1,0 +1,92 @@
+"""QuantizationModifier: round-to-nearest quantization with min-max observers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+from llmc.lifecycle import State
+from llmc.modifiers.base import Modifier
+from llmc.quantization.calibrate import (
+    ActivationObservers,
+    calibrate_weights,
+    freeze,
+    initialized_modules,
+)
+from llmc.quantization.config import (
+    build_config,
+    resolve_config_groups,
+    scheme_needs_data,
+    validate_shapes,
+    warn_unmatched,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@attrs.define(kw_only=True)
+class QuantizationModifier(Modifier):
+    """Quantize the weights (and optionally activations) of the targeted modules.
+
+    ``scheme`` is a compressed-tensors preset name (W4A16, FP8_DYNAMIC, NVFP4A16,
+    ...), a mapping of preset to targets, or a mapping of config groups;
+    ``config_groups`` is the explicit form. Weight-only and dynamic-activation
+    schemes need no data; static activation scales are observed on calibration
+    data.
+    """
+
+    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_as_list)
+    ignore: list[str] = attrs.field(factory=list, converter=_as_list)
+    scheme: str | dict[str, Any] | None = None
+    config_groups: dict[str, Any] | None = None
+    kv_cache_scheme: dict[str, Any] | None = None
+
+    _config: QuantizationConfig | None = attrs.field(default=None, init=False, repr=False)
+    _observers: ActivationObservers = attrs.field(factory=ActivationObservers, init=False, repr=False)
+    _modules: list[tuple[str, Any]] = attrs.field(factory=list, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Resolve now so that a bad scheme fails when the recipe is read.
+        if self.kv_cache_scheme is not None:
+            raise ValueError("kv_cache_scheme is not supported yet; remove it from the recipe.")
+        groups = resolve_config_groups(self.scheme, self.config_groups, self.targets)
+        self._config = build_config(groups, self.ignore)
+
+    @property
+    def config(self) -> QuantizationConfig:
+        assert self._config is not None
+        return self._config
+
+    def needs_data(self) -> bool:
+        return any(scheme_needs_data(s) for s in self.config.config_groups.values())
+
+    def pipeline(self) -> str:
+        return "basic" if self.needs_data() else "datafree"
+
+    def on_initialize(self, state: State) -> None:
+        targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
+        warn_unmatched(state.model, targets, self.config.ignore)
+        validate_shapes(state.model, self.config)
+        apply_quantization_config(state.model, self.config, show_progress=False)
+        # Modules frozen by an earlier stage keep their parameters.
+        self._modules = initialized_modules(state.model)
+        if not self._modules:
+            logger.warning("%s matched no module: nothing will be quantized.", type(self).__name__)
+
+    def on_calibration_start(self, state: State) -> None:
+        calibrate_weights(self._modules, state.device)
+        for _, module in self._modules:
+            self._observers.attach(module)
+
+    def on_calibration_end(self, state: State) -> None:
+        self._observers.detach()
+
+    def on_finalize(self, state: State) -> None:
+        freeze(self._modules)

@@ -1,0 +1,44 @@
+"""Model patches and calibration contexts, contributed by plugins.
+
+A patch fixes or adapts one family of models: ``apply`` runs once after the
+model is loaded (e.g. replace a fused MoE block by calibratable experts), and
+``calibration_context`` wraps calibration (e.g. send every token through every
+expert so that all of them see data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from llmc.args import DatasetArguments
+
+
+class ModelPatch:
+    """Base class for patches registered through ``llmc_register_model_patches``."""
+
+    name: str = "model-patch"
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        """Whether this patch applies to ``model``."""
+        return False
+
+    def apply(self, model: torch.nn.Module) -> None:
+        """Adapt the loaded model in place; called once, before any modifier."""
+
+    @contextlib.contextmanager
+    def calibration_context(
+        self, model: torch.nn.Module, dataset_args: DatasetArguments
+    ) -> Iterator[None]:
+        """Wrap calibration forward passes; undo any temporary change on exit."""
+        yield
+
+
+def matching_patches(model: torch.nn.Module) -> list[Any]:
+    from llmc.plugins import get_registry
+
+    return [p for p in (r.obj for r in get_registry().of_kind("model_patch")) if p.matches(model)]

@@ -1,0 +1,183 @@
+"""The plugin manager and the registry it builds.
+
+Everything llmc can run (modifiers, pipelines, savers, datasets, model patches)
+comes from a plugin found on the ``llmc`` entry-point group, core's own
+built-ins included. Nothing is discovered at import time: the manager is built
+on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import attrs
+import pluggy
+
+from llmc import hookspecs
+
+ENTRY_POINT_GROUP = "llmc"
+
+# First-party names and the distribution that provides them, so that a missing
+# plugin produces an install hint instead of a bare "unknown name".
+KNOWN_PROVIDERS: dict[str, str] = {
+    "GPTQModifier": "llmc-gptq",
+    "AWQModifier": "llmc-awq",
+    "SmoothQuantModifier": "llmc-smoothquant",
+    "AutoRoundModifier": "llmc-autoround",
+    "SparseGPTModifier": "llmc-sparsegpt",
+    "basic": "llmc-pipelines",
+    "sequential": "llmc-pipelines",
+}
+
+_MODIFIER_PREFIX = "modifier:"
+
+KINDS = ("modifier", "pipeline", "saver", "dataset", "model_patch")
+
+
+class PluginNotFoundError(LookupError):
+    """A recipe or argument names something no installed plugin provides."""
+
+
+@attrs.frozen
+class Registration:
+    kind: str
+    name: str
+    obj: Any
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+
+@attrs.frozen
+class Registry:
+    """What every installed plugin registered, with who registered it."""
+
+    entries: tuple[Registration, ...]
+
+    def names(self, kind: str) -> list[str]:
+        return [e.name for e in self.entries if e.kind == kind]
+
+    def of_kind(self, kind: str) -> list[Registration]:
+        return [e for e in self.entries if e.kind == kind]
+
+    def get(self, kind: str, name: str) -> Any:
+        for entry in self.entries:
+            if entry.kind == kind and entry.name == name:
+                return entry.obj
+        raise PluginNotFoundError(self.missing_message(kind, name))
+
+    def has(self, kind: str, name: str) -> bool:
+        return any(e.kind == kind and e.name == name for e in self.entries)
+
+    def missing_message(self, kind: str, name: str) -> str:
+        installed = self.names(kind)
+        msg = f"Unknown {kind} {name!r}."
+        if name in KNOWN_PROVIDERS:
+            msg += f" It is provided by {KNOWN_PROVIDERS[name]}: pip install {KNOWN_PROVIDERS[name]}."
+        else:
+            close = difflib.get_close_matches(name, installed, n=1)
+            if close:
+                msg += f" Did you mean {close[0]!r}?"
+        msg += f" Installed {kind}s: {', '.join(sorted(installed)) or 'none'}."
+        return msg
+
+
+@functools.cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The one plugin manager, loaded from the ``llmc`` entry-point group."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    return pm
+
+
+def _distribution_of(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
+    return {
+        id(plugin): (dist.project_name, dist.version)
+        for plugin, dist in pm.list_plugin_distinfo()
+    }
+
+
+_REGISTRATION_HOOKS: dict[str, str] = {
+    "modifier": "llmc_register_modifiers",
+    "pipeline": "llmc_register_pipelines",
+    "saver": "llmc_register_savers",
+    "dataset": "llmc_register_datasets",
+    "model_patch": "llmc_register_model_patches",
+}
+
+
+def _registrar(kind: str, sink: Callable[[str, Any], None]) -> Callable[..., None]:
+    """The ``register`` callable handed to one plugin for one kind."""
+    if kind == "modifier":
+        return lambda cls: sink(cls.__name__, cls)
+    if kind == "model_patch":
+        return lambda patch: sink(getattr(patch, "name", type(patch).__name__), patch)
+    return lambda name, obj: sink(name, obj)
+
+
+def _collect(pm: pluggy.PluginManager) -> Registry:
+    plugins = [
+        p for name, p in pm.list_name_plugin() if not name.startswith(_MODIFIER_PREFIX)
+    ]
+    dists = _distribution_of(pm)
+    entries: list[Registration] = []
+    for plugin in plugins:
+        others = [p for p in plugins if p is not plugin]
+        plugin_name = pm.get_name(plugin) or repr(plugin)
+        dist, version = dists.get(id(plugin), (None, None))
+        for kind, hook_name in _REGISTRATION_HOOKS.items():
+
+            def sink(name: str, obj: Any, kind: str = kind) -> None:
+                for e in entries:
+                    if e.kind == kind and e.name == name:
+                        raise ValueError(
+                            f"{kind} {name!r} is registered twice: by plugin {e.plugin!r} "
+                            f"and by plugin {plugin_name!r}. Uninstall one of them."
+                        )
+                entries.append(Registration(kind, name, obj, plugin_name, dist, version))
+
+            caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
+            caller(register=_registrar(kind, sink))
+    return Registry(tuple(entries))
+
+
+@functools.cache
+def _registry_for(pm_id: int, plugin_names: tuple[str, ...]) -> Registry:
+    return _collect(get_plugin_manager())
+
+
+def get_registry() -> Registry:
+    """The registry of the current plugin set (rebuilt if plugins were added).
+
+    Modifiers registered for a running stage provide nothing and are left out
+    of the cache key.
+    """
+    pm = get_plugin_manager()
+    names = tuple(
+        name for name, _ in pm.list_name_plugin() if not name.startswith(_MODIFIER_PREFIX)
+    )
+    return _registry_for(id(pm), names)
+
+
+@contextlib.contextmanager
+def registered_modifiers(modifiers: Iterable[Any]) -> Iterator[pluggy.HookRelay]:
+    """Register ``modifiers`` with the plugin manager while their stage runs.
+
+    Pluggy calls implementations last-registered-first, so modifiers are
+    registered in reverse to be called in recipe order.
+    """
+    pm = get_plugin_manager()
+    modifiers = list(modifiers)
+    for modifier in reversed(modifiers):
+        pm.register(modifier, name=f"{_MODIFIER_PREFIX}{type(modifier).__name__}:{id(modifier)}")
+    try:
+        yield pm.hook
+    finally:
+        for modifier in modifiers:
+            if pm.is_registered(modifier):
+                pm.unregister(modifier)

@@ -1,0 +1,1 @@
+"""Quantization helpers shared by every quantizing modifier."""

@@ -1,0 +1,151 @@
+"""Turn a modifier's ``scheme`` / ``config_groups`` arguments into a compressed-tensors config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStrategy,
+    QuantizationType,
+    is_preset_scheme,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from compressed_tensors.utils import is_match
+
+logger = logging.getLogger(__name__)
+
+SchemeArg = str | Mapping[str, Any] | None
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESET_SCHEMES)
+
+
+def _preset(name: str, targets: list[str]) -> QuantizationScheme:
+    if not is_preset_scheme(name):
+        raise ValueError(
+            f"Unknown quantization scheme {name!r}. Use one of the presets "
+            f"({', '.join(preset_names())}) or a dict of config groups."
+        )
+    return preset_name_to_scheme(name, targets)
+
+
+def resolve_config_groups(
+    scheme: SchemeArg,
+    config_groups: Mapping[str, Any] | None,
+    targets: str | Iterable[str] | None,
+) -> dict[str, QuantizationScheme]:
+    """Normalise the three ways a user may describe quantization into config groups.
+
+    ``scheme`` may be a preset name (applied to ``targets``), a mapping of preset
+    name to targets (``{"W4A16": ["Linear"]}``), or a mapping of group name to a
+    scheme dict; ``config_groups`` is always the last form.
+    """
+    if scheme is not None and config_groups is not None:
+        raise ValueError("Pass either scheme= or config_groups=, not both.")
+    targets = _as_list(targets) or ["Linear"]
+    if scheme is None and config_groups is None:
+        raise ValueError(
+            "No quantization described: pass scheme= (e.g. 'W4A16') or config_groups=."
+        )
+    if isinstance(scheme, str):
+        return {"group_0": _preset(scheme, targets)}
+    groups: dict[str, QuantizationScheme] = {}
+    source = scheme if scheme is not None else config_groups
+    assert source is not None
+    for index, (key, value) in enumerate(source.items()):
+        if isinstance(value, QuantizationScheme):
+            groups[key] = value
+        elif isinstance(value, (str, list, tuple)) and is_preset_scheme(key):
+            groups[f"group_{index}"] = _preset(key, _as_list(value))
+        elif isinstance(value, Mapping):
+            body = dict(value)
+            body.setdefault("targets", targets)
+            try:
+                groups[key] = QuantizationScheme.model_validate(body)
+            except Exception as exc:  # pydantic's message names the bad field
+                raise ValueError(f"Invalid quantization config group {key!r}: {exc}") from exc
+        else:
+            raise ValueError(
+                f"Cannot read quantization scheme entry {key!r}: {value!r}. Expected a preset "
+                "name mapped to targets, or a config group mapping."
+            )
+    return groups
+
+
+def build_config(
+    groups: Mapping[str, QuantizationScheme],
+    ignore: Iterable[str],
+    kv_cache_scheme: Mapping[str, Any] | None = None,
+) -> QuantizationConfig:
+    return QuantizationConfig(
+        config_groups=dict(groups),
+        ignore=list(ignore),
+        kv_cache_scheme=(QuantizationArgs.model_validate(kv_cache_scheme) if kv_cache_scheme else None),
+    )
+
+
+def needs_calibration(args: QuantizationArgs | None) -> bool:
+    """Static activation quantization (and static global scales) need observed data."""
+    return args is not None and args.dynamic is not True
+
+
+def scheme_needs_data(scheme: QuantizationScheme) -> bool:
+    return needs_calibration(scheme.input_activations) or needs_calibration(
+        scheme.output_activations
+    )
+
+
+def warn_unmatched(model: torch.nn.Module, targets: Iterable[str], ignore: Iterable[str]) -> None:
+    """A target or ignore pattern that matches no module is almost always a typo."""
+    modules = list(model.named_modules())
+    for kind, patterns in (("target", targets), ("ignore", ignore)):
+        for pattern in patterns:
+            if not any(is_match(name, module, pattern) for name, module in modules):
+                logger.warning(
+                    "%s pattern %r matches no module of %s; check the spelling "
+                    "(module names, class names, or 're:' regexes).",
+                    kind,
+                    pattern,
+                    type(model).__name__,
+                )
+
+
+def validate_shapes(model: torch.nn.Module, config: QuantizationConfig) -> None:
+    """Fail before any work when a weight cannot be split into the scheme's groups."""
+    from compressed_tensors.utils import match_named_modules
+
+    for scheme in config.config_groups.values():
+        args = scheme.weights
+        if args is None:
+            continue
+        for name, module in match_named_modules(model, scheme.targets, config.ignore):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            cols = module.weight.shape[-1]
+            size = None
+            if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+                size = args.group_size
+            elif args.strategy == QuantizationStrategy.BLOCK:
+                size = args.block_structure[-1]
+            if size and cols % size:
+                raise ValueError(
+                    f"{name}: input dimension {cols} is not divisible by the scheme's "
+                    f"group/block size {size}. Add {name!r} to ignore, or choose a smaller "
+                    "group size."
+                )
+            if args.type == QuantizationType.FLOAT and args.num_bits == 4 and not args.symmetric:
+                raise ValueError("Asymmetric FP4 quantization is not supported.")

@@ -1,0 +1,96 @@
+"""Postprocessing: write a compressed-tensors checkpoint, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import forward_quantize
+
+from llmc.quantization.calibrate import quantized_modules
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def check_output_dir(output_dir: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse, before any work, to write over something that is there."""
+    if output_dir is None:
+        return
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {str(path)!r} exists and is a file.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output_dir {str(path)!r} exists and is not empty. Choose another directory, "
+            "or pass overwrite_output_dir=True to replace it."
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``output_dir``; move it into place on success.
+
+    An interrupted run leaves only the hidden ``.name.tmp-*`` directory, never a
+    directory at ``output_dir`` that looks complete.
+    """
+    final = Path(output_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / "replaced")
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fake_quantize_weights(model: torch.nn.Module) -> None:
+    for _, module in quantized_modules(model):
+        args = module.quantization_scheme.weights
+        if args is not None and hasattr(module, "weight"):
+            module.weight.data = forward_quantize(module, module.weight.data, "weight", args)
+
+
+def save_compressed_tensors(
+    model: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    processor: Any = None,
+    recipe_yaml: str | None = None,
+    save_compressed: bool = True,
+) -> None:
+    """Save ``model`` in compressed-tensors format into the (empty) ``output_dir``.
+
+    ``save_compressed=False`` stores dense, fake-quantized weights with the same
+    quantization config (format ``dense``).
+    """
+    fmt = None if save_compressed else CompressionFormat.dense.value
+    if not save_compressed:
+        _fake_quantize_weights(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    if compressor.quantization_config is not None:
+        compressor.compress_model(model, skip_compressed=True)
+    model.save_pretrained(output_dir)
+    compressor.update_config(str(output_dir))
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    if recipe_yaml is not None:
+        Path(output_dir, RECIPE_FILE).write_text(recipe_yaml)
+    logger.info("Saved %s checkpoint to %s", "compressed" if save_compressed else "dense", output_dir)

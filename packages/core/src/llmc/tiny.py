@@ -1,0 +1,102 @@
+"""Small models and tokenizers built locally, deterministically, with no download.
+
+The demo, the tests and the benchmarks all start from these: a byte-level BPE
+tokenizer trained on the offline corpus, and a decoder built from a
+transformers config of a chosen architecture.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from llmc.data import corpus
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+# Architecture name -> (config class, extra config fields).
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "gemma": ("GemmaConfig", {"tie_word_embeddings": True}),
+}
+
+
+@functools.cache
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.split_texts(corpus.CALIBRATION), trainer=trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the calibration part of the offline corpus."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
+
+
+def build_config(
+    arch: str = "llama",
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    **overrides: Any,
+) -> transformers.PretrainedConfig:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}.")
+    cls_name, extra = ARCHITECTURES[arch]
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=hidden_size // num_attention_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **extra,
+    )
+    fields.update(overrides)
+    return getattr(transformers, cls_name)(**fields)
+
+
+def build_model(config: transformers.PretrainedConfig, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised causal LM, identical for the same config and seed."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def save_tiny(path: str | Path, arch: str = "llama", seed: int = 0, **config: Any) -> Path:
+    """Build a tokenizer and model and save both as a normal checkpoint at ``path``."""
+    tokenizer = build_tokenizer(config.get("vocab_size", 2048))
+    model = build_model(build_config(arch, **config), seed=seed)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

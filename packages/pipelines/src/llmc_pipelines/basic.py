@@ -1,0 +1,28 @@
+"""The ``basic`` pipeline: one shared set of full-model forward passes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llmc.lifecycle import State, lifecycle
+from llmc.modifiers.base import Modifier
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:
+    """Run every calibration batch through the whole model on the execution device."""
+    loader = state.require_data("The basic pipeline")
+    model = state.model.to(state.device)
+    with lifecycle(state, modifiers) as hook, torch.no_grad():
+        hook.llmc_calibration_start(state=state)
+        for index, batch in enumerate(tqdm(loader, desc="Calibrating", unit="batch")):
+            model(**to_device(batch, state.device), use_cache=False)
+            hook.llmc_batch_end(state=state, batch_index=index)
+        hook.llmc_calibration_end(state=state)
