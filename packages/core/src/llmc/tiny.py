@@ -100,3 +100,49 @@ def save_tiny(path: str | Path, arch: str = "llama", seed: int = 0, **config: An
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def corpus_token_ids(tokenizer: PreTrainedTokenizerFast, split: str = corpus.CALIBRATION) -> torch.Tensor:
+    """The whole corpus split as one stream of token ids."""
+    ids: list[int] = []
+    for text in corpus.split_texts(split):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int = 200,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[float]:
+    """Train ``model`` as a language model on the calibration split; returns the losses.
+
+    Deterministic for a given seed, device and thread count.
+    """
+    from tqdm.auto import tqdm
+
+    stream = corpus_token_ids(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    for _ in tqdm(range(steps), desc="Training", disable=not progress):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(device)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
