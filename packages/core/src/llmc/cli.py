@@ -83,7 +83,7 @@ def _cmd_plugins(ns: argparse.Namespace) -> int:
     header = ("plugin", "distribution", "version", "registers")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     return 0
 
 

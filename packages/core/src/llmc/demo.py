@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from llmc import tiny
 from llmc.data import corpus
-from llmc.evaluation import compare, weights_size, eval_batches
+from llmc.evaluation import compare, eval_batches, weights_size
 from llmc.plugins import get_registry
 
 logger = logging.getLogger(__name__)

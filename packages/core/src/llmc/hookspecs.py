@@ -15,7 +15,8 @@ them (progress reporters, loggers). Modifiers are called in recipe order.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 

@@ -120,6 +120,23 @@ def _registrar(kind: str, sink: Callable[[str, Any], None]) -> Callable[..., Non
     return lambda name, obj: sink(name, obj)
 
 
+def _sink(
+    entries: list[Registration], kind: str, plugin: str, dist: str | None, version: str | None
+) -> Callable[[str, Any], None]:
+    """Append one plugin's registrations of one kind, refusing name clashes."""
+
+    def add(name: str, obj: Any) -> None:
+        for e in entries:
+            if e.kind == kind and e.name == name:
+                raise ValueError(
+                    f"{kind} {name!r} is registered twice: by plugin {e.plugin!r} "
+                    f"and by plugin {plugin!r}. Uninstall one of them."
+                )
+        entries.append(Registration(kind, name, obj, plugin, dist, version))
+
+    return add
+
+
 def _collect(pm: pluggy.PluginManager) -> Registry:
     plugins = [
         p for name, p in pm.list_name_plugin() if not name.startswith(_MODIFIER_PREFIX)
@@ -131,17 +148,8 @@ def _collect(pm: pluggy.PluginManager) -> Registry:
         plugin_name = pm.get_name(plugin) or repr(plugin)
         dist, version = dists.get(id(plugin), (None, None))
         for kind, hook_name in _REGISTRATION_HOOKS.items():
-
-            def sink(name: str, obj: Any, kind: str = kind) -> None:
-                for e in entries:
-                    if e.kind == kind and e.name == name:
-                        raise ValueError(
-                            f"{kind} {name!r} is registered twice: by plugin {e.plugin!r} "
-                            f"and by plugin {plugin_name!r}. Uninstall one of them."
-                        )
-                entries.append(Registration(kind, name, obj, plugin_name, dist, version))
-
             caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
+            sink = _sink(entries, kind, plugin_name, dist, version)
             caller(register=_registrar(kind, sink))
     return Registry(tuple(entries))
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,34 @@ def _load_local(path: str, args: DatasetArguments) -> datasets.Dataset:
     return loaded
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable():
+    """Without a hub, ask ``datasets`` for its local cache only, instead of retrying for minutes."""
+    if datasets.config.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    logger.info("The Hugging Face hub is unreachable: looking in the local datasets cache only.")
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = False
+
+
 def _load_named(name: str, args: DatasetArguments) -> datasets.Dataset:
     from llmc.plugins import get_registry
 
@@ -57,9 +87,10 @@ def _load_named(name: str, args: DatasetArguments) -> datasets.Dataset:
     if os.path.exists(name):
         return _load_local(name, args)
     try:
-        loaded = datasets.load_dataset(
-            name, args.dataset_config_name, split=args.splits, streaming=args.streaming
-        )
+        with _offline_unless_hub_reachable():
+            loaded = datasets.load_dataset(
+                name, args.dataset_config_name, split=args.splits, streaming=args.streaming
+            )
     except Exception as exc:
         raise ValueError(
             f"Could not load dataset {name!r}: {exc}\nThis machine may not reach the Hugging Face "

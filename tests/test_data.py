@@ -1,0 +1,105 @@
+"""Calibration data arguments on local data."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from llmc.args import DatasetArguments
+from llmc.data import build_calibration_dataloader, corpus
+
+TEXTS = [f"Sample number {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 5) for i in range(40)]
+
+
+def _rows(loader) -> list[list[int]]:
+    out = []
+    for batch in loader:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            out.append(ids[mask.bool()].tolist())
+    return out
+
+
+def test_offline_corpus_splits_are_disjoint_real_text():
+    cal, ev = corpus.split_texts("calibration"), corpus.split_texts("evaluation")
+    assert len(cal) > 500 and len(ev) > 50
+    assert not set(cal) & set(ev)
+    assert all(len(t) >= 200 for t in cal[:50])
+    assert corpus.split_texts("calibration") == cal  # deterministic
+
+
+def test_registered_corpus_dataset(tokenizer):
+    loader = build_calibration_dataloader(DatasetArguments(dataset="llmc-docs", num_calibration_samples=5, max_seq_length=32), tokenizer)
+    batches = list(loader)
+    assert len(batches) == 5 and batches[0]["input_ids"].shape == (1, 32)
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_local_files(tmp_path, tokenizer, fmt):
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "csv":
+        path.write_text("text\n" + "\n".join(f'"{t}"' for t in TEXTS))
+    elif fmt == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    else:
+        path.write_text(json.dumps([{"text": t} for t in TEXTS]))
+    args = DatasetArguments(dataset_path=str(path), num_calibration_samples=12, max_seq_length=64,
+                            pad_to_max_length=False, shuffle_calibration_samples=False)
+    rows = _rows(build_calibration_dataloader(args, tokenizer))
+    assert len(rows) == 12
+    assert rows[0] == tokenizer(TEXTS[0], truncation=True, max_length=64)["input_ids"]
+
+
+def test_dataset_dict_text_column_and_shuffle_seed(tokenizer):
+    data = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": TEXTS})})
+    base = dict(dataset=data, text_column="body", num_calibration_samples=10, max_seq_length=64, pad_to_max_length=False)
+    a = _rows(build_calibration_dataloader(DatasetArguments(**base, seed=1), tokenizer))
+    b = _rows(build_calibration_dataloader(DatasetArguments(**base, seed=1), tokenizer))
+    c = _rows(build_calibration_dataloader(DatasetArguments(**base, seed=2), tokenizer))
+    assert a == b and a != c
+    with pytest.raises(ValueError, match="no 'text' column"):
+        build_calibration_dataloader(DatasetArguments(dataset=data, num_calibration_samples=2), tokenizer)
+
+
+def test_dataloader_passes_through(tokenizer):
+    loader = DataLoader([{"input_ids": torch.ones(4, dtype=torch.long)}])
+    assert build_calibration_dataloader(DatasetArguments(dataset=loader), tokenizer) is loader
+
+
+def test_padding_versus_truncation(tokenizer):
+    base = dict(dataset=datasets.Dataset.from_dict({"text": TEXTS[:4]}), num_calibration_samples=4,
+                max_seq_length=64, batch_size=4, shuffle_calibration_samples=False, pad_to_max_length=False)
+    lengths = [len(tokenizer(t, truncation=True, max_length=64)["input_ids"]) for t in TEXTS[:4]]
+    (trunc,) = build_calibration_dataloader(DatasetArguments(**base, data_collator="truncation"), tokenizer)
+    (pad,) = build_calibration_dataloader(DatasetArguments(**base, data_collator="padding"), tokenizer)
+    assert trunc["input_ids"].shape == (4, min(lengths)) and trunc["attention_mask"].all()
+    assert pad["input_ids"].shape == (4, max(lengths))
+    assert pad["attention_mask"].sum(1).tolist() == lengths
+    assert (pad["input_ids"][pad["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+    (full,) = build_calibration_dataloader(DatasetArguments(**{**base, "pad_to_max_length": True}), tokenizer)
+    assert full["input_ids"].shape == (4, 64)
+
+
+def test_concatenation_fills_rows(tokenizer):
+    args = DatasetArguments(dataset=datasets.Dataset.from_dict({"text": TEXTS}), concatenate_data=True,
+                            num_calibration_samples=6, max_seq_length=32, shuffle_calibration_samples=False)
+    rows = _rows(build_calibration_dataloader(args, tokenizer))
+    assert len(rows) == 6 and all(len(r) == 32 for r in rows)
+
+
+def test_missing_hub_dataset_fails_fast_with_hint(tokenizer, monkeypatch):
+    import time
+
+    from llmc import data
+
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="dataset_path="):
+        build_calibration_dataloader(DatasetArguments(dataset="nobody/no-such-dataset-xyz"), tokenizer)
+    assert time.perf_counter() - started < 10  # no minutes of retries
+    assert not datasets.config.HF_HUB_OFFLINE  # the switch is undone
+    with pytest.raises(FileNotFoundError):
+        build_calibration_dataloader(DatasetArguments(dataset_path="/nonexistent/data.json"), tokenizer)

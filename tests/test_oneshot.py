@@ -1,0 +1,206 @@
+"""oneshot end to end: architectures, bad input before heavy work, atomic saving, re-runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import llmc.entrypoints.oneshot as entry
+from llmc import oneshot
+from llmc.modifiers.quantization import QuantizationModifier
+from tests.conftest import ARCHS
+from tests.helpers import quant_recipe
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architectures_round_trip(arch, checkpoint_factory, tmp_path, sample_ids):
+    path = checkpoint_factory(arch)
+    recipe = quant_recipe("W4A16")
+    expected_model = oneshot(model=str(path), recipe=recipe)
+    out = tmp_path / "out"
+    oneshot(model=str(path), recipe=recipe, output_dir=str(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample_ids).logits, expected_model(sample_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings_are_untied_and_lm_head_quantized(checkpoint_factory, tmp_path, sample_ids):
+    path = checkpoint_factory("gemma")
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+    out = tmp_path / "out"
+    model = oneshot(model=str(path), recipe=quant_recipe("W8A16", ignore=[]), output_dir=str(out))
+    tensors = load_file(out / "model.safetensors")
+    assert "lm_head.weight_packed" in tensors and "model.embed_tokens.weight" in tensors
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():  # the first forward decompresses
+        torch.testing.assert_close(reloaded(sample_ids).logits, model(sample_ids).logits, atol=1e-4, rtol=1e-4)
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_accepts_a_loaded_model_and_modifier_objects(llama_path, sample_ids):
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    with torch.no_grad():
+        before = model(sample_ids).logits
+    result = oneshot(model=model, recipe=QuantizationModifier(scheme="W4A16", ignore=["lm_head"]))
+    assert result is model
+    with torch.no_grad():
+        assert (model(sample_ids).logits - before).abs().max() > 1e-4
+
+
+def test_saved_recipe_reruns_to_identical_tensors(llama_path, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    oneshot(model=str(llama_path), recipe=quant_recipe("NVFP4A16"), output_dir=str(first))
+    oneshot(model=str(llama_path), recipe=str(first / "recipe.yaml"), output_dir=str(second))
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)), key
+
+
+def test_multi_stage_recipe_keeps_earlier_stage(llama_path, tmp_path):
+    recipe = {
+        "attn_stage": {"q_modifiers": {"QuantizationModifier": {"targets": ["re:.*self_attn.*"], "scheme": "W8A16"}}},
+        "mlp_stage": {"q_modifiers": {"QuantizationModifier": {"targets": ["re:.*mlp.*"], "scheme": "W4A16"}}},
+    }
+    out = tmp_path / "out"
+    oneshot(model=str(llama_path), recipe=recipe, output_dir=str(out))
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].shape == (128, 32)  # 8-bit
+    assert tensors["model.layers.0.mlp.up_proj.weight_packed"].shape == (256, 16)  # 4-bit
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(config["config_groups"]) == 2
+
+
+def test_dense_save_holds_fake_quantized_weights(llama_path, tmp_path, sample_ids):
+    out = tmp_path / "out"
+    model = oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out), save_compressed=False)
+    tensors = load_file(out / "model.safetensors")
+    weight = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert weight.dtype == torch.float32
+    scale = tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    steps = weight / scale.repeat_interleave(128, dim=1)
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)  # on the int4 grid
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "dense"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample_ids).logits, model(sample_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_static_input_scale_matches_observed_absmax(llama_path):
+    """FP8 static activations: q_proj's input scale is the absmax of what it saw, / 448."""
+    kwargs = dict(dataset="llmc-docs", num_calibration_samples=6, max_seq_length=48, shuffle_calibration_samples=False)
+    model = oneshot(model=str(llama_path), recipe=quant_recipe("FP8"), **kwargs)
+
+    from llmc.args import DatasetArguments
+    from llmc.data import build_calibration_dataloader
+    from llmc.tiny import build_tokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(llama_path)
+    seen = []
+    layer = reference.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().max()))
+    loader = build_calibration_dataloader(DatasetArguments(**{k: v for k, v in kwargs.items()}), build_tokenizer(2048))
+    with torch.no_grad():
+        for batch in loader:
+            reference(**batch)
+    handle.remove()
+    expected = torch.stack(seen).max() / 448.0
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.input_scale.squeeze(), expected)
+
+
+# --- bad input fails before any heavy work -----------------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was validated")
+
+    monkeypatch.setattr(entry, "preprocess", refuse)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(recipe=quant_recipe("W9A9")), ValueError, "Unknown quantization scheme"),
+        (dict(recipe="q_modifiers:\n  GPTQModifier: {scheme: W4A16}\n"), ValueError, "pip install llmc-gptq"),
+        (dict(recipe="q_modifiers: [unclosed"), ValueError, "Malformed recipe YAML"),
+        (dict(recipe=quant_recipe("W4A16"), pipeline="sequential"), LookupError, "pip install llmc-pipelines|Unknown pipeline 'sequential'"),
+        (dict(recipe=quant_recipe("FP8")), ValueError, "needs calibration data"),
+        (dict(recipe=quant_recipe("W4A16"), saver="zip"), LookupError, "Unknown saver 'zip'"),
+        (dict(recipe=quant_recipe("W4A16"), num_calibration_samples=0), ValueError, "positive"),
+    ],
+)
+def test_bad_input_is_refused_early(no_model_loading, llama_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        oneshot(model=str(llama_path), **kwargs)
+
+
+def test_nonempty_output_dir_needs_overwrite(no_model_loading, llama_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out))
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_overwrite_replaces_output_dir(llama_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out), overwrite_output_dir=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left
+
+
+def test_model_path_without_weights(no_model_loading, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no weights"):
+        oneshot(model=str(tmp_path), recipe=quant_recipe("W4A16"))
+    with pytest.raises(ValueError, match="does not exist"):
+        oneshot(model=str(tmp_path / "nowhere"), recipe=quant_recipe("W4A16"))
+
+
+def test_unmatched_patterns_warn(llama_path, caplog):
+    recipe = {"s": {"q_modifiers": {"QuantizationModifier": {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head", "re:.*nonexistent.*"]}}}}
+    with caplog.at_level(logging.WARNING, logger="llmc"):
+        oneshot(model=str(llama_path), recipe=recipe)
+    assert any("re:.*nonexistent.*" in r.getMessage() and "matches no module" in r.getMessage() for r in caplog.records)
+
+
+def test_interrupted_save_leaves_nothing_that_looks_complete(llama_path, tmp_path):
+    from llmc.hookspecs import hookimpl
+    from llmc.plugins import get_plugin_manager
+    from llmc.saving import save_compressed_tensors
+
+    class CrashingSaver:
+        @hookimpl
+        def llmc_register_savers(self, register):
+            def save(model, output_dir, **kwargs):
+                save_compressed_tensors(model, output_dir, **kwargs)  # everything written...
+                raise KeyboardInterrupt  # ...then the run is interrupted
+
+            register("crashing", save)
+
+    pm = get_plugin_manager()
+    plugin = CrashingSaver()
+    pm.register(plugin, name="crashing-saver")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "out"), saver="crashing")
+    finally:
+        pm.unregister(plugin)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_dir_gets_a_log_file(llama_path, tmp_path):
+    oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), log_dir=str(tmp_path / "logs"))
+    (log,) = (tmp_path / "logs").iterdir()
+    assert "Stage quant_stage: QuantizationModifier" in log.read_text()

@@ -1,0 +1,129 @@
+"""Plugin discovery: core through its own entry point, a third party through its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmc.plugins import PluginNotFoundError, get_plugin_manager, get_registry
+
+FIXTURE = Path(__file__).parent / "plugin_fixture"
+
+
+def test_core_builtins_come_from_the_entry_point():
+    registry = get_registry()
+    by_name = {(e.kind, e.name): e for e in registry.entries}
+    for key in [("modifier", "QuantizationModifier"), ("pipeline", "datafree"),
+                ("pipeline", "independent"), ("saver", "compressed-tensors"), ("dataset", "llmc-docs")]:
+        assert by_name[key].distribution == "llmc-core", key
+        assert by_name[key].plugin == "core"
+    assert by_name[("pipeline", "basic")].distribution == "llmc-pipelines"
+
+
+def test_missing_modifier_names_the_package():
+    with pytest.raises(ImportError, match="pip install llmc-gptq"):
+        from llmc.modifiers import GPTQModifier  # noqa: F401
+
+
+def test_unknown_names_list_what_is_installed():
+    registry = get_registry()
+    with pytest.raises(PluginNotFoundError, match="Installed pipelines: .*basic.*datafree"):
+        registry.get("pipeline", "turbo")
+    with pytest.raises(PluginNotFoundError, match="Did you mean 'QuantizationModifier'"):
+        registry.get("modifier", "QuantisationModifier")
+
+
+def test_modifier_import_resolves_through_registry():
+    from llmc.modifiers import QuantizationModifier
+    from llmc.modifiers.quantization import QuantizationModifier as direct
+
+    assert QuantizationModifier is direct
+
+
+def test_duplicate_registration_is_an_error():
+    from llmc.hookspecs import hookimpl
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    class Clash:
+        @hookimpl
+        def llmc_register_modifiers(self, register):
+            register(QuantizationModifier)
+
+    pm = get_plugin_manager()
+    plugin = Clash()
+    pm.register(plugin, name="clash")
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            get_registry()
+    finally:
+        pm.unregister(plugin)
+    assert get_registry().has("modifier", "QuantizationModifier")
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory) -> Path:
+    """Install the throwaway plugin package into a private target directory."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(FIXTURE)],
+        check=True,
+    )
+    return target
+
+
+def _run(code: str, site: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+
+
+def test_third_party_plugin_is_listed(installed_plugin):
+    result = _run("from llmc.cli import main; main(['plugins'])", installed_plugin)
+    assert result.returncode == 0, result.stderr
+    line = next(row for row in result.stdout.splitlines() if row.startswith("scaleplugin"))
+    assert "llmc-scaleplugin" in line and "0.0.1" in line and "ScaleWeightsModifier" in line
+
+
+def test_third_party_modifier_runs_from_yaml(installed_plugin, llama_path, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent("""
+        scale_stage:
+          scale_modifiers:
+            ScaleWeightsModifier:
+              factor: 2.0
+              match: q_proj
+    """))
+    out = tmp_path / "out"
+    result = _run(
+        f"""
+        from llmc.cli import main
+        raise SystemExit(main(['oneshot', '--model', {str(llama_path)!r}, '--recipe', {str(recipe)!r},
+                               '--output_dir', {str(out)!r}]))
+        """,
+        installed_plugin,
+    )
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    before = load_file(llama_path / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert (after[key] == 2 * before[key]).all()
+    other = "model.layers.0.self_attn.k_proj.weight"
+    assert (after[other] == before[other]).all()
+    assert "ScaleWeightsModifier" in (out / "recipe.yaml").read_text()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_without_the_plugin_the_recipe_names_it_unknown(llama_path, tmp_path):
+    from llmc import oneshot
+    from llmc.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="Unknown modifier 'ScaleWeightsModifier'.*Installed modifiers"):
+        oneshot(model=str(llama_path), recipe="s:\n  m_modifiers:\n    ScaleWeightsModifier: {}\n")
