@@ -27,6 +27,8 @@ class State:
     dataloader: Iterable[dict[str, Any]] | None = None
     processor: Any = None
     stage: str | None = None
+    # False while a pipeline re-runs a layer only to propagate its outputs: observers skip it.
+    observing: bool = True
 
     def require_data(self, who: str) -> Iterable[dict[str, Any]]:
         if self.dataloader is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from llmc.lifecycle import State, lifecycle
 from llmc.modifiers.base import Modifier
+from llmc.quantization.calibrate import quantization_disabled
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -20,9 +22,11 @@ def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:
     """Run every calibration batch through the whole model on the execution device."""
     loader = state.require_data("The basic pipeline")
     model = state.model.to(state.device)
+    qac = state.pipeline_args.quantization_aware_calibration
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
-        for index, batch in enumerate(tqdm(loader, desc="Calibrating", unit="batch")):
-            model(**to_device(batch, state.device), use_cache=False)
-            hook.llmc_batch_end(state=state, batch_index=index)
+        with contextlib.nullcontext() if qac else quantization_disabled(model):
+            for index, batch in enumerate(tqdm(loader, desc="Calibrating", unit="batch")):
+                model(**to_device(batch, state.device), use_cache=False)
+                hook.llmc_batch_end(state=state, batch_index=index)
         hook.llmc_calibration_end(state=state)

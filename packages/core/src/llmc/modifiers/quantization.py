@@ -83,7 +83,7 @@ class QuantizationModifier(Modifier):
     def on_calibration_start(self, state: State) -> None:
         calibrate_weights(self._modules, state.device)
         for _, module in self._modules:
-            self._observers.attach(module)
+            self._observers.attach(module, lambda: state.observing)
 
     def on_calibration_end(self, state: State) -> None:
         self._observers.detach()

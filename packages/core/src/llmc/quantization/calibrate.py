@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from compressed_tensors.quantization import QuantizationStatus, QuantizationStrategy
@@ -90,6 +91,20 @@ def calibrate_weights(
         calibrate_weight(module, gscales.get(name), device)
 
 
+@contextlib.contextmanager
+def quantization_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run forward passes without fake quantization (calibration that is not quantization-aware)."""
+    modules = [m for _, m in quantized_modules(model)]
+    previous = [getattr(m, "quantization_enabled", True) for m in modules]
+    for m in modules:
+        m.quantization_enabled = False
+    try:
+        yield
+    finally:
+        for m, enabled in zip(modules, previous, strict=True):
+            m.quantization_enabled = enabled
+
+
 class ActivationObservers:
     """Forward hooks that keep static activation scales current during calibration.
 
@@ -100,7 +115,7 @@ class ActivationObservers:
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def attach(self, module: torch.nn.Module) -> None:
+    def attach(self, module: torch.nn.Module, observing: Callable[[], bool] = lambda: True) -> None:
         scheme = module.quantization_scheme
         for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
             if args is None or args.dynamic is True:
@@ -113,6 +128,8 @@ class ActivationObservers:
             observer = MinMaxObserver()
 
             def record(mod: torch.nn.Module, value: torch.Tensor, base=base, args=args, observer=observer) -> None:
+                if not observing():
+                    return
                 observer.update(value)
                 if args.strategy == QuantizationStrategy.TENSOR_GROUP:
                     _copy(mod, f"{base}_global_scale", generate_gparam(observer.min, observer.max))

@@ -1,0 +1,227 @@
+"""The ``sequential`` pipeline: calibrate one decoder layer at a time.
+
+No tracing. One cheap forward per batch, with every sequential target replaced
+by a recorder, captures each target's real call arguments (attention masks,
+position embeddings, per-layer-type masks); then each target in turn is moved to
+the execution device, run on every cached batch while modifiers observe it,
+compressed by them at the layer-end event, and run again (when
+``quantization_aware_calibration``) to produce the next target's inputs. Cached
+activations live on ``sequential_offload_device``; only one target's weights are
+on the execution device at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import attrs
+import torch
+from compressed_tensors.utils import is_match
+from tqdm.auto import tqdm
+
+from llmc.lifecycle import State, lifecycle
+from llmc.modifiers.base import Modifier
+from llmc.quantization.calibrate import quantization_disabled
+
+logger = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    """Stops the capture forward once the last target has been recorded."""
+
+
+def sequential_targets(model: torch.nn.Module, targets: Sequence[str] | None) -> list[tuple[str, torch.nn.Module]]:
+    """The modules calibrated one at a time, outermost matches only, in execution order."""
+    targets = list(targets or getattr(model, "_no_split_modules", None) or [])
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} declares no _no_split_modules: pass sequential_targets= "
+            "(the decoder layer class name, e.g. ['LlamaDecoderLayer'])."
+        )
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if is_match(name, module, targets):
+            found.append((name, module))
+    if not found:
+        classes = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"No module of {type(model).__name__} matches sequential_targets {targets}. "
+            f"Module classes in this model: {', '.join(classes)}."
+        )
+    return found
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _mover(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Move tensors once: a tensor shared by several layers' calls stays shared."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            memo[id(t)] = t.to(device, non_blocking=True)
+        return memo[id(t)]
+
+    return move
+
+
+@attrs.define
+class LayerCall:
+    """One target's call arguments for one batch, hidden states excluded."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@attrs.define
+class BatchCache:
+    hidden: torch.Tensor
+    calls: list[LayerCall]
+
+
+def _shell(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]]) -> list[torch.nn.Module]:
+    """Modules outside every target: what runs around the layers (embeddings, rotary, norm)."""
+    inside = {id(m) for _, layer in layers for m in layer.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+@contextlib.contextmanager
+def onloaded(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back.
+
+    Tensors are moved in place (``.data``), so parameters keep their identity and
+    every hook or reference to them stays valid.
+    """
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    for module in modules:
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None and tensor.device != device:
+                moved.append((tensor, tensor.device))
+                tensor.data = tensor.data.to(device)
+    try:
+        yield
+    finally:
+        for tensor, home in moved:
+            tensor.data = tensor.data.to(home)
+
+
+def capture(
+    model: torch.nn.Module,
+    layers: list[tuple[str, torch.nn.Module]],
+    batch: dict[str, Any],
+    device: torch.device,
+    offload: torch.device,
+) -> BatchCache:
+    """Record every target's call for ``batch`` with the targets replaced by recorders."""
+    calls: list[LayerCall] = []
+    first_hidden: list[torch.Tensor] = []
+    move = _mover(offload)
+    last = layers[-1][1]
+    originals = []
+
+    def recorder(layer: torch.nn.Module) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if not calls:
+                first_hidden.append(hidden.to(offload))
+            calls.append(LayerCall(_map_tensors(args[1:], move), _map_tensors(kwargs, move)))
+            if layer is last:
+                raise _Captured
+            return hidden  # the real outputs are computed layer by layer later
+
+        return record
+
+    for _, layer in layers:
+        originals.append(layer.__dict__.get("forward"))
+        layer.forward = recorder(layer)
+    try:
+        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        for (_, layer), original in zip(layers, originals, strict=True):
+            if original is None:
+                del layer.forward
+            else:
+                layer.forward = original
+    if len(calls) != len(layers):
+        raise RuntimeError(
+            f"The model called {len(calls)} of its {len(layers)} sequential targets in one forward "
+            "pass; the sequential pipeline needs each target called exactly once. Pass "
+            "sequential_targets= naming the repeated block (e.g. the decoder layer class)."
+        )
+    return BatchCache(first_hidden[0], calls)
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall, device: torch.device) -> torch.Tensor:
+    move = _mover(device)
+    out = layer(hidden.to(device), *_map_tensors(call.args, move), **_map_tensors(call.kwargs, move))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _prefetched(items: Sequence[Any], enabled: bool) -> Iterator[Any]:
+    """Yield ``items``, loading the next one in a background thread when ``enabled``."""
+    if not enabled:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=1)
+
+    def producer() -> None:
+        for item in items:
+            slots.put(item)
+        slots.put(StopIteration)
+
+    threading.Thread(target=producer, daemon=True).start()
+    while (item := slots.get()) is not StopIteration:
+        yield item
+
+
+def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
+    loader = state.require_data("The sequential pipeline")
+    args = state.pipeline_args
+    model = state.model
+    layers = sequential_targets(model, args.sequential_targets)
+    device, offload = state.device, torch.device(args.sequential_offload_device)
+    qac = args.quantization_aware_calibration
+    logger.info("Sequential pipeline: %d targets of %s on %s", len(layers), type(layers[0][1]).__name__, device)
+
+    with lifecycle(state, modifiers) as hook, torch.no_grad():
+        hook.llmc_calibration_start(state=state)
+        with onloaded(_shell(model, layers), device):
+            caches = [capture(model, layers, batch, device, offload) for batch in tqdm(loader, desc="Capturing inputs", unit="batch")]
+        disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
+        with disabled:
+            for index, (name, layer) in enumerate(tqdm(layers, desc="Calibrating layers", unit="layer")):
+                with onloaded(layer.modules(), device):
+                    outputs = []
+                    state.observing = True
+                    for b, cache in enumerate(_prefetched(caches, args.sequential_prefetch)):
+                        out = run_layer(layer, cache.hidden, cache.calls[index], device)
+                        if not qac:  # the next layer sees this layer's uncompressed outputs
+                            outputs.append(out.to(offload))
+                        hook.llmc_batch_end(state=state, batch_index=b)
+                    hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
+                    if qac:  # the next layer sees this layer's outputs after compression
+                        state.observing = False
+                        outputs = [run_layer(layer, c.hidden, c.calls[index], device).to(offload) for c in caches]
+                        state.observing = True
+                for cache, out in zip(caches, outputs, strict=True):
+                    cache.hidden = out
+        hook.llmc_calibration_end(state=state)

@@ -1,0 +1,123 @@
+"""Pipelines: sequential and basic see the same calibration data; sequential onloads one layer."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+from llmc import oneshot
+from llmc.modifiers import Modifier
+from llmc.modifiers.quantization import QuantizationModifier
+
+DATA = dict(dataset="llmc-docs", num_calibration_samples=6, max_seq_length=40, batch_size=2,
+            pad_to_max_length=False, data_collator="padding")
+
+
+@attrs.define(kw_only=True)
+class GramModifier(Modifier):
+    """Accumulates X^T X of every Linear input inside the decoder layers (a GPTQ-like statistic)."""
+
+    grams: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False)
+    _handles: list = attrs.field(factory=list, init=False)
+
+    def on_calibration_start(self, state) -> None:
+        for name, module in state.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                def hook(mod, args, name=name):
+                    if not state.observing:
+                        return
+                    x = args[0].reshape(-1, args[0].shape[-1]).double()
+                    self.grams[name] = self.grams.get(name, 0) + x.T @ x
+
+                self._handles.append(module.register_forward_pre_hook(hook))
+
+    def on_calibration_end(self, state) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _grams(path, pipeline, qac, quantize):
+    gram = GramModifier()
+    recipe = ([QuantizationModifier(scheme="W4A16", ignore=["lm_head"])] if quantize else []) + [gram]
+    oneshot(model=str(path), recipe=recipe, pipeline=pipeline, quantization_aware_calibration=qac, **DATA)
+    return gram.grams
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("qac", [True, False])
+def test_sequential_matches_basic(checkpoint_factory, arch, qac):
+    path = checkpoint_factory(arch)
+    basic = _grams(path, "basic", qac, quantize=True)
+    sequential = _grams(path, "sequential", qac, quantize=True)
+    assert basic.keys() == sequential.keys() and len(basic) == 14
+    for name in basic:
+        torch.testing.assert_close(sequential[name], basic[name], rtol=1e-6, atol=1e-6)
+
+
+def test_quantization_aware_calibration_changes_what_later_layers_see(llama_path):
+    aware = _grams(llama_path, "sequential", True, quantize=True)
+    unaware = _grams(llama_path, "sequential", False, quantize=True)
+    late = "model.layers.1.self_attn.q_proj"
+    assert not torch.allclose(aware[late], unaware[late])
+    plain = _grams(llama_path, "sequential", False, quantize=False)
+    torch.testing.assert_close(unaware[late], plain[late])
+
+
+@pytest.mark.parametrize("qac", [True, False])
+def test_static_observers_agree_between_pipelines(llama_path, qac):
+    """Observed FP8 input scales agree. With quantization-aware calibration, layers after the
+    first legitimately differ: basic runs each batch with the running scale estimate, sequential
+    propagates with the final scales of the layer before."""
+    scales = {}
+    for pipeline in ("basic", "sequential"):
+        model = oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]),
+                        pipeline=pipeline, quantization_aware_calibration=qac, **DATA)
+        scales[pipeline] = {n: m.input_scale.clone() for n, m in model.named_modules() if hasattr(m, "input_scale")}
+    assert len(scales["basic"]) == 14
+    for name, value in scales["basic"].items():
+        if qac and not name.startswith("model.layers.0."):
+            continue
+        torch.testing.assert_close(scales["sequential"][name], value, msg=name)
+
+
+def test_sequential_onloads_one_layer_at_a_time(llama_path, monkeypatch):
+    """Weights of layers not being calibrated stay off the execution device."""
+    import llmc_pipelines.sequential as seq
+
+    resident: set[int] = set()
+    peak = []
+    layers = {}
+    real = seq.onloaded
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def counting(modules, device):
+        modules = list(modules)
+        key = id(modules[0])
+        is_layer = key in layers
+        if is_layer:
+            resident.add(key)
+            peak.append(len(resident))
+        with real(modules, device):
+            yield
+        resident.discard(key)
+
+    real_targets = seq.sequential_targets
+
+    def targets(model, names):
+        found = real_targets(model, names)
+        layers.update({id(m): n for n, m in found})
+        return found
+
+    monkeypatch.setattr(seq, "onloaded", counting)
+    monkeypatch.setattr(seq, "sequential_targets", targets)
+    oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]), pipeline="sequential", **DATA)
+    assert len(peak) == 2 and max(peak) == 1  # two layers, each onloaded once, alone
+
+
+def test_bad_sequential_targets_name_the_classes(llama_path):
+    with pytest.raises(ValueError, match="LlamaDecoderLayer"):
+        oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8"), pipeline="sequential",
+                sequential_targets=["NoSuchLayer"], **DATA)
