@@ -1,0 +1,136 @@
+"""GPTQModifier: quantize each Linear with GPTQ at the end of its sequential layer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import attrs
+import torch
+from compressed_tensors.quantization import ActivationOrdering, QuantizationType
+
+from llmc.lifecycle import State
+from llmc.modifiers.quantization import QuantizationModifier
+from llmc.quantization.calibrate import calibrate_weight
+from llmc_gptq.hessian import HessianAccumulator
+from llmc_gptq.solver import gptq_quantize
+
+logger = logging.getLogger(__name__)
+
+_ACTORDERS = {None: None, "static": ActivationOrdering.WEIGHT, "weight": ActivationOrdering.WEIGHT}
+
+
+def _check_actorder(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value in ("group", "dynamic"):
+        raise ValueError(
+            "actorder='group' was removed from the compressed-tensors format (no g_idx since "
+            "0.20); use actorder='static' (alias 'weight') or None."
+        )
+    if value not in _ACTORDERS:
+        raise ValueError(f"actorder must be None, 'static' or 'weight', got {value!r}.")
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}.")
+
+
+@attrs.define(kw_only=True)
+class GPTQModifier(QuantizationModifier):
+    """GPTQ (Frantar et al., 2022) over the modules a quantization scheme targets.
+
+    Hessians of each Linear's inputs are accumulated in float32 during the
+    sequential pipeline's calibration pass (shared by modules fed the same
+    input), and each Linear is solved when its decoder layer ends, so the next
+    layer calibrates on compressed outputs.
+    """
+
+    block_size: int = attrs.field(default=128, validator=_positive)
+    dampening_frac: float = attrs.field(default=0.01, validator=_positive)
+    actorder: str | None = attrs.field(default="static", validator=_check_actorder)
+    offload_hessians: bool = False
+    sequential_targets: list[str] | None = None
+
+    _hessians: HessianAccumulator | None = attrs.field(default=None, init=False, repr=False)
+    _names: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        order = _ACTORDERS[self.actorder]
+        for scheme in self.config.config_groups.values():
+            weights = scheme.weights
+            if weights is None:
+                continue
+            if weights.type == QuantizationType.FLOAT and weights.num_bits != 8:
+                raise ValueError("GPTQ supports integer and FP8 weight schemes; use QuantizationModifier for FP4.")
+            if order is not None and weights.strategy in ("group", "channel") and weights.actorder is None:
+                weights.actorder = order
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+    def on_initialize(self, state: State) -> None:
+        if self.sequential_targets is not None and state.pipeline_args.sequential_targets is None:
+            state.pipeline_args.sequential_targets = list(self.sequential_targets)
+        super().on_initialize(state)
+        self._names = {module: name for name, module in self._modules}
+
+    def on_calibration_start(self, state: State) -> None:
+        self._hessians = HessianAccumulator(lambda: state.observing, offload=self.offload_hessians)
+        for _, module in self._modules:
+            if module.quantization_scheme.weights is not None:
+                self._hessians.attach(module)
+            # Unsolved weights have no scales yet: run them unquantized until solved.
+            module.quantization_enabled = False
+        # activation observers (static input scales), if the scheme has any
+        for _, module in self._modules:
+            self._observers.attach(module, lambda: state.observing)
+
+    def on_batch_end(self, state: State, batch_index: int) -> None:
+        if self._hessians is not None:
+            self._hessians.end_batch()
+
+    def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        prefix = layer_name + "."
+        inside = [(n, m) for n, m in self._modules if n.startswith(prefix) and m in self._names]
+        self._solve(inside)
+
+    def on_calibration_end(self, state: State) -> None:
+        # modules outside every sequential target (or all of them, on the basic pipeline)
+        self._solve([(n, m) for n, m in self._modules if m in self._names])
+        if self._hessians is not None:
+            self._hessians.detach()
+        self._observers.detach()
+
+    def _solve(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
+        assert self._hessians is not None
+        for name, module in modules:
+            self._names.pop(module, None)
+            module.quantization_enabled = True
+            args = module.quantization_scheme.weights
+            if args is None:
+                continue
+            hessian = self._hessians.pop(module)
+            if hessian is None:
+                logger.warning("%s saw no calibration data; quantizing it round-to-nearest.", name)
+                calibrate_weight(module)
+                continue
+            started = time.perf_counter()
+            weight = module.weight
+            result = gptq_quantize(
+                weight.data,
+                hessian.to(weight.device),
+                args,
+                block_size=self.block_size,
+                dampening_frac=self.dampening_frac,
+                actorder=args.actorder is not None,
+                scale_dtype=module.weight_scale.dtype,
+            )
+            weight.data.copy_(result.weight)
+            module.weight_scale.data.copy_(result.scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(result.zero_point.reshape(module.weight_zero_point.shape))
+            logger.info(
+                "GPTQ %s: relative error %.3e, %.2f s", name, result.relative_error, time.perf_counter() - started
+            )

@@ -1,0 +1,110 @@
+"""The GPTQ solve against round-to-nearest and against its own invariants."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+
+from llmc.quantization.observers import weight_qparams
+from llmc_gptq.solver import gptq_quantize
+
+
+def _rtn(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+    from compressed_tensors.quantization import fake_quantize
+
+    scale, zp = weight_qparams(weight, args)
+    return fake_quantize(weight, scale, zp, args)
+
+
+def _problem(seed: int, rows: int = 64, cols: int = 256, tokens: int = 4096):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=g) / cols**0.5
+    x = torch.randn(tokens, cols, generator=g) @ (mixing + torch.eye(cols))  # correlated inputs
+    x[:, :8] *= 8  # a few outlier channels, as real activations have
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    return x, w
+
+
+ARGS = {
+    "group-sym": preset_name_to_scheme("W4A16", ["Linear"]).weights,
+    "group-asym": preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights,
+    "channel-int8": preset_name_to_scheme("W8A8", ["Linear"]).weights,
+    "channel-int4": QuantizationArgs(num_bits=4, strategy="channel", symmetric=True),
+    "block-fp8": preset_name_to_scheme("FP8_BLOCK", ["Linear"]).weights,
+}
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_gptq_beats_round_to_nearest(name, actorder):
+    args = ARGS[name]
+    x, w = _problem(0)
+    result = gptq_quantize(w, x.T @ x, args, block_size=32, actorder=actorder)
+    gptq_err = torch.linalg.norm(x @ (w - result.weight).T)
+    rtn_err = torch.linalg.norm(x @ (w - _rtn(w, args)).T)
+    assert gptq_err < 0.8 * rtn_err, (gptq_err, rtn_err)
+    # the reported relative error is the same quantity, through the Hessian
+    expected = (gptq_err**2 / torch.linalg.norm(x @ w.T) ** 2).item()
+    assert result.relative_error == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_identity_hessian_is_round_to_nearest(name):
+    args = ARGS[name]
+    _, w = _problem(1)
+    result = gptq_quantize(w, torch.eye(w.shape[1]), args, actorder=False)
+    torch.testing.assert_close(result.weight, _rtn(w, args), rtol=0, atol=0)
+
+
+def test_result_lies_on_the_grid_of_its_scales():
+    args = ARGS["group-sym"]
+    x, w = _problem(2)
+    result = gptq_quantize(w, x.T @ x, args, actorder=True)
+    steps = result.weight / result.scale.repeat_interleave(128, dim=1)
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+    assert steps.abs().max() <= 8
+
+
+def test_dead_input_channels_and_rank_deficiency():
+    args = ARGS["group-sym"]
+    x, w = _problem(3, tokens=64)  # fewer tokens than columns: singular Hessian
+    x[:, 5] = 0  # a dead channel
+    result = gptq_quantize(w, x.T @ x, args)
+    assert torch.isfinite(result.weight).all()
+    assert (result.weight[:, 5] == 0).all()
+
+
+def test_indefinite_hessian_retries_with_more_dampening(caplog):
+    args = ARGS["group-sym"]
+    _, w = _problem(4)
+    hessian = torch.eye(256)
+    hessian[0, 0] = -0.5  # not positive definite at the default dampening
+    with caplog.at_level(logging.WARNING, logger="llmc_gptq"):
+        result = gptq_quantize(w, hessian, args)
+    assert result.dampening > 0.01
+    assert torch.isfinite(result.weight).all()
+    assert any("ill-conditioned" in r.getMessage() for r in caplog.records)
+
+
+def test_non_finite_hessian_is_refused():
+    hessian = torch.eye(256)
+    hessian[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(torch.randn(8, 256), hessian, ARGS["group-sym"])
+
+
+def test_fp4_is_refused():
+    with pytest.raises(ValueError, match="integer and FP8"):
+        gptq_quantize(torch.randn(8, 256), torch.eye(256), preset_name_to_scheme("NVFP4A16", ["Linear"]).weights)
+
+
+def test_stored_scale_dtype_is_what_the_solve_used():
+    args = ARGS["group-sym"]
+    x, w = _problem(5)
+    result = gptq_quantize(w, x.T @ x, args, scale_dtype=torch.bfloat16)
+    assert result.scale.dtype == torch.bfloat16
+    steps = result.weight / result.scale.float().repeat_interleave(128, dim=1)
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
