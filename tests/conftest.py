@@ -48,3 +48,12 @@ def llama_path(checkpoint_factory) -> Path:
 @pytest.fixture
 def sample_ids() -> torch.Tensor:
     return torch.randint(4, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def fancy_provider(monkeypatch):
+    """A first-party name whose package is not installed."""
+    from llmc import plugins
+
+    monkeypatch.setitem(plugins.KNOWN_PROVIDERS, "FancyModifier", "llmc-fancy")
+    monkeypatch.setitem(plugins.KNOWN_PROVIDERS, "fancy-pipeline", "llmc-fancy")

@@ -129,15 +129,15 @@ def no_model_loading(monkeypatch):
     ("kwargs", "error", "message"),
     [
         (dict(recipe=quant_recipe("W9A9")), ValueError, "Unknown quantization scheme"),
-        (dict(recipe="q_modifiers:\n  GPTQModifier: {scheme: W4A16}\n"), ValueError, "pip install llmc-gptq"),
+        (dict(recipe="q_modifiers:\n  FancyModifier: {scheme: W4A16}\n"), ValueError, "pip install llmc-fancy"),
         (dict(recipe="q_modifiers: [unclosed"), ValueError, "Malformed recipe YAML"),
-        (dict(recipe=quant_recipe("W4A16"), pipeline="sequential"), LookupError, "pip install llmc-pipelines|Unknown pipeline 'sequential'"),
+        (dict(recipe=quant_recipe("W4A16"), pipeline="fancy-pipeline"), LookupError, "Unknown pipeline 'fancy-pipeline'. It is provided by llmc-fancy"),
         (dict(recipe=quant_recipe("FP8")), ValueError, "needs calibration data"),
         (dict(recipe=quant_recipe("W4A16"), saver="zip"), LookupError, "Unknown saver 'zip'"),
         (dict(recipe=quant_recipe("W4A16"), num_calibration_samples=0), ValueError, "positive"),
     ],
 )
-def test_bad_input_is_refused_early(no_model_loading, llama_path, kwargs, error, message):
+def test_bad_input_is_refused_early(no_model_loading, fancy_provider, llama_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         oneshot(model=str(llama_path), **kwargs)
 

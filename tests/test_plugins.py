@@ -26,9 +26,9 @@ def test_core_builtins_come_from_the_entry_point():
     assert by_name[("pipeline", "basic")].distribution == "llmc-pipelines"
 
 
-def test_missing_modifier_names_the_package():
-    with pytest.raises(ImportError, match="pip install llmc-gptq"):
-        from llmc.modifiers import GPTQModifier  # noqa: F401
+def test_missing_modifier_names_the_package(fancy_provider):
+    with pytest.raises(ImportError, match="pip install llmc-fancy"):
+        from llmc.modifiers import FancyModifier  # noqa: F401
 
 
 def test_unknown_names_list_what_is_installed():

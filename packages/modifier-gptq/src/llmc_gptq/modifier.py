@@ -103,12 +103,21 @@ class GPTQModifier(QuantizationModifier):
             self._hessians.detach()
         self._observers.detach()
 
+    def on_finalize(self, state: State) -> None:
+        for _, module in self._modules:
+            module.quantization_enabled = True
+        super().on_finalize(state)
+
     def _solve(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         assert self._hessians is not None
         for name, module in modules:
             self._names.pop(module, None)
-            module.quantization_enabled = True
-            args = module.quantization_scheme.weights
+            scheme = module.quantization_scheme
+            # A solved weight already holds its quantized values: fake-quantizing it again
+            # on every propagation forward would change nothing, so only activation
+            # schemes re-enable quantization here.
+            module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
+            args = scheme.weights
             if args is None:
                 continue
             hessian = self._hessians.pop(module)

@@ -1,0 +1,153 @@
+"""Seconds per decoder layer for GPTQ W4A16 on a Llama-3-8B-shaped layer, end to end.
+
+End to end means what oneshot does for each layer: calibration forward passes, Hessian
+accumulation, the GPTQ solves, and the propagation pass that feeds the next layer.
+Random weights (speed does not depend on them). With --peer, the same model and data run
+through llm-compressor in a separate process (its own site directory, given by
+--peer-path) so both columns come from the same machine.
+
+    python -m benchmarks.gptq_layer --samples 512 --seq 2048            # GPU machine
+    python -m benchmarks.gptq_layer --hidden 256 --intermediate 512 --samples 8 --seq 128  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import LayerTimer, peak_memory, table, write_json
+
+
+def build(path: Path, args: argparse.Namespace) -> None:
+    from llmc import tiny
+
+    config = tiny.build_config(
+        "llama",
+        vocab_size=2048,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        torch_dtype="bfloat16",
+    )
+    model = tiny.build_model(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tiny.build_tokenizer(2048).save_pretrained(path)
+
+
+def dataset(args: argparse.Namespace):
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 2048, (args.samples, args.seq), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
+
+def run_llmc(path: Path, args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from llmc import oneshot
+    from llmc.plugins import get_plugin_manager
+    from llmc_gptq.modifier import GPTQModifier
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    data = dataset(args)
+    timer = LayerTimer()
+    get_plugin_manager().register(timer, name="benchmark-timer")
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    oneshot(
+        model=model,
+        recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+        dataset=data,
+        num_calibration_samples=args.samples,
+        max_seq_length=args.seq,
+        sequential_offload_device=args.offload,
+    )
+    total = time.perf_counter() - started
+    get_plugin_manager().unregister(timer)
+    return {
+        "tool": f"llmc (offload={args.offload})",
+        "seconds_total": total,
+        "seconds_per_layer": total / args.layers,
+        "steady_seconds_per_layer": timer.steady_seconds_per_layer(),
+        **peak_memory(),
+    }
+
+
+PEER = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+import datasets
+args = json.loads(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(4, 2048, (args["samples"], args["seq"]), generator=g)
+data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+model = AutoModelForCausalLM.from_pretrained(args["path"], dtype=torch.bfloat16)
+torch.cuda.reset_peak_memory_stats()
+started = time.perf_counter()
+oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+        num_calibration_samples=args["samples"], max_seq_length=args["seq"])
+total = time.perf_counter() - started
+print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30}))
+"""
+
+
+def run_peer(path: Path, args: argparse.Namespace) -> dict | None:
+    if not args.peer_path:
+        return None
+    env = dict(os.environ, PYTHONPATH=args.peer_path)
+    payload = json.dumps({"path": str(path), "samples": args.samples, "seq": args.seq})
+    proc = subprocess.run([sys.executable, "-c", PEER, payload], env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT")), None)
+    if line is None:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
+        return {"tool": "llm-compressor", "error": proc.stderr[-500:]}
+    result = json.loads(line.split(" ", 1)[1])
+    return {"tool": "llm-compressor", **result, "seconds_per_layer": result["seconds_total"] / args.layers}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--offload", default="cpu", help="sequential_offload_device for llmc")
+    parser.add_argument("--peer-path", default=None, help="site directory holding llmcompressor")
+    parser.add_argument("--skip-llmc", action="store_true")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        build(path, args)
+        rows = []
+        peer = run_peer(path, args)
+        if not args.skip_llmc:
+            rows.append(run_llmc(path, args))
+        if peer:
+            rows.append(peer)
+    if len(rows) == 2 and "seconds_total" in rows[1]:
+        rows[0]["speedup_vs_peer"] = rows[1]["seconds_total"] / rows[0]["seconds_total"]
+    columns = ["tool", "seconds_per_layer", "steady_seconds_per_layer", "seconds_total", "peak_gpu_gib", "peak_rss_gib", "speedup_vs_peer"]
+    print(table(rows, columns))
+    out = write_json("gptq_layer", {"args": vars(args), "results": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Calibration throughput of the sequential pipeline against a plain full-model forward.
+
+A model of a few hundred million parameters is built from a config (random weights)
+and the same batches go (a) through the whole model on the execution device, and
+(b) through the sequential pipeline with a modifier that does nothing, so only the
+pipeline's own cost is measured: capture, onloading one layer at a time,
+activation offloading, and (with quantization-aware calibration) the second pass.
+
+    python -m benchmarks.sequential_throughput                 # GPU machine
+    python -m benchmarks.sequential_throughput --hidden 256 --layers 4 --batches 4 --seq 128   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import attrs
+import torch
+
+from benchmarks.common import peak_memory, table, write_json
+from llmc.modifiers import Modifier
+
+
+@attrs.define(kw_only=True)
+class Idle(Modifier):
+    """Observes nothing: what remains is the pipeline's own cost."""
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+
+def build(args):
+    from llmc import tiny
+
+    config = tiny.build_config(
+        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+    )
+    return tiny.build_model(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
+def batches(args):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(4, args.vocab, (args.batch_size, args.seq), generator=g)} for _ in range(args.batches)]
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def layer_bytes(model) -> int:
+    layer = model.model.layers[0]
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def plain_forward(model, data, device) -> dict:
+    model.to(device)
+    with torch.no_grad():
+        model(**{k: v.to(device) for k, v in data[0].items()}, use_cache=False)  # warm-up
+        sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for batch in data:
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+        sync()
+    seconds = time.perf_counter() - started
+    model.to("cpu")
+    return {"mode": "plain forward (whole model on device)", "seconds": seconds, **peak_memory()}
+
+
+def sequential(model, data, device, qac: bool, offload: str) -> dict:
+    from torch.utils.data import DataLoader
+
+    from llmc import oneshot
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    loader = DataLoader(data, batch_size=None)
+    sync()
+    started = time.perf_counter()
+    oneshot(model=model, recipe=Idle(), dataset=loader, pipeline="sequential", device=str(device),
+            quantization_aware_calibration=qac, sequential_offload_device=offload)
+    sync()
+    seconds = time.perf_counter() - started
+    return {"mode": f"sequential (qac={qac}, offload={offload})", "seconds": seconds, **peak_memory()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batches", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=2048)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(args)
+    params = sum(p.numel() for p in model.parameters())
+    data = batches(args)
+    tokens = args.batches * args.batch_size * args.seq
+    sequential(model, data[:1], device, True, "cpu")  # warm-up: imports, plugin registry, kernels
+    rows = [plain_forward(model, data, device)]
+    for qac in (False, True):
+        for offload in (["cpu", "cuda"] if device.type == "cuda" else ["cpu"]):
+            rows.append(sequential(model, data, device, qac, offload))
+    base = rows[0]["seconds"]
+    one_layer_gib = layer_bytes(model) / 2**30
+    act_gib = args.batch_size * args.seq * args.hidden * (2 if device.type == "cuda" else 4) / 2**30
+    for row in rows:
+        row["tokens_per_second"] = tokens / row["seconds"]
+        row["overhead_vs_plain"] = row["seconds"] / base - 1
+        if row["peak_gpu_gib"] is not None:
+            row["gpu_peak_over_layer_plus_acts"] = row["peak_gpu_gib"] / (one_layer_gib + act_gib)
+    print(f"model: {params / 1e6:.0f} M parameters, {args.layers} layers; {tokens} tokens; one layer {one_layer_gib:.3f} GiB")
+    print(table(rows, ["mode", "seconds", "tokens_per_second", "overhead_vs_plain", "peak_gpu_gib", "gpu_peak_over_layer_plus_acts", "peak_rss_gib"]))
+    print(f"wrote {write_json('sequential_throughput', {'args': vars(args), 'parameters': params, 'results': rows})}")
+
+
+if __name__ == "__main__":
+    main()
