@@ -74,9 +74,13 @@ def test_w8a8_and_asym_and_channel(llama_path, tmp_path):
 
 
 def test_gptq_on_basic_pipeline_matches_sequential_without_qac(llama_path):
-    """Without quantization-aware calibration both pipelines see the same Hessians."""
-    a = oneshot(model=str(llama_path), recipe=YAML.format(scheme="W4A16"), pipeline="basic", quantization_aware_calibration=False, **DATA)
-    b = oneshot(model=str(llama_path), recipe=YAML.format(scheme="W4A16"), pipeline="sequential", quantization_aware_calibration=False, **DATA)
+    """Without quantization-aware calibration both pipelines see the same Hessians.
+
+    On the CPU, where both run the same kernels; GPU kernels differ by batch shape and GPTQ
+    turns float noise into different rounding choices."""
+    common = dict(recipe=YAML.format(scheme="W4A16"), quantization_aware_calibration=False, device="cpu", **DATA)
+    a = oneshot(model=str(llama_path), pipeline="basic", **common)
+    b = oneshot(model=str(llama_path), pipeline="sequential", **common)
     for (name, ma), (_, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
         if isinstance(ma, torch.nn.Linear) and hasattr(ma, "weight_scale"):
             torch.testing.assert_close(ma.weight, mb.weight, atol=1e-5, rtol=1e-4, msg=name)

@@ -6,7 +6,9 @@ position embeddings, per-layer-type masks); then each target in turn is moved to
 the execution device, run on every cached batch while modifiers observe it,
 compressed by them at the layer-end event, and run again (when
 ``quantization_aware_calibration``) to produce the next target's inputs. Cached
-activations live on ``sequential_offload_device``; only one target's weights are
+activations live on ``sequential_offload_device`` (copies overlap compute, see
+:mod:`llmc_pipelines.transfers`; ``sequential_prefetch`` is accepted for
+compatibility, since loading ahead is always on); only one target's weights are
 on the execution device at a time.
 """
 
@@ -14,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from llmc.lifecycle import State, lifecycle
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
+from llmc_pipelines.transfers import Transfers, lazily_onloaded
 
 logger = logging.getLogger(__name__)
 
@@ -56,30 +57,6 @@ def sequential_targets(model: torch.nn.Module, targets: Sequence[str] | None) ->
             f"Module classes in this model: {', '.join(classes)}."
         )
     return found
-
-
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(_map_tensors(v, fn) for v in value)
-    if isinstance(value, list):
-        return [_map_tensors(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    return value
-
-
-def _mover(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Move tensors once: a tensor shared by several layers' calls stays shared."""
-    memo: dict[int, torch.Tensor] = {}
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in memo:
-            memo[id(t)] = t.to(device, non_blocking=True)
-        return memo[id(t)]
-
-    return move
 
 
 @attrs.define
@@ -127,12 +104,12 @@ def capture(
     layers: list[tuple[str, torch.nn.Module]],
     batch: dict[str, Any],
     device: torch.device,
-    offload: torch.device,
+    transfers: Transfers,
 ) -> BatchCache:
     """Record every target's call for ``batch`` with the targets replaced by recorders."""
     calls: list[LayerCall] = []
     first_hidden: list[torch.Tensor] = []
-    move = _mover(offload)
+    memo: dict[int, torch.Tensor] = {}  # shared tensors (masks, rotary tables) stay shared
     last = layers[-1][1]
     originals = []
 
@@ -140,8 +117,8 @@ def capture(
         def record(*args: Any, **kwargs: Any) -> Any:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if not calls:
-                first_hidden.append(hidden.to(offload))
-            calls.append(LayerCall(_map_tensors(args[1:], move), _map_tensors(kwargs, move)))
+                first_hidden.append(transfers.to_offload(hidden, memo))
+            calls.append(LayerCall(transfers.to_offload(args[1:], memo), transfers.to_offload(kwargs, memo)))
             if layer is last:
                 raise _Captured
             return hidden  # the real outputs are computed layer by layer later
@@ -170,27 +147,10 @@ def capture(
     return BatchCache(first_hidden[0], calls)
 
 
-def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall, device: torch.device) -> torch.Tensor:
-    move = _mover(device)
-    out = layer(hidden.to(device), *_map_tensors(call.args, move), **_map_tensors(call.kwargs, move))
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """One target on one batch; every argument is already on the execution device."""
+    out = layer(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _prefetched(items: Sequence[Any], enabled: bool) -> Iterator[Any]:
-    """Yield ``items``, loading the next one in a background thread when ``enabled``."""
-    if not enabled:
-        yield from items
-        return
-    slots: queue.Queue = queue.Queue(maxsize=1)
-
-    def producer() -> None:
-        for item in items:
-            slots.put(item)
-        slots.put(StopIteration)
-
-    threading.Thread(target=producer, daemon=True).start()
-    while (item := slots.get()) is not StopIteration:
-        yield item
 
 
 def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
@@ -202,26 +162,32 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     qac = args.quantization_aware_calibration
     logger.info("Sequential pipeline: %d targets of %s on %s", len(layers), type(layers[0][1]).__name__, device)
 
+    transfers = Transfers(device, offload)
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
-        with onloaded(_shell(model, layers), device):
-            caches = [capture(model, layers, batch, device, offload) for batch in tqdm(loader, desc="Capturing inputs", unit="batch")]
+        with lazily_onloaded(_shell(model, layers), device):
+            caches = [
+                capture(model, layers, batch, device, transfers)
+                for batch in tqdm(loader, desc="Capturing inputs", unit="batch")
+            ]
         disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
         with disabled:
             for index, (name, layer) in enumerate(tqdm(layers, desc="Calibrating layers", unit="layer")):
+                inputs = [(c.hidden, c.calls[index]) for c in caches]
                 with onloaded(layer.modules(), device):
                     outputs = []
                     state.observing = True
-                    for b, cache in enumerate(_prefetched(caches, args.sequential_prefetch)):
-                        out = run_layer(layer, cache.hidden, cache.calls[index], device)
+                    for b, (hidden, call) in enumerate(transfers.iterate(inputs)):
+                        out = run_layer(layer, hidden, call)
                         if not qac:  # the next layer sees this layer's uncompressed outputs
-                            outputs.append(out.to(offload))
+                            outputs.append(transfers.to_offload(out))
                         hook.llmc_batch_end(state=state, batch_index=b)
                     hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
                     if qac:  # the next layer sees this layer's outputs after compression
                         state.observing = False
-                        outputs = [run_layer(layer, c.hidden, c.calls[index], device).to(offload) for c in caches]
+                        outputs = [transfers.to_offload(run_layer(layer, h, c)) for h, c in transfers.iterate(inputs)]
                         state.observing = True
+                    transfers.synchronize()
                 for cache, out in zip(caches, outputs, strict=True):
                     cache.hidden = out
         hook.llmc_calibration_end(state=state)
