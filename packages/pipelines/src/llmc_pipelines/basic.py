@@ -19,8 +19,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:
-    """Run every calibration batch through the whole model on the execution device."""
+    """Run every calibration batch through the whole model on the execution device.
+
+    The model goes back to the device it came from afterwards.
+    """
     loader = state.require_data("The basic pipeline")
+    home = next(state.model.parameters()).device
     model = state.model.to(state.device)
     qac = state.pipeline_args.quantization_aware_calibration
     with lifecycle(state, modifiers) as hook, torch.no_grad():
@@ -30,3 +34,4 @@ def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:
                 model(**to_device(batch, state.device), use_cache=False)
                 hook.llmc_batch_end(state=state, batch_index=index)
         hook.llmc_calibration_end(state=state)
+    model.to(home)

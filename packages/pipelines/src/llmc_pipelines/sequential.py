@@ -147,9 +147,9 @@ def capture(
     return BatchCache(first_hidden[0], calls)
 
 
-def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """One target on one batch; every argument is already on the execution device."""
-    out = layer(hidden, *call.args, **call.kwargs)
+    out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -173,19 +173,19 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
         disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
         with disabled:
             for index, (name, layer) in enumerate(tqdm(layers, desc="Calibrating layers", unit="layer")):
-                inputs = [(c.hidden, c.calls[index]) for c in caches]
+                inputs = [(c.hidden, c.calls[index].args, c.calls[index].kwargs) for c in caches]
                 with onloaded(layer.modules(), device):
                     outputs = []
                     state.observing = True
-                    for b, (hidden, call) in enumerate(transfers.iterate(inputs)):
-                        out = run_layer(layer, hidden, call)
+                    for b, batch in enumerate(transfers.iterate(inputs)):
+                        out = run_layer(layer, *batch)
                         if not qac:  # the next layer sees this layer's uncompressed outputs
                             outputs.append(transfers.to_offload(out))
                         hook.llmc_batch_end(state=state, batch_index=b)
                     hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
                     if qac:  # the next layer sees this layer's outputs after compression
                         state.observing = False
-                        outputs = [transfers.to_offload(run_layer(layer, h, c)) for h, c in transfers.iterate(inputs)]
+                        outputs = [transfers.to_offload(run_layer(layer, *batch)) for batch in transfers.iterate(inputs)]
                         state.observing = True
                     transfers.synchronize()
                 for cache, out in zip(caches, outputs, strict=True):
