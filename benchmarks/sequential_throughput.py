@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--profile", action="store_true", help="print where the sequential pipeline spends CPU time")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +137,13 @@ def main(argv=None) -> None:
     for qac in (False, True):
         for offload in (["cpu", "cuda"] if device.type == "cuda" else ["cpu"]):
             rows.append(sequential(model, data, device, qac, offload))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            sequential(model, data, device, False, "cpu")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     base = rows[0]["seconds"]
     one_layer_gib = layer_bytes(model) / 2**30
     floor = one_layer_peak_gib(model, args, device)

@@ -108,3 +108,19 @@ def test_stored_scale_dtype_is_what_the_solve_used():
     assert result.scale.dtype == torch.bfloat16
     steps = result.weight / result.scale.float().repeat_interleave(128, dim=1)
     torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["group-sym", "group-asym", "channel-int8"])
+def test_cuda_graph_solve_equals_eager(name):
+    from llmc_gptq.solver import BlockGraphs
+
+    args = ARGS[name]
+    x, w = _problem(6)
+    x, w = x.cuda(), w.cuda()
+    hessian = x.T @ x
+    eager = gptq_quantize(w, hessian, args, actorder=True)
+    graphs = BlockGraphs()
+    for _ in range(2):  # the second solve replays the captured graph
+        graphed = gptq_quantize(w, hessian, args, actorder=True, graphs=graphs)
+        torch.testing.assert_close(graphed.weight, eager.weight, rtol=0, atol=0)

@@ -14,7 +14,7 @@ from llmc.lifecycle import State
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weight
 from llmc_gptq.hessian import HessianAccumulator
-from llmc_gptq.solver import gptq_quantize
+from llmc_gptq.solver import BlockGraphs, gptq_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class GPTQModifier(QuantizationModifier):
 
     _hessians: HessianAccumulator | None = attrs.field(default=None, init=False, repr=False)
     _names: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
+    _graphs: BlockGraphs = attrs.field(factory=BlockGraphs, init=False, repr=False)
+    solve_seconds: float = attrs.field(default=0.0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -135,11 +137,12 @@ class GPTQModifier(QuantizationModifier):
                 dampening_frac=self.dampening_frac,
                 actorder=args.actorder is not None,
                 scale_dtype=module.weight_scale.dtype,
+                graphs=self._graphs,
             )
             weight.data.copy_(result.weight)
             module.weight_scale.data.copy_(result.scale.reshape(module.weight_scale.shape))
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.data.copy_(result.zero_point.reshape(module.weight_zero_point.shape))
-            logger.info(
-                "GPTQ %s: relative error %.3e, %.2f s", name, result.relative_error, time.perf_counter() - started
-            )
+            seconds = time.perf_counter() - started
+            self.solve_seconds += seconds
+            logger.info("GPTQ %s: relative error %.3e, %.2f s", name, result.relative_error, seconds)

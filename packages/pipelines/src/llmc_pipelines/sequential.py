@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -153,6 +154,25 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _PhaseClock:
+    """Wall time of each phase of one layer (synchronising the device at phase ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items())
+
+
 def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     loader = state.require_data("The sequential pipeline")
     args = state.pipeline_args
@@ -174,6 +194,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
         with disabled:
             for index, (name, layer) in enumerate(tqdm(layers, desc="Calibrating layers", unit="layer")):
                 inputs = [(c.hidden, c.calls[index].args, c.calls[index].kwargs) for c in caches]
+                clock = _PhaseClock(device)
                 with onloaded(layer.modules(), device):
                     outputs = []
                     state.observing = True
@@ -182,12 +203,16 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         if not qac:  # the next layer sees this layer's uncompressed outputs
                             outputs.append(transfers.to_offload(out))
                         hook.llmc_batch_end(state=state, batch_index=b)
+                    clock.mark("calibration")
                     hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
+                    clock.mark("compression")
                     if qac:  # the next layer sees this layer's outputs after compression
                         state.observing = False
                         outputs = [transfers.to_offload(run_layer(layer, *batch)) for batch in transfers.iterate(inputs)]
                         state.observing = True
                     transfers.synchronize()
+                    clock.mark("propagation")
+                logger.info("%s: %s", name, clock)
                 for cache, out in zip(caches, outputs, strict=True):
                     cache.hidden = out
         hook.llmc_calibration_end(state=state)

@@ -54,9 +54,7 @@ def oneshot(**kwargs: Any) -> PreTrainedModel:
     try:
         return _run(args)
     finally:
-        if handler is not None:
-            logging.getLogger(logs.LOGGER).removeHandler(handler)
-            handler.close()
+        logs.release(handler)
 
 
 def _run(args: OneshotArguments) -> PreTrainedModel:
