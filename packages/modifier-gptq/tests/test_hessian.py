@@ -26,10 +26,11 @@ def test_modules_with_the_same_input_share_one_hessian():
     groups = sorted(len(g) for g in acc.shared_groups())
     assert groups == [1, 3]
     assert len(acc.hessians) == 2
-    hq = acc.pop(q)
-    assert acc.pop(k) is hq and acc.pop(v) is hq
-    assert len(acc.hessians) == 1  # freed once all three took it
-    assert list(acc.tokens.values()) == [30]  # o_proj's: 2 x 5 tokens, 3 batches
+    hq, last = acc.pop(q)
+    assert not last
+    assert acc.pop(k) == (hq, False) and acc.pop(v)[0] is hq
+    assert acc.pop(o)[1]
+    assert not acc.hessians and not acc.tokens  # freed once every sharer took it
 
 
 def test_observing_flag_skips_propagation_passes():
@@ -41,4 +42,4 @@ def test_observing_flag_skips_propagation_passes():
     lin(x)
     observing[0] = False
     lin(torch.randn(4, 8) * 100)
-    torch.testing.assert_close(acc.pop(lin), x.T @ x)
+    torch.testing.assert_close(acc.pop(lin)[0], x.T @ x)

@@ -65,16 +65,20 @@ class HessianAccumulator:
     def end_batch(self) -> None:
         self._last_input = self._last_key = None
 
-    def pop(self, module: torch.nn.Module) -> torch.Tensor | None:
-        """The module's Hessian; freed once every module sharing it has taken it."""
+    def pop(self, module: torch.nn.Module) -> tuple[torch.Tensor, bool] | None:
+        """The module's Hessian, and whether it is the last module to take it.
+
+        The last one owns it (the accumulator forgets it), so the solve may consume it.
+        """
         key = self.owner.pop(module, None)
         if key is None:
             return None
         hessian = self.hessians[key]
-        if key not in self.owner.values():
+        last = key not in self.owner.values()
+        if last:
             del self.hessians[key]
             del self.tokens[key]
-        return hessian
+        return hessian, last
 
     def shared_groups(self) -> list[list[torch.nn.Module]]:
         groups: dict[int, list[torch.nn.Module]] = {}

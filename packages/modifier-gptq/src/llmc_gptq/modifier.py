@@ -122,16 +122,21 @@ class GPTQModifier(QuantizationModifier):
             args = scheme.weights
             if args is None:
                 continue
-            hessian = self._hessians.pop(module)
-            if hessian is None:
+            popped = self._hessians.pop(module)
+            if popped is None:
                 logger.warning("%s saw no calibration data; quantizing it round-to-nearest.", name)
                 calibrate_weight(module)
                 continue
             started = time.perf_counter()
+            hessian, owned = popped
+            hessian = hessian.to(module.weight.device)
+            # The last module to use a Hessian hands it over to be consumed in place.
+            given: torch.Tensor | list[torch.Tensor] = [hessian] if owned else hessian
+            del popped, hessian
             weight = module.weight
             result = gptq_quantize(
                 weight.data,
-                hessian.to(weight.device),
+                given,
                 args,
                 block_size=self.block_size,
                 dampening_frac=self.dampening_frac,

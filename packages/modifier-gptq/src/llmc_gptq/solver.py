@@ -125,8 +125,10 @@ class BlockGraphs:
         return static[4], static[5]
 
 
-def _inverse_cholesky(holder: list[torch.Tensor], dampening_frac: float) -> tuple[torch.Tensor, float]:
+def _inverse_cholesky(holder: list[torch.Tensor], dampening_frac: float) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of H^-1, retrying with more dampening if H is not positive definite.
+
+    Returns the factor, the dampening fraction used and the absolute amount added to the diagonal.
 
     Takes H out of ``holder`` (so this frame owns the only reference), dampens it in place,
     and frees it as soon as its factor exists: at most two matrices of its size are alive.
@@ -148,7 +150,7 @@ def _inverse_cholesky(holder: list[torch.Tensor], dampening_frac: float) -> tupl
             if info.item() == 0 and torch.isfinite(upper).all():
                 if attempt:
                     logger.warning("Hessian was ill-conditioned; solved with dampening_frac=%g", frac)
-                return upper, frac
+                return upper, frac, added
             raise RuntimeError("The inverse Hessian has no Cholesky factor; the layer's inputs are degenerate.")
         frac = max(frac, 1e-4) * 10
     raise RuntimeError(
@@ -159,7 +161,7 @@ def _inverse_cholesky(holder: list[torch.Tensor], dampening_frac: float) -> tupl
 
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | list[torch.Tensor],
     args: QuantizationArgs,
     block_size: int = 128,
     dampening_frac: float = 0.01,
@@ -171,6 +173,10 @@ def gptq_quantize(
 
     ``scale_dtype`` is the dtype the scale is stored in: the solve uses the stored
     (rounded) scale so that packing the result reproduces exactly its choices.
+
+    ``hessian`` given inside a one-element list is consumed: it is dampened and
+    factorised in place and freed as soon as possible (for a Hessian nobody else
+    needs, this halves the solve's peak memory). A bare tensor is left untouched.
     """
     if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
         args.type == QuantizationType.FLOAT and args.num_bits != 8
@@ -178,9 +184,12 @@ def gptq_quantize(
         raise ValueError("GPTQ supports integer and FP8 weight schemes; use QuantizationModifier for FP4.")
     rows, cols = weight.shape
     W = weight.detach().float().clone()
-    if not torch.isfinite(hessian).all():
+    if isinstance(hessian, list):
+        H = hessian.pop().detach().float()
+    else:
+        H = hessian.detach().float().clone()
+    if not torch.isfinite(H).all():
         raise ValueError("The Hessian holds NaN or infinite values; check the calibration data.")
-    H = hessian.detach().float().clone()  # ``hessian`` itself may be shared with other modules
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -198,12 +207,16 @@ def gptq_quantize(
     quantize_column = _ColumnQuantizer(args, W.device)
 
     W_original = W.clone()
+    # ||X W||^2 now; ||X (W - Q)||^2 comes out of the solve itself (see below), so the raw
+    # Hessian need not outlive its factorisation.
+    denominator = torch.sum((W @ H) * W).item()
     holder = [H]
     del H
-    Hinv, used_frac = _inverse_cholesky(holder, dampening_frac)
+    Hinv, used_frac, damp = _inverse_cholesky(holder, dampening_frac)
     # Graphs replay fixed kernels: only for the integer path, whose kernels are all on-device.
     use_graphs = graphs is not None and W.is_cuda and quantize_column.is_int and not graphs.disabled
 
+    damped_error = 0.0  # sum of squared scaled errors = ||X (W - Q)||^2 under the dampened H
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         S1 = _column_qparams(scale_f, args, rows, order[i1:i2])
@@ -221,6 +234,7 @@ def gptq_quantize(
             Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
             _column_loop(quantize_column, W1, S1, Z1, Hinv1, Q1, Err1)
         W[:, i1:i2] = Q1
+        damped_error += torch.sum(Err1 * Err1).item()
         if i2 < cols:
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     del Hinv
@@ -228,10 +242,10 @@ def gptq_quantize(
     if actorder:
         inverse_order = torch.argsort(order)
         W, W_original = W[:, inverse_order], W_original[:, inverse_order]
-    delta = W_original - W
-    reference = hessian.float()
-    denominator = torch.sum((W_original @ reference) * W_original).item()
-    relative = torch.sum((delta @ reference) * delta).item() / denominator if denominator > 0 else 0.0
+    # Each column's scaled error err = (w - q) / U_ii adds err^2 to ||X (W - Q)||^2 under the
+    # dampened Hessian H + damp I; removing damp * ||W - Q||^2 gives the error under H itself.
+    numerator = damped_error - damp * torch.sum((W_original - W) ** 2).item()
+    relative = max(numerator, 0.0) / denominator if denominator > 0 else 0.0
     if not torch.isfinite(W).all() or math.isnan(relative):
         raise RuntimeError("GPTQ produced non-finite weights.")
     return GPTQResult(
