@@ -124,7 +124,8 @@ def train(
 ) -> list[float]:
     """Train ``model`` as a language model on the calibration split; returns the losses.
 
-    Deterministic for a given seed, device and thread count.
+    Deterministic for a given seed, device and thread count. On CUDA the forward runs
+    under bfloat16 autocast (weights stay float32).
     """
     from tqdm.auto import tqdm
 
@@ -137,7 +138,9 @@ def train(
     for _ in tqdm(range(steps), desc="Training", disable=not progress):
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
         batch = torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).to(device)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.is_cuda)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
