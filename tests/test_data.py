@@ -103,3 +103,56 @@ def test_missing_hub_dataset_fails_fast_with_hint(tokenizer, monkeypatch):
     assert not datasets.config.HF_HUB_OFFLINE  # the switch is undone
     with pytest.raises(FileNotFoundError):
         build_calibration_dataloader(DatasetArguments(dataset_path="/nonexistent/data.json"), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("name", "row", "expected"),
+    [
+        ("gsm8k", {"question": "1+1?", "answer": "2"}, "Question: 1+1?\nAnswer: 2"),
+        ("open_platypus", {"instruction": "Add.", "input": "1 and 1", "output": "2", "data_source": "x"},
+         "### Instruction:\nAdd.\n\n1 and 1\n\n### Response:\n2"),
+        ("wikitext", {"text": " = Title = \n"}, " = Title = \n"),
+    ],
+)
+def test_named_hub_datasets_preprocess_their_rows(monkeypatch, tokenizer, name, row, expected):
+    """The hub is out of reach here: the loader is fed a local dataset in the hub's schema."""
+    from llmc import data
+    from llmc.data import hub
+
+    calls = []
+
+    def fake_load_hub(path, config, split, streaming=False):
+        calls.append((path, config, split, streaming))
+        return datasets.Dataset.from_list([row] * 3)
+
+    monkeypatch.setattr(data, "load_hub", fake_load_hub)
+    args = DatasetArguments(dataset=name, num_calibration_samples=2, max_seq_length=64, pad_to_max_length=False)
+    rows = _rows(build_calibration_dataloader(args, tokenizer))
+    assert rows == [tokenizer(expected, truncation=True, max_length=64)["input_ids"]] * 2
+    spec = hub.BUILTINS[name]
+    assert calls == [(spec.path, spec.config, spec.split, False)]
+
+
+def test_ultrachat_renders_messages_with_the_chat_template(monkeypatch):
+    from llmc import data
+    from llmc.tiny import build_tokenizer
+
+    tok = build_tokenizer(2048)  # a fresh one: the session tokenizer keeps no chat template
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    monkeypatch.setattr(data, "load_hub", lambda *a, **k: datasets.Dataset.from_list([{"prompt": "hi", "messages": messages}]))
+    args = DatasetArguments(dataset="ultrachat_200k", num_calibration_samples=1, max_seq_length=64, pad_to_max_length=False)
+    (row,) = _rows(build_calibration_dataloader(args, tok))
+    assert row == tok("<user>hi<assistant>hello", truncation=True, max_length=64)["input_ids"]
+
+
+def test_named_hub_dataset_fails_fast_offline(monkeypatch, tokenizer):
+    import time
+
+    from llmc import data
+
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="(?s)Could not load dataset 'openai/gsm8k'.*dataset_path="):
+        build_calibration_dataloader(DatasetArguments(dataset="gsm8k"), tokenizer)
+    assert time.perf_counter() - started < 10

@@ -30,6 +30,8 @@ def llmc_register_savers(register):
 
 @hookimpl
 def llmc_register_datasets(register):
-    from llmc.data import corpus
+    from llmc.data import corpus, hub
 
     register(corpus.NAME, corpus.load)
+    for name, dataset in hub.BUILTINS.items():
+        register(name, dataset)

@@ -86,19 +86,24 @@ def _load_named(name: str, args: DatasetArguments) -> datasets.Dataset:
         return registry.get("dataset", name)(args, args.splits)
     if os.path.exists(name):
         return _load_local(name, args)
+    return load_hub(name, args.dataset_config_name, args.splits, streaming=args.streaming)
+
+
+def load_hub(name: str, config: str | None, split: str | None, streaming: bool = False) -> Any:
+    """``datasets.load_dataset`` with a fast, explained failure when the hub is out of reach."""
     try:
         with _offline_unless_hub_reachable():
-            loaded = datasets.load_dataset(
-                name, args.dataset_config_name, split=args.splits, streaming=args.streaming
-            )
+            loaded = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as exc:
+        from llmc.plugins import get_registry
+
         raise ValueError(
             f"Could not load dataset {name!r}: {exc}\nThis machine may not reach the Hugging Face "
             "hub: pass dataset_path= with a local JSON/JSONL/CSV file, a datasets.Dataset, or a "
-            f"registered name ({', '.join(sorted(registry.names('dataset')))})."
+            f"registered name ({', '.join(sorted(get_registry().names('dataset')))})."
         ) from exc
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        loaded = _pick_split(loaded, args.splits)
+        loaded = _pick_split(loaded, split)
     return loaded
 
 
