@@ -204,3 +204,20 @@ def test_log_dir_gets_a_log_file(llama_path, tmp_path):
     oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), log_dir=str(tmp_path / "logs"))
     (log,) = (tmp_path / "logs").iterdir()
     assert "Stage quant_stage: QuantizationModifier" in log.read_text()
+
+
+def test_manual_save_pretrained_after_oneshot(llama_path, tmp_path, sample_ids):
+    """llm-compressor's second way to save: oneshot without output_dir, then save_pretrained."""
+    model = oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"))
+    with torch.no_grad():
+        expected = model(sample_ids).logits
+    out = tmp_path / "manual"
+    model.save_pretrained(out, save_compressed=True, max_shard_size="50MB")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    assert (out / "recipe.yaml").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample_ids).logits, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(out)  # never writes over a non-empty directory

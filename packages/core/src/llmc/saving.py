@@ -75,11 +75,13 @@ def save_compressed_tensors(
     processor: Any = None,
     recipe_yaml: str | None = None,
     save_compressed: bool = True,
+    **save_kwargs: Any,
 ) -> None:
     """Save ``model`` in compressed-tensors format into the (empty) ``output_dir``.
 
     ``save_compressed=False`` stores dense, fake-quantized weights with the same
-    quantization config (format ``dense``).
+    quantization config (format ``dense``). ``save_kwargs`` (e.g. ``max_shard_size``)
+    go to transformers' ``save_pretrained``.
     """
     fmt = None if save_compressed else CompressionFormat.dense.value
     if not save_compressed:
@@ -87,10 +89,37 @@ def save_compressed_tensors(
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     if compressor.quantization_config is not None:
         compressor.compress_model(model, skip_compressed=True)
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir, **save_kwargs)
     compressor.update_config(str(output_dir))
     if processor is not None:
         processor.save_pretrained(output_dir)
     if recipe_yaml is not None:
         Path(output_dir, RECIPE_FILE).write_text(recipe_yaml)
     logger.info("Saved %s checkpoint to %s", "compressed" if save_compressed else "dense", output_dir)
+
+
+def patch_save_pretrained(model: torch.nn.Module, recipe_yaml: str | None = None) -> None:
+    """Make ``model.save_pretrained(dir, save_compressed=True)`` write compressed-tensors.
+
+    llm-compressor users save by hand after ``oneshot`` without ``output_dir``; the
+    patched method routes through :func:`save_compressed_tensors` (into an atomic
+    directory) and leaves every other keyword to transformers' own method.
+    """
+    original = model.save_pretrained
+    if getattr(original, "_llmc_patched", False):
+        original = original._llmc_original  # type: ignore[attr-defined]
+
+    def save_pretrained(save_directory: str | os.PathLike, *, save_compressed: bool = True, **kwargs: Any) -> None:
+        check_output_dir(save_directory, overwrite=False)
+        with atomic_directory(save_directory) as tmp:
+            model.save_pretrained = original  # the saver calls transformers' own method
+            try:
+                save_compressed_tensors(
+                    model, tmp, recipe_yaml=recipe_yaml, save_compressed=save_compressed, **kwargs
+                )
+            finally:
+                model.save_pretrained = save_pretrained
+
+    save_pretrained._llmc_patched = True  # type: ignore[attr-defined]
+    save_pretrained._llmc_original = original  # type: ignore[attr-defined]
+    model.save_pretrained = save_pretrained

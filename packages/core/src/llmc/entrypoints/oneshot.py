@@ -23,7 +23,7 @@ from llmc.patches import matching_patches
 from llmc.pipelines import resolve_pipelines, run_pipeline
 from llmc.plugins import PluginNotFoundError, Registry, get_registry
 from llmc.recipe import Recipe
-from llmc.saving import atomic_directory, check_output_dir
+from llmc.saving import atomic_directory, check_output_dir, patch_save_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -105,4 +105,5 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
                 save_compressed=args.model.save_compressed,
             )
         logger.info("Saved to %s", args.output.output_dir)
+    patch_save_pretrained(model, recipe.to_yaml())  # for users who save by hand afterwards
     return model
