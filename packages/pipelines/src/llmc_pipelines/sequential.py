@@ -119,9 +119,7 @@ def capture(
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if not calls:
                 first_hidden.append(transfers.to_offload(hidden, memo))
-            calls.append(
-                LayerCall(transfers.arguments_to_offload(args[1:], memo), transfers.arguments_to_offload(kwargs, memo))
-            )
+            calls.append(LayerCall(transfers.to_offload(args[1:], memo), transfers.to_offload(kwargs, memo)))
             if layer is last:
                 raise _Captured
             return hidden  # the real outputs are computed layer by layer later

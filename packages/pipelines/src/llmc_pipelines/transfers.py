@@ -28,44 +28,10 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 class Transfers:
-    # Layer arguments that repeat across batches (rotary tables, position ids, a shared
-    # causal mask) are kept once on the execution device instead of being copied for
-    # every batch of every layer; this bounds how many and how much.
-    RESIDENT_TENSORS = 16
-    RESIDENT_BYTES = 256 * 2**20
-
     def __init__(self, device: torch.device, offload: torch.device) -> None:
         self.device, self.offload = device, offload
         overlap = device.type == "cuda" and offload.type == "cpu"
         self.stream = torch.cuda.Stream(device) if overlap else None
-        self.resident: list[torch.Tensor] = []
-
-    def intern(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """A resident equal of ``tensor`` on the execution device, if one exists or fits."""
-        if tensor.device != self.device or self.device == self.offload:
-            return None
-        for kept in self.resident:
-            if kept is tensor:
-                return kept
-            if kept.shape == tensor.shape and kept.dtype == tensor.dtype and torch.equal(kept, tensor):
-                return kept
-        used = sum(t.numel() * t.element_size() for t in self.resident)
-        size = tensor.numel() * tensor.element_size()
-        if len(self.resident) < self.RESIDENT_TENSORS and used + size <= self.RESIDENT_BYTES:
-            self.resident.append(tensor)
-            return tensor
-        return None
-
-    def arguments_to_offload(self, value: Any, memo: dict[int, torch.Tensor]) -> Any:
-        """Like :meth:`to_offload`, but repeated arguments stay resident on the execution device."""
-
-        def place(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in memo:
-                kept = self.intern(t)
-                memo[id(t)] = kept if kept is not None else self.to_offload(t, memo)
-            return memo[id(t)]
-
-        return map_tensors(value, place)
 
     def _copy(self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]) -> torch.Tensor:
         if id(tensor) not in memo:  # a tensor shared by several arguments is copied once
