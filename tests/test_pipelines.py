@@ -19,7 +19,11 @@ class GramModifier(Modifier):
     """Accumulates X^T X of every Linear input inside the decoder layers (a GPTQ-like statistic)."""
 
     grams: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False)
+    batches: int = attrs.field(default=0, init=False)
     _handles: list = attrs.field(factory=list, init=False)
+
+    def on_batch_end(self, state, batch_index) -> None:
+        self.batches += 1
 
     def on_calibration_start(self, state) -> None:
         for name, module in state.model.named_modules():
@@ -121,3 +125,25 @@ def test_bad_sequential_targets_name_the_classes(llama_path):
     with pytest.raises(ValueError, match="LlamaDecoderLayer"):
         oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8"), pipeline="sequential",
                 sequential_targets=["NoSuchLayer"], **DATA)
+
+
+def test_shared_layers_are_refused_with_a_clear_message(llama_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    model.model.layers[1] = model.model.layers[0]  # one block applied twice (weight sharing)
+    with pytest.raises(ValueError, match="model.layers.0 is shared.*pipeline='basic'"):
+        oneshot(model=model, recipe=QuantizationModifier(scheme="FP8"), pipeline="sequential", **DATA)
+
+
+def test_streamed_dataset_is_sampled(llama_path):
+    """An IterableDataset (what streaming=True yields) is shuffled with a buffer and truncated."""
+    import datasets
+
+    texts = [f"Streaming sample {i}: " + "words of calibration text " * 5 for i in range(40)]
+    stream = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    gram = GramModifier()
+    oneshot(model=str(llama_path), recipe=[gram], pipeline="basic", dataset=stream,
+            num_calibration_samples=5, max_seq_length=32, pad_to_max_length=False)
+    assert gram.batches == 5  # num_calibration_samples honoured on a stream
+    assert gram.grams["model.layers.0.self_attn.q_proj"].abs().sum() > 0

@@ -57,6 +57,17 @@ def sequential_targets(model: torch.nn.Module, targets: Sequence[str] | None) ->
             f"No module of {type(model).__name__} matches sequential_targets {targets}. "
             f"Module classes in this model: {', '.join(classes)}."
         )
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    for name, module in found:
+        if len(names[id(module)]) > 1:
+            raise ValueError(
+                f"Sequential target {name} is shared (also reached as "
+                f"{', '.join(names[id(module)][1:])}); layer-by-layer calibration needs each target "
+                "to run once per forward. Use pipeline='basic', or sequential_targets= naming a "
+                "module that is not shared."
+            )
     return found
 
 
