@@ -34,11 +34,14 @@ class Spec:
     seq: int
     batch: int
     lr: float
+    corpus: str = "llmc-docs"
 
 
 SPECS = {
     "tiny": Spec(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2, vocab=2048, steps=300, seq=128, batch=16, lr=3e-3),
-    "small": Spec(hidden=1024, intermediate=2816, layers=12, heads=16, kv_heads=8, vocab=4096, steps=400, seq=256, batch=64, lr=1e-3),
+    # ~270 k training tokens: 50 steps of 16 k tokens is about three epochs (400 steps overfit).
+    "small": Spec(hidden=1024, intermediate=2816, layers=12, heads=16, kv_heads=8, vocab=4096, steps=50,
+                  seq=256, batch=64, lr=1e-3, corpus="llmc-docs-large"),
 }
 
 
@@ -50,12 +53,12 @@ def model_path(name: str) -> Path:
     return cache_dir() / "benchmark-models" / name
 
 
-def unigram_perplexity(tokenizer) -> float:
+def unigram_perplexity(tokenizer, corpus_name: str) -> float:
     """Held-out perplexity of the calibration split's unigram distribution: the bar to beat."""
     from llmc.data import corpus
 
-    train = tiny.corpus_token_ids(tokenizer, corpus.CALIBRATION)
-    held = tiny.corpus_token_ids(tokenizer, corpus.EVALUATION)
+    train = tiny.corpus_token_ids(tokenizer, corpus.CALIBRATION, corpus_name)
+    held = tiny.corpus_token_ids(tokenizer, corpus.EVALUATION, corpus_name)
     counts = torch.bincount(train, minlength=len(tokenizer)).double() + 1.0
     logp = (counts / counts.sum()).log()
     return math.exp(-logp[held].mean().item())
@@ -68,14 +71,15 @@ def build(name: str, device: str | None = None) -> Path:
         return path
     spec = SPECS[name]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = tiny.build_tokenizer(spec.vocab)
+    tokenizer = tiny.build_tokenizer(spec.vocab, spec.corpus)
     config = tiny.build_config(
         "llama", vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
     )
     model = tiny.build_model(config, seed=0)
     started = time.perf_counter()
-    losses = tiny.train(model, tokenizer, steps=spec.steps, seq_len=spec.seq, batch_size=spec.batch, lr=spec.lr, device=device)
+    losses = tiny.train(model, tokenizer, steps=spec.steps, seq_len=spec.seq, batch_size=spec.batch, lr=spec.lr,
+                        device=device, corpus_name=spec.corpus)
     seconds = time.perf_counter() - started
     model.to("cpu")
     tmp = path.with_name(path.name + ".tmp")
@@ -83,8 +87,8 @@ def build(name: str, device: str | None = None) -> Path:
     tokenizer.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps({
         "spec": attrs.asdict(spec), "parameters": sum(p.numel() for p in model.parameters()),
-        "seconds": seconds, "device": device, "final_loss": sum(losses[-20:]) / 20,
-        "unigram_perplexity": unigram_perplexity(tokenizer),
+        "seconds": seconds, "device": device, "final_loss": sum(losses[-10:]) / 10,
+        "unigram_perplexity": unigram_perplexity(tokenizer, spec.corpus),
     }, indent=2))
     tmp.rename(path)
     return path

@@ -52,7 +52,7 @@ CHILD = r"""
 import json, sys, time, resource, torch
 from llmc import oneshot
 spec = json.loads(sys.argv[1])
-kwargs = dict(spec["data"] and CAL or {})
+kwargs = dict(CAL, dataset=spec["dataset"]) if spec["data"] else {}
 started = time.perf_counter()
 oneshot(model=spec["model"], recipe=spec["recipe"], output_dir=spec["out"], **kwargs)
 print("CHILD_RESULT", json.dumps({
@@ -63,7 +63,7 @@ print("CHILD_RESULT", json.dumps({
 """.replace("CAL", repr(CALIBRATION))
 
 
-def compress(name: str, model: Path, out: Path) -> dict:
+def compress(name: str, model: Path, out: Path, dataset: str) -> dict:
     spec = RECIPES[name]
     from llmc.plugins import get_registry
 
@@ -73,7 +73,7 @@ def compress(name: str, model: Path, out: Path) -> dict:
     missing = [m for m in needed if not registry.has("modifier", m)]
     if missing:
         return {"skipped": f"not installed: {', '.join(missing)}"}
-    payload = json.dumps({"model": str(model), "recipe": spec["recipe"], "out": str(out), "data": spec["data"]})
+    payload = json.dumps({"model": str(model), "recipe": spec["recipe"], "out": str(out), "data": spec["data"], "dataset": dataset})
     proc = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD_RESULT")), None)
     if line is None:
@@ -113,8 +113,11 @@ def main(argv=None) -> None:
     from llmc.evaluation import eval_batches
 
     path = Path(args.model) if Path(args.model).exists() else models.build(args.model)
+    training = json.loads((path / "training.json").read_text()) if (path / "training.json").exists() else {}
+    corpus_name = training.get("spec", {}).get("corpus", corpus.NAME)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    batches = eval_batches(tokenizer, corpus.split_texts(corpus.EVALUATION), seq_len=256, max_batches=args.eval_batches)
+    texts = corpus.split_texts(corpus.EVALUATION, corpus_name)  # never seen by calibration or training
+    batches = eval_batches(tokenizer, texts, seq_len=256, max_batches=args.eval_batches)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes.split(","):
@@ -127,13 +130,12 @@ def main(argv=None) -> None:
                 row["eval_seconds"] = time.perf_counter() - started
             else:
                 out = Path(tmp) / name
-                row.update(compress(name, path, out))
+                row.update(compress(name, path, out, corpus_name))
                 if "skipped" not in row:
                     row.update(evaluate(path, out, batches))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(table(rows, ["recipe", "perplexity", "kl_divergence", "top1_agreement", "size_mib", "seconds", "peak_rss_gib", "peak_gpu_gib", "skipped"]))
-    training = json.loads((path / "training.json").read_text()) if (path / "training.json").exists() else {}
     print(f"unigram perplexity (the bar a trained model must beat): {training.get('unigram_perplexity')}")
     print(f"wrote {write_json('run-' + Path(args.model).name, {'model': str(path), 'training': training, 'results': rows})}")
 

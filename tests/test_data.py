@@ -156,3 +156,11 @@ def test_named_hub_dataset_fails_fast_offline(monkeypatch, tokenizer):
     with pytest.raises(ValueError, match="(?s)Could not load dataset 'openai/gsm8k'.*dataset_path="):
         build_calibration_dataloader(DatasetArguments(dataset="gsm8k"), tokenizer)
     assert time.perf_counter() - started < 10
+
+
+def test_large_offline_corpus_adds_stdlib_docstrings():
+    small, large = corpus.split_texts("calibration"), corpus.split_texts("calibration", corpus.LARGE_NAME)
+    assert set(small) < set(large) and len(large) > 1.5 * len(small)
+    assert not set(large) & set(corpus.split_texts("evaluation", corpus.LARGE_NAME))
+    with pytest.raises(ValueError, match="Unknown offline corpus"):
+        corpus.split_texts("calibration", "nope")

@@ -33,5 +33,6 @@ def llmc_register_datasets(register):
     from llmc.data import corpus, hub
 
     register(corpus.NAME, corpus.load)
+    register(corpus.LARGE_NAME, corpus.load_large)
     for name, dataset in hub.BUILTINS.items():
         register(name, dataset)

@@ -30,7 +30,7 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 @functools.cache
-def _trained_tokenizer_json(vocab_size: int) -> str:
+def _trained_tokenizer_json(vocab_size: int, corpus_name: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -42,15 +42,15 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus.split_texts(corpus.CALIBRATION), trainer=trainer)
+    tok.train_from_iterator(corpus.split_texts(corpus.CALIBRATION, corpus_name), trainer=trainer)
     return tok.to_str()
 
 
-def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the calibration part of the offline corpus."""
+def build_tokenizer(vocab_size: int = 2048, corpus_name: str = corpus.NAME) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the calibration part of an offline corpus."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+    tok = Tokenizer.from_str(_trained_tokenizer_json(vocab_size, corpus_name))
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
@@ -102,10 +102,12 @@ def save_tiny(path: str | Path, arch: str = "llama", seed: int = 0, **config: An
     return path
 
 
-def corpus_token_ids(tokenizer: PreTrainedTokenizerFast, split: str = corpus.CALIBRATION) -> torch.Tensor:
+def corpus_token_ids(
+    tokenizer: PreTrainedTokenizerFast, split: str = corpus.CALIBRATION, corpus_name: str = corpus.NAME
+) -> torch.Tensor:
     """The whole corpus split as one stream of token ids."""
     ids: list[int] = []
-    for text in corpus.split_texts(split):
+    for text in corpus.split_texts(split, corpus_name):
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
@@ -121,6 +123,7 @@ def train(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    corpus_name: str = corpus.NAME,
 ) -> list[float]:
     """Train ``model`` as a language model on the calibration split; returns the losses.
 
@@ -129,7 +132,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    stream = corpus_token_ids(tokenizer)
+    stream = corpus_token_ids(tokenizer, corpus.CALIBRATION, corpus_name)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
