@@ -27,9 +27,10 @@ def _positive(_: Any, attribute: attrs.Attribute, value: int | None) -> None:
 
 
 def _str_list(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    return [value] if isinstance(value, str) else list(value)
+    """None keeps its meaning (the model's default); anything else becomes a list."""
+    from llmc.quantization.config import as_list
+
+    return None if value is None else as_list(value)
 
 
 def _collator(_: Any, attribute: attrs.Attribute, value: Any) -> None:

@@ -17,6 +17,7 @@ from llmc.quantization.calibrate import (
     initialized_modules,
 )
 from llmc.quantization.config import (
+    as_list,
     build_config,
     resolve_config_groups,
     scheme_needs_data,
@@ -25,10 +26,6 @@ from llmc.quantization.config import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _as_list(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 @attrs.define(kw_only=True)
@@ -42,8 +39,8 @@ class QuantizationModifier(Modifier):
     data.
     """
 
-    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_as_list)
-    ignore: list[str] = attrs.field(factory=list, converter=_as_list)
+    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=as_list)
+    ignore: list[str] = attrs.field(factory=list, converter=as_list)
     scheme: str | dict[str, Any] | None = None
     config_groups: dict[str, Any] | None = None
     kv_cache_scheme: dict[str, Any] | None = None

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 SchemeArg = str | Mapping[str, Any] | None
 
 
-def _as_list(value: str | Iterable[str] | None) -> list[str]:
+def as_list(value: str | Iterable[str] | None) -> list[str]:
+    """Targets and ignore patterns: one string or several, as a list."""
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
@@ -56,7 +57,7 @@ def resolve_config_groups(
     """
     if scheme is not None and config_groups is not None:
         raise ValueError("Pass either scheme= or config_groups=, not both.")
-    targets = _as_list(targets) or ["Linear"]
+    targets = as_list(targets) or ["Linear"]
     if scheme is None and config_groups is None:
         raise ValueError(
             "No quantization described: pass scheme= (e.g. 'W4A16') or config_groups=."
@@ -70,7 +71,7 @@ def resolve_config_groups(
         if isinstance(value, QuantizationScheme):
             groups[key] = value
         elif isinstance(value, (str, list, tuple)) and is_preset_scheme(key):
-            groups[f"group_{index}"] = _preset(key, _as_list(value))
+            groups[f"group_{index}"] = _preset(key, as_list(value))
         elif isinstance(value, Mapping):
             body = dict(value)
             body.setdefault("targets", targets)
