@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from llmc.lifecycle import State, lifecycle
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
-from llmc_pipelines.transfers import Transfers, lazily_onloaded
+from llmc_pipelines.basic import to_device
+from llmc_pipelines.transfers import Transfers, lazily_onloaded, onloaded
 
 logger = logging.getLogger(__name__)
 
@@ -91,26 +92,6 @@ def _shell(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]]) ->
     return [m for m in model.modules() if id(m) not in inside]
 
 
-@contextlib.contextmanager
-def onloaded(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
-    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back.
-
-    Tensors are moved in place (``.data``), so parameters keep their identity and
-    every hook or reference to them stays valid.
-    """
-    moved: list[tuple[torch.Tensor, torch.device]] = []
-    for module in modules:
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is not None and tensor.device != device:
-                moved.append((tensor, tensor.device))
-                tensor.data = tensor.data.to(device)
-    try:
-        yield
-    finally:
-        for tensor, home in moved:
-            tensor.data = tensor.data.to(home)
-
-
 def capture(
     model: torch.nn.Module,
     layers: list[tuple[str, torch.nn.Module]],
@@ -141,7 +122,7 @@ def capture(
         originals.append(layer.__dict__.get("forward"))
         layer.forward = recorder(layer)
     try:
-        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, use_cache=False)
+        model(**to_device(batch, device), use_cache=False)
     except _Captured:
         pass
     finally:

@@ -9,7 +9,7 @@ plain synchronous copies: the same code path, minus the overlap.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -83,6 +83,36 @@ class Transfers:
             self.stream.synchronize()
 
 
+def _move_own_tensors(
+    module: torch.nn.Module, device: torch.device, moved: list[tuple[torch.Tensor, torch.device]]
+) -> None:
+    """Move the tensors ``module`` holds directly, in place (``.data``), recording where they were.
+
+    Parameters keep their identity, so every hook and reference to them stays valid.
+    """
+    for tensor in [*module._parameters.values(), *module._buffers.values()]:
+        if tensor is not None and tensor.device != device:
+            moved.append((tensor, tensor.device))
+            tensor.data = tensor.data.to(device)
+
+
+def _move_back(moved: list[tuple[torch.Tensor, torch.device]]) -> None:
+    for tensor, home in moved:
+        tensor.data = tensor.data.to(home)
+
+
+@contextlib.contextmanager
+def onloaded(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back."""
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    for module in modules:
+        _move_own_tensors(module, device, moved)
+    try:
+        yield
+    finally:
+        _move_back(moved)
+
+
 @contextlib.contextmanager
 def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
     """Move each of ``modules``' own tensors to ``device`` only when that module runs.
@@ -94,13 +124,9 @@ def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) ->
     done: set[int] = set()
 
     def onload(module: torch.nn.Module, *_: Any) -> None:
-        if id(module) in done:
-            return
-        done.add(id(module))
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is not None and tensor.device != device:
-                moved.append((tensor, tensor.device))
-                tensor.data = tensor.data.to(device)
+        if id(module) not in done:
+            done.add(id(module))
+            _move_own_tensors(module, device, moved)
 
     handles = [m.register_forward_pre_hook(onload) for m in modules]
     try:
@@ -108,5 +134,4 @@ def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) ->
     finally:
         for handle in handles:
             handle.remove()
-        for tensor, home in moved:
-            tensor.data = tensor.data.to(home)
+        _move_back(moved)

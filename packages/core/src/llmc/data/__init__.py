@@ -34,7 +34,7 @@ def _pick_split(data: datasets.DatasetDict, split: str | None) -> datasets.Datas
     return data[next(iter(data))]
 
 
-def _load_local(path: str, args: DatasetArguments) -> datasets.Dataset:
+def _load_local(path: str) -> datasets.Dataset:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"dataset_path {path!r} does not exist.")
@@ -85,7 +85,7 @@ def _load_named(name: str, args: DatasetArguments) -> datasets.Dataset:
     if registry.has("dataset", name):
         return registry.get("dataset", name)(args, args.splits)
     if os.path.exists(name):
-        return _load_local(name, args)
+        return _load_local(name)
     return load_hub(name, args.dataset_config_name, args.splits, streaming=args.streaming)
 
 
@@ -116,7 +116,7 @@ def load_raw_dataset(args: DatasetArguments) -> datasets.Dataset | DataLoader:
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return _pick_split(source, args.splits)
     if args.dataset_path is not None:
-        return _load_local(str(args.dataset_path), args)
+        return _load_local(str(args.dataset_path))
     if isinstance(source, (str, os.PathLike)):
         return _load_named(str(source), args)
     raise TypeError(
