@@ -36,3 +36,12 @@ def llmc_register_datasets(register):
     register(corpus.LARGE_NAME, corpus.load_large)
     for name, dataset in hub.BUILTINS.items():
         register(name, dataset)
+
+
+@hookimpl
+def llmc_register_converters(register):
+    from compressed_tensors.entrypoints.convert import converters
+
+    register("modelopt-nvfp4", converters.ModelOptNvfp4Converter)
+    register("fp8-block-dequantizer", converters.FP8BlockDequantizer)
+    register("autoawq", converters.AutoAWQConverter)

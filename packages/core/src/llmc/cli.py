@@ -97,6 +97,61 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_free_ptq(ns: argparse.Namespace) -> int:
+    from llmc import logs
+    from llmc.model_free import model_free_ptq
+
+    logs.configure()
+    summary = model_free_ptq(
+        ns.model_stub,
+        ns.save_directory,
+        scheme=ns.scheme,
+        ignore=ns.ignore,
+        max_workers=ns.max_workers,
+        device=ns.device,
+        converter=ns.converter,
+    )
+    print(summary)
+    return 0
+
+
+def _cmd_reindex(ns: argparse.Namespace) -> int:
+    from llmc import logs
+    from llmc.model_free import reindex_fused_weights
+
+    logs.configure()
+    print(reindex_fused_weights(ns.model_stub, ns.save_directory, num_workers=ns.num_workers))
+    return 0
+
+
+def _model_free_parsers(commands: Any) -> None:
+    mf = commands.add_parser(
+        "model-free-ptq",
+        help="Quantize safetensors shards with a data-free scheme, without building the model.",
+        description="Data-free quantization straight on safetensors shards (llm-compressor's model_free_ptq).",
+    )
+    mf.add_argument("model_stub", help="Folder of *.safetensors shards (or a hub ID in the local cache)")
+    mf.add_argument("save_directory", help="Where to write the compressed checkpoint")
+    mf.add_argument("--scheme", required=True, help="Preset name, e.g. FP8_BLOCK, NVFP4A16, W4A16")
+    mf.add_argument(
+        "--ignore", action="append", default=[], metavar="NAME",
+        help="Module name or 're:' regex to leave unquantized (repeatable)",
+    )
+    mf.add_argument("--max-workers", "--max_workers", type=int, default=1, help="Shards processed at once")
+    mf.add_argument("--device", default=None, help="Execution device (default: cuda if available)")
+    mf.add_argument("--converter", default=None, help="Registered converter name (see `llmc plugins`)")
+    mf.set_defaults(func=_cmd_model_free_ptq)
+
+    rx = commands.add_parser(
+        "reindex-fused-weights",
+        help="Rewrite a checkpoint so q/k/v and gate/up weights share a shard.",
+    )
+    rx.add_argument("model_stub")
+    rx.add_argument("save_directory")
+    rx.add_argument("--num-workers", "--num_workers", type=int, default=5)
+    rx.set_defaults(func=_cmd_reindex)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmc",
@@ -122,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scheme", default="W4A16", help="Scheme to compress with (default: W4A16)")
     demo.add_argument("--workdir", default=None, help="Keep the checkpoints here (default: a temp dir)")
     demo.set_defaults(func=_cmd_demo)
+    _model_free_parsers(commands)
     return parser
 
 

@@ -87,6 +87,29 @@ def llmc_register_model_patches(register: Callable[[Any], None]) -> None:
     """
 
 
+@hookspec
+def llmc_register_converters(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Register checkpoint converters for ``model_free_ptq(converter=...)``.
+
+    Called once when the registry is built. Call ``register(name, factory)`` where
+    ``factory(**kwargs)`` returns a compressed-tensors ``Converter``: an object
+    whose ``process(tensors)`` turns one shard's tensors from another format
+    into compressed-tensors (or dense) tensors, with ``validate``,
+    ``get_dependencies`` and ``update_config`` as compressed-tensors defines them.
+    """
+
+
+@hookspec
+def llmc_register_mappings(register: Callable[[str, Any], None]) -> None:
+    """Register smooth/balance layer mappings for an architecture.
+
+    Called once when the registry is built. Call ``register(architecture, mappings)``
+    where ``architecture`` is a transformers class name (``"LlamaForCausalLM"``)
+    and ``mappings`` a list of :class:`llmc.mappings.Mapping`. SmoothQuant and
+    AWQ use them when a recipe gives no ``mappings``.
+    """
+
+
 # --- modifier lifecycle -----------------------------------------------------
 
 

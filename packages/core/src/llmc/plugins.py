@@ -108,6 +108,8 @@ _REGISTRATION_HOOKS: dict[str, str] = {
     "saver": "llmc_register_savers",
     "dataset": "llmc_register_datasets",
     "model_patch": "llmc_register_model_patches",
+    "converter": "llmc_register_converters",
+    "mapping": "llmc_register_mappings",
 }
 
 

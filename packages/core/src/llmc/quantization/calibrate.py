@@ -20,6 +20,15 @@ FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def fused_group_key(module_name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(parent, group) for a module that shares a fused matmul with its siblings, else None."""
+    parent, _, leaf = module_name.rpartition(".")
+    for group in FUSED_GROUPS:
+        if leaf in group:
+            return parent, group
+    return None
+
+
 def quantized_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [
         (name, m)
@@ -55,10 +64,9 @@ def fused_global_scales(
             scales[name] = global_scale(weight, args)
     by_group: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
     for name in scales:
-        parent, _, leaf = name.rpartition(".")
-        for group in FUSED_GROUPS:
-            if leaf in group:
-                by_group[(parent, group)].append(name)
+        key = fused_group_key(name)
+        if key is not None:
+            by_group[key].append(name)
     for members in by_group.values():
         shared = torch.stack([scales[m] for m in members]).min(dim=0).values
         for m in members:

@@ -125,28 +125,31 @@ def warn_unmatched(model: torch.nn.Module, targets: Iterable[str], ignore: Itera
                 )
 
 
-def validate_shapes(model: torch.nn.Module, config: QuantizationConfig) -> None:
+def check_weight_shape(name: str, shape: tuple[int, ...], args: QuantizationArgs) -> None:
     """Fail before any work when a weight cannot be split into the scheme's groups."""
+    cols = shape[-1]
+    size = None
+    if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        size = args.group_size
+    elif args.strategy == QuantizationStrategy.BLOCK:
+        size = args.block_structure[-1]
+    if size and cols % size:
+        raise ValueError(
+            f"{name}: input dimension {cols} is not divisible by the scheme's "
+            f"group/block size {size}. Add {name!r} to ignore, or choose a smaller "
+            "group size."
+        )
+    if args.type == QuantizationType.FLOAT and args.num_bits == 4 and not args.symmetric:
+        raise ValueError("Asymmetric FP4 quantization is not supported.")
+
+
+def validate_shapes(model: torch.nn.Module, config: QuantizationConfig) -> None:
+    """Check every targeted Linear's weight against its scheme (see :func:`check_weight_shape`)."""
     from compressed_tensors.utils import match_named_modules
 
     for scheme in config.config_groups.values():
-        args = scheme.weights
-        if args is None:
+        if scheme.weights is None:
             continue
         for name, module in match_named_modules(model, scheme.targets, config.ignore):
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            cols = module.weight.shape[-1]
-            size = None
-            if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
-                size = args.group_size
-            elif args.strategy == QuantizationStrategy.BLOCK:
-                size = args.block_structure[-1]
-            if size and cols % size:
-                raise ValueError(
-                    f"{name}: input dimension {cols} is not divisible by the scheme's "
-                    f"group/block size {size}. Add {name!r} to ignore, or choose a smaller "
-                    "group size."
-                )
-            if args.type == QuantizationType.FLOAT and args.num_bits == 4 and not args.symmetric:
-                raise ValueError("Asymmetric FP4 quantization is not supported.")
+            if isinstance(module, torch.nn.Linear):
+                check_weight_shape(name, tuple(module.weight.shape), scheme.weights)

@@ -1,0 +1,49 @@
+"""Quantize and compress a dict of weight tensors, with oneshot's own arithmetic.
+
+Each weight becomes a bare ``nn.Linear`` that compressed-tensors initializes for
+its scheme; scales come from the same round-to-nearest observers and fused
+global scales that ``oneshot`` uses, and compressed-tensors packs the result.
+That is why the two entrypoints write bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from compressed_tensors.compressors import compress_module
+from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+
+from llmc.quantization.calibrate import calibrate_weight, freeze, fused_global_scales
+
+
+def _linear(weight: torch.Tensor, scheme: QuantizationScheme) -> torch.nn.Linear:
+    out_features, in_features = weight.shape
+    module = torch.nn.Linear(in_features, out_features, bias=False, device="meta", dtype=weight.dtype)
+    module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    initialize_module_for_quantization(module, scheme.model_copy(deep=True))
+    return module
+
+
+def quantize_tensors(
+    tensors: dict[str, torch.Tensor],
+    selected: Mapping[str, QuantizationScheme],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Replace each selected ``<module>.weight`` by its compressed tensors (on the CPU)."""
+    modules: dict[str, torch.nn.Module] = {}
+    for name, scheme in selected.items():
+        weight = tensors.pop(name).to(device, non_blocking=True)
+        modules[name.removesuffix(".weight")] = _linear(weight, scheme)
+    gscales = fused_global_scales(modules.items())
+    for module_name, module in modules.items():
+        calibrate_weight(module, gscales.get(module_name))
+    freeze(modules.items())
+    for module_name, module in modules.items():
+        compress_module(module)
+        for key, value in module.state_dict().items():
+            tensors[f"{module_name}.{key}"] = value.to("cpu", non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return tensors

@@ -1,0 +1,184 @@
+"""Safetensors checkpoints read as shards of named tensors, never as a model.
+
+Headers are parsed here (not through ``safe_open``) so that a truncated or
+corrupt file is reported with its name before any tensor is read; tensor data
+is read and written with ``safetensors`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import attrs
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk is not what model_free_ptq can read."""
+
+
+@attrs.frozen
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def meta(self) -> torch.Tensor:
+        """A meta tensor of this shape and dtype, for checks that need no data."""
+        if self.dtype not in DTYPES:
+            raise CheckpointError(f"{self.name}: dtype {self.dtype} is not supported.")
+        return torch.empty(self.shape, dtype=DTYPES[self.dtype], device="meta")
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor's name, dtype and shape, checked against the file's size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header).")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (declares {length} header "
+                f"bytes in a file of {size}). Re-download or re-save this shard."
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc}).") from exc
+    data_bytes = size - 8 - length
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), end - begin)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt header entry for {name!r}.") from exc
+        if end > data_bytes:
+            raise CheckpointError(
+                f"{path}: truncated; tensor {name!r} ends at byte {end} of a data section of "
+                f"{data_bytes} bytes. Re-download or re-save this shard."
+            )
+        infos[name] = info
+    return infos
+
+
+@attrs.frozen
+class Checkpoint:
+    """A folder of safetensors shards: which shard holds which tensor."""
+
+    root: Path
+    headers: Mapping[str, Mapping[str, TensorInfo]]  # shard file -> tensor name -> info
+    weight_map: Mapping[str, str]  # tensor name -> shard file
+    other_files: tuple[str, ...]  # relative paths copied verbatim (config, tokenizer, ...)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for h in self.headers.values() for i in h.values())
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self.weight_map[name]][name]
+
+
+def _other_files(root: Path, shards: Iterable[str]) -> tuple[str, ...]:
+    skip = {INDEX_NAME, *shards}
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or rel in skip or any(p.startswith(".") for p in rel.split("/")):
+            continue
+        if rel.endswith(".safetensors") or rel.endswith(WEIGHTS_SUFFIXES):
+            logger.warning("Not copying weights file %s: it is not part of the checkpoint's index.", rel)
+            continue
+        files.append(rel)
+    return tuple(files)
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    """Read the index (if any) and every shard header; fail on the first inconsistency."""
+    index_path = root / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc}).") from exc
+        shards = sorted(set(index_map.values()))
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index_path} names shard(s) that are not in {root}: {', '.join(missing)}. "
+                "The download is incomplete; fetch the missing files."
+            )
+    else:
+        index_map = {}
+        shards = sorted(p.relative_to(root).as_posix() for p in root.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(
+                f"No *.safetensors files in {root}. model_free_ptq reads safetensors checkpoints; "
+                "re-save the model with save_pretrained(safe_serialization=True)."
+            )
+    headers = {shard: read_header(root / shard) for shard in shards}
+    weight_map: dict[str, str] = {}
+    for shard, infos in headers.items():
+        for name in infos:
+            if name in weight_map:
+                raise CheckpointError(f"Tensor {name!r} is stored twice: in {weight_map[name]} and {shard}.")
+            weight_map[name] = shard
+    for name, shard in index_map.items():
+        if weight_map.get(name) != shard:
+            raise CheckpointError(f"{index_path} maps {name!r} to {shard}, but that shard does not hold it.")
+    return Checkpoint(root, headers, weight_map, _other_files(root, shards))
+
+
+def read_tensors(root: Path, wanted: Mapping[str, Iterable[str]], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read only the named tensors of each shard (partial reads)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard, names in wanted.items():
+        with safe_open(str(root / shard), framework="pt", device=device) as f:
+            for name in names:
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def write_tensors_atomically(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
+    """Write a shard through a hidden temporary file renamed into place; its size."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
