@@ -62,9 +62,12 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def peak_memory() -> dict[str, float | None]:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    """Peak RSS of this process image (VmHWM: unlike ru_maxrss, not inherited through fork+exec)."""
+    rss = None
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 2**20  # KiB -> GiB
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"peak_rss_gib": rss, "peak_gpu_gib": gpu}
 

@@ -113,9 +113,9 @@ def test_nvfp4_fused_groups_split_across_shards(sharded_llama, tmp_path, monkeyp
     reads: list[str] = []
     original = shards.read_tensors
 
-    def counting(root, wanted, device="cpu"):
+    def counting(checkpoint, wanted):
         reads.extend(n for names in wanted.values() for n in names)
-        return original(root, wanted, device)
+        return original(checkpoint, wanted)
 
     monkeypatch.setattr("llmc.model_free.run.read_tensors", counting)
     model_free_ptq(sharded_llama, tmp_path / "free", "NVFP4A16", ignore=["lm_head"], max_workers=3)
@@ -325,3 +325,16 @@ def test_safetensors_header_reader_agrees_with_safetensors(sharded_llama):
                 assert infos[name].shape == tuple(t.shape)
                 assert infos[name].nbytes == t.numel() * t.element_size()
                 assert infos[name].meta().dtype == t.dtype
+
+
+def test_to_host_keeps_every_tensor_and_dtype():
+    """The one-copy device-to-host transfer, including odd byte offsets between dtypes."""
+    tensors = {
+        "packed": torch.arange(7, dtype=torch.uint8),
+        "scale": torch.randn(3, 5).to(torch.bfloat16),
+        "global": torch.randn(4),
+        "shape": torch.tensor([11, 13], dtype=torch.int64),
+    }
+    host = mf_quantize._to_host(tensors)
+    for name, t in tensors.items():
+        assert host[name].dtype == t.dtype and torch.equal(host[name], t), name

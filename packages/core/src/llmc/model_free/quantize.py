@@ -40,10 +40,28 @@ def quantize_tensors(
     for module_name, module in modules.items():
         calibrate_weight(module, gscales.get(module_name))
     freeze(modules.items())
+    compressed: dict[str, torch.Tensor] = {}
     for module_name, module in modules.items():
         compress_module(module)
         for key, value in module.state_dict().items():
-            tensors[f"{module_name}.{key}"] = value.to("cpu", non_blocking=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            compressed[f"{module_name}.{key}"] = value
+    on_device = {k: v for k, v in compressed.items() if v.device.type != "cpu"}
+    tensors.update(compressed)
+    if on_device:
+        tensors.update(_to_host(on_device))
     return tensors
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bring device tensors back with one copy: many small copies each pay a round trip."""
+    raw = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
+    host = torch.cat(raw).cpu()
+    out: dict[str, torch.Tensor] = {}
+    position = 0
+    for (name, t), chunk in zip(tensors.items(), raw, strict=True):
+        view = host[position : position + chunk.numel()]
+        position += chunk.numel()
+        if view.storage_offset() % t.element_size():
+            view = view.clone()
+        out[name] = view.view(t.dtype).reshape(t.shape)
+    return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,13 +54,16 @@ class Summary:
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = attrs.Factory(lambda: {"read": 0.0, "quantize": 0.0, "write": 0.0})
 
     def __str__(self) -> str:
         rate = self.bytes_in / self.seconds / 1e9 if self.seconds else float("nan")
         return (
             f"{self.shards} shards ({self.shards_resumed} already done), {self.quantized} tensors "
             f"quantized, {self.kept} kept, {self.bytes_in / 1e9:.3f} GB in, "
-            f"{self.bytes_out / 1e9:.3f} GB out, {self.seconds:.1f} s ({rate:.2f} GB/s of input)"
+            f"{self.bytes_out / 1e9:.3f} GB out, {self.seconds:.1f} s ({rate:.2f} GB/s of input; "
+            + ", ".join(f"{k} {v:.1f}" for k, v in self.phase_seconds.items())
+            + " worker-seconds)"
         )
 
 
@@ -293,19 +298,26 @@ def process_checkpoint(
             _copy_atomically(root / rel, out / rel)
 
     summary = Summary(shards=len(jobs), bytes_in=checkpoint.nbytes)
+    device_lock = threading.Lock() if exec_device.type == "cuda" else contextlib.nullcontext()
 
     def run(job: plan.Job) -> dict[str, Any]:
         record = progress.done(out, job.shard)
         if record is not None:
             return {**record, "resumed": True}
-        tensors = read_tensors(root, job.reads)
+        clock = time.perf_counter()
+        tensors = read_tensors(checkpoint, job.reads)
         tensors = _convert(tensors, converters, validate=False)
         selected = plan.select_quantizable(tensors, config, where=job.shard) if config is not None else {}
         kept = len(tensors) - len(selected)
+        phases = {"read": time.perf_counter() - clock}
         if selected:
-            tensors = quantize_tensors(tensors, selected, exec_device)
+            with device_lock:  # one job at a time on a GPU; others read and write meanwhile
+                tensors = quantize_tensors(tensors, selected, exec_device)
+        phases["quantize"] = time.perf_counter() - clock - phases["read"]
         file_bytes = write_tensors_atomically(tensors, out / job.shard)
+        phases["write"] = time.perf_counter() - clock - phases["read"] - phases["quantize"]
         record = {
+            "phases": phases,
             "tensors": {n: t.numel() * t.element_size() for n, t in tensors.items()},
             "file_bytes": file_bytes,
             "quantized": len(selected),
@@ -321,6 +333,8 @@ def process_checkpoint(
         summary.quantized += record["quantized"]
         summary.kept += record["kept"]
         summary.bytes_out += record["file_bytes"]
+        for phase, seconds in record.get("phases", {}).items():
+            summary.phase_seconds[phase] += seconds
         total += sum(record["tensors"].values())
         weight_map.update(dict.fromkeys(record["tensors"], job.shard))
 

@@ -1,8 +1,8 @@
 """Safetensors checkpoints read as shards of named tensors, never as a model.
 
-Headers are parsed here (not through ``safe_open``) so that a truncated or
-corrupt file is reported with its name before any tensor is read; tensor data
-is read and written with ``safetensors`` itself.
+Headers are parsed here so that a truncated or corrupt file is reported with
+its name before any tensor is read, and so that a job reads exactly the byte
+ranges it needs into one buffer; shards are written with ``safetensors`` itself.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # of the first byte in the file
 
     def meta(self) -> torch.Tensor:
         """A meta tensor of this shape and dtype, for checks that need no data."""
@@ -84,7 +85,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             begin, end = entry["data_offsets"]
-            info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), end - begin)
+            info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), end - begin, 8 + length + begin)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: corrupt header entry for {name!r}.") from exc
         if end > data_bytes:
@@ -163,14 +164,47 @@ def open_checkpoint(root: Path) -> Checkpoint:
     return Checkpoint(root, headers, weight_map, _other_files(root, shards))
 
 
-def read_tensors(root: Path, wanted: Mapping[str, Iterable[str]], device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read only the named tensors of each shard (partial reads)."""
+def read_tensors(checkpoint: Checkpoint, wanted: Mapping[str, Iterable[str]]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors of each shard (partial reads) into one host buffer per shard.
+
+    Adjacent tensors are read with one call; every tensor is a view of the buffer.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for shard, names in wanted.items():
-        with safe_open(str(root / shard), framework="pt", device=device) as f:
-            for name in names:
-                tensors[name] = f.get_tensor(name)
+        infos = sorted((checkpoint.headers[shard][n] for n in names), key=lambda i: i.offset)
+        buffer = torch.empty(sum(i.nbytes for i in infos), dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        runs: list[list[int]] = []  # [file offset, buffer position, length] of adjacent tensors
+        position = 0
+        for info in infos:
+            if runs and info.offset == runs[-1][0] + runs[-1][2]:
+                runs[-1][2] += info.nbytes
+            else:
+                runs.append([info.offset, position, info.nbytes])
+            position += info.nbytes
+        with (checkpoint.root / shard).open("rb", buffering=0) as f:
+            for offset, start, length in runs:
+                _read_exactly(f, offset, view[start : start + length], checkpoint.root / shard)
+        position = 0
+        for info in infos:
+            raw = buffer[position : position + info.nbytes]
+            position += info.nbytes
+            dtype = DTYPES[info.dtype]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if raw.storage_offset() % itemsize:  # an odd-sized tensor before it
+                raw = raw.clone()
+            tensors[info.name] = raw.view(dtype).reshape(info.shape)
     return tensors
+
+
+def _read_exactly(f: Any, offset: int, into: memoryview, path: Path) -> None:
+    f.seek(offset)
+    done = 0
+    while done < len(into):
+        n = f.readinto(into[done:])
+        if not n:
+            raise CheckpointError(f"{path}: file ended early while reading tensor data.")
+        done += n
 
 
 def write_tensors_atomically(tensors: Mapping[str, torch.Tensor], path: Path) -> int:

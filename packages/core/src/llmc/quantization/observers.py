@@ -14,44 +14,45 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 
-def _block_view(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(R, C) -> (R/rows, C/cols, rows*cols), zero-padding a ragged last block."""
+def _block_min_max(weight: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each (rows, cols) block of an (R, C) weight; a ragged edge is zero-padded."""
     r, c = weight.shape
     pad_r, pad_c = math.ceil(r / rows) * rows - r, math.ceil(c / cols) * cols - c
     if pad_r or pad_c:  # zeros never widen a range that already contains 0
         weight = F.pad(weight, (0, pad_c, 0, pad_r))
-    nr, nc = weight.shape[0] // rows, weight.shape[1] // cols
-    return weight.reshape(nr, rows, nc, cols).transpose(1, 2).reshape(nr, nc, rows * cols)
+    blocks = weight.unflatten(0, (-1, rows)).unflatten(2, (-1, cols))  # a view: no copy
+    return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
 
 
 def reduce_min_max(value: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``value`` over each quantization group of ``args``' strategy.
 
-    ``value`` is a weight (out, in); the result has the shape of its scale.
+    ``value`` is a weight (out, in); the result has the shape of its scale, in
+    float32. Min and max are exact in any dtype, so they are taken before the cast.
     """
-    x = value.float()
+    x = value.detach()
     strategy = args.strategy
     if strategy == QuantizationStrategy.TENSOR:
         lo, hi = torch.aminmax(x)
-        return lo.reshape(1), hi.reshape(1)
-    if strategy == QuantizationStrategy.CHANNEL:
-        return x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-    if strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        lo, hi = lo.reshape(1), hi.reshape(1)
+    elif strategy == QuantizationStrategy.CHANNEL:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    elif strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
         grouped = x.unflatten(-1, (-1, args.group_size))
-        return grouped.amin(dim=-1), grouped.amax(dim=-1)
-    if strategy == QuantizationStrategy.BLOCK:
-        rows, cols = args.block_structure
-        blocks = _block_view(x, rows, cols)
-        return blocks.amin(dim=-1), blocks.amax(dim=-1)
-    raise ValueError(f"Strategy {strategy!r} is not supported for weights.")
+        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    elif strategy == QuantizationStrategy.BLOCK:
+        lo, hi = _block_min_max(x, *args.block_structure)
+    else:
+        raise ValueError(f"Strategy {strategy!r} is not supported for weights.")
+    return lo.float(), hi.float()
 
 
 def global_scale(value: torch.Tensor, args: QuantizationArgs) -> torch.Tensor | None:
     """The per-tensor global scale of TENSOR_GROUP (NVFP4) schemes, else None."""
     if args.strategy != QuantizationStrategy.TENSOR_GROUP:
         return None
-    lo, hi = torch.aminmax(value.float())
-    return generate_gparam(lo, hi)
+    lo, hi = torch.aminmax(value.detach())
+    return generate_gparam(lo.float(), hi.float())
 
 
 def weight_qparams(
