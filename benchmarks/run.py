@@ -37,7 +37,17 @@ RECIPES: dict[str, dict | None] = {
     "fp8-dynamic": _quant("QuantizationModifier", "FP8_DYNAMIC", False),
     "nvfp4a16": _quant("QuantizationModifier", "NVFP4A16", False),
     "w4a16-gptq": _quant("GPTQModifier", "W4A16", True),
+    "w4a16-asym-gptq": _quant("GPTQModifier", "W4A16_ASYM", True),
     "w4a16-awq": _quant("AWQModifier", "W4A16_ASYM", True),
+    "w8a8-rtn": _quant("QuantizationModifier", "W8A8", False),
+    "w8a8-gptq": _quant("GPTQModifier", "W8A8", True),
+    "w8a8-smoothquant": {
+        "recipe": {"bench_stage": {"quant_modifiers": [
+            {"SmoothQuantModifier": {"smoothing_strength": 0.8}},
+            {"QuantizationModifier": {"targets": ["Linear"], "scheme": "W8A8", "ignore": ["lm_head"]}},
+        ]}},
+        "data": True,
+    },
     "w8a8-smoothquant-gptq": {
         "recipe": {"bench_stage": {"quant_modifiers": [
             {"SmoothQuantModifier": {"smoothing_strength": 0.8}},
@@ -46,7 +56,10 @@ RECIPES: dict[str, dict | None] = {
         "data": True,
     },
 }
-DEFAULT = "fp,w8a16-rtn,w4a16-rtn,fp8-dynamic,nvfp4a16,w4a16-gptq,w4a16-awq,w8a8-smoothquant-gptq"
+DEFAULT = (
+    "fp,w8a16-rtn,w4a16-rtn,fp8-dynamic,nvfp4a16,w4a16-gptq,w4a16-asym-rtn,w4a16-awq,w4a16-asym-gptq,"
+    "w8a8-rtn,w8a8-smoothquant,w8a8-gptq,w8a8-smoothquant-gptq"
+)
 
 CHILD = r"""
 import json, sys, time, resource, torch

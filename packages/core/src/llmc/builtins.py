@@ -45,3 +45,11 @@ def llmc_register_converters(register):
     register("modelopt-nvfp4", converters.ModelOptNvfp4Converter)
     register("fp8-block-dequantizer", converters.FP8BlockDequantizer)
     register("autoawq", converters.AutoAWQConverter)
+
+
+@hookimpl
+def llmc_register_mappings(register):
+    from llmc.mappings import builtin_mappings
+
+    for architecture, mappings in builtin_mappings().items():
+        register(architecture, mappings)

@@ -105,8 +105,9 @@ def llmc_register_mappings(register: Callable[[str, Any], None]) -> None:
 
     Called once when the registry is built. Call ``register(architecture, mappings)``
     where ``architecture`` is a transformers class name (``"LlamaForCausalLM"``)
-    and ``mappings`` a list of :class:`llmc.mappings.Mapping`. SmoothQuant and
-    AWQ use them when a recipe gives no ``mappings``.
+    and ``mappings`` an :class:`llmc.mappings.ArchitectureMappings` (one list of
+    :class:`llmc.mappings.Mapping` per algorithm). SmoothQuant and AWQ use them
+    when a recipe gives no ``mappings``.
     """
 
 

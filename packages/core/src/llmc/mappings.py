@@ -1,0 +1,221 @@
+"""Smooth-layer → balance-layer mappings, shared by SmoothQuant and AWQ.
+
+A mapping names a layer whose output feeds some linear layers (the *balance*
+layers): scaling that output's channels down by ``s`` and the balance layers'
+input columns up by ``s`` leaves the function unchanged. Architectures register
+their default mappings through the ``llmc_register_mappings`` hook; recipes may
+pass their own in llm-compressor's shape: ``[[balance regexes...], smooth regex]``
+(SmoothQuant) or ``{smooth_layer: ..., balance_layers: [...]}`` (AWQ).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+
+@attrs.frozen
+class Mapping:
+    smooth_layer: str
+    balance_layers: tuple[str, ...] = attrs.field(converter=tuple)
+
+    @classmethod
+    def parse(cls, value: Any) -> Mapping:
+        if isinstance(value, Mapping):
+            return value
+        if isinstance(value, dict) and "smooth_layer" in value:
+            return cls(value["smooth_layer"], value["balance_layers"])
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], str):
+            balance = [value[0]] if isinstance(value[0], str) else value[0]
+            return cls(value[1], balance)
+        raise ValueError(
+            f"Cannot read mapping {value!r}: expected [[balance layer regexes], smooth layer regex] "
+            "or {smooth_layer: ..., balance_layers: [...]}."
+        )
+
+
+@attrs.frozen
+class ArchitectureMappings:
+    """Default mappings of one architecture, per algorithm (AWQ also balances v→o and up→down)."""
+
+    smoothquant: tuple[Mapping, ...] = attrs.field(converter=tuple)
+    awq: tuple[Mapping, ...] = attrs.field(converter=tuple)
+
+
+@attrs.frozen
+class ResolvedMapping:
+    """One smooth module and the modules it balances, by name."""
+
+    smooth_name: str
+    smooth: torch.nn.Module
+    balance_names: tuple[str, ...]
+    balance: tuple[torch.nn.Module, ...]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _ignored(name: str, ignore: Iterable[str]) -> bool:
+    return any(_matches(p, name) for p in ignore)
+
+
+def default_mappings(model: torch.nn.Module, algorithm: str) -> list[Mapping]:
+    """The registered mappings for ``model``'s class, or a clear error."""
+    from llmc.plugins import get_registry
+
+    registry = get_registry()
+    arch = type(model).__name__
+    if not registry.has("mapping", arch):
+        known = ", ".join(sorted(registry.names("mapping"))) or "none"
+        raise ValueError(
+            f"No default {algorithm} mappings for {arch}. Pass mappings= in the recipe, e.g. "
+            "mappings: [[['re:.*q_proj', 're:.*k_proj', 're:.*v_proj'], 're:.*input_layernorm']], "
+            "or install a model plugin that registers them (llmc_register_mappings). "
+            f"Architectures with defaults: {known}."
+        )
+    return list(getattr(registry.get("mapping", arch), algorithm))
+
+
+def resolve_mappings(
+    model: torch.nn.Module, mappings: Sequence[Any] | None, algorithm: str, ignore: Iterable[str] = ()
+) -> list[ResolvedMapping]:
+    """Match each mapping to modules: every smooth layer, with the balance layers under its parent.
+
+    A mapping whose smooth layer matches nothing, or a smooth layer that finds
+    none of its balance layers, is an error (a typo would silently do nothing).
+    """
+    parsed = [Mapping.parse(m) for m in mappings] if mappings is not None else default_mappings(model, algorithm)
+    modules = dict(model.named_modules())
+    ignore = list(ignore)
+    resolved: list[ResolvedMapping] = []
+    for mapping in parsed:
+        smooth_names = [n for n in modules if _matches(mapping.smooth_layer, n)]
+        if not smooth_names:
+            raise ValueError(
+                f"{algorithm} mapping smooth layer {mapping.smooth_layer!r} matches no module of "
+                f"{type(model).__name__}. Check the regex against model.named_modules()."
+            )
+        for smooth_name in smooth_names:
+            scope = smooth_name.rpartition(".")[0]
+            # the nearest enclosing module whose subtree holds the balance layers
+            while True:
+                prefix = scope + "." if scope else ""
+                balance = [
+                    n
+                    for n in modules
+                    if n.startswith(prefix)
+                    and any(_matches(p, n) for p in mapping.balance_layers)
+                ]
+                if balance or not scope:
+                    break
+                scope = scope.rpartition(".")[0]
+            if not balance:
+                raise ValueError(
+                    f"{algorithm} mapping {mapping.balance_layers} finds no balance layer for "
+                    f"{smooth_name!r}. Check the regexes against model.named_modules()."
+                )
+            balance = [n for n in balance if not _ignored(n, ignore)]
+            if not balance or _ignored(smooth_name, ignore):
+                continue
+            resolved.append(
+                ResolvedMapping(smooth_name, modules[smooth_name], tuple(balance), tuple(modules[n] for n in balance))
+            )
+    return resolved
+
+
+def fold_scales(mapping: ResolvedMapping, scales: torch.Tensor) -> None:
+    """Divide the smooth layer's output channels by ``scales``, multiply the balance inputs by them.
+
+    The smooth layer is a norm (weight, optional bias; Gemma-style norms scale by
+    ``1 + weight``) or a linear layer (rows of its weight and bias).
+    """
+    smooth = mapping.smooth
+    with torch.no_grad():
+        s = scales.to(torch.float32)
+        weight = smooth.weight
+        if isinstance(smooth, torch.nn.Linear):
+            new = weight.float() / s.to(weight.device)[:, None]
+        elif _offset_norm(smooth):
+            new = (1.0 + weight.float()) / s.to(weight.device) - 1.0
+        else:
+            new = weight.float() / s.to(weight.device)
+        weight.copy_(new.to(weight.dtype))
+        bias = getattr(smooth, "bias", None)
+        if bias is not None:
+            bias.copy_((bias.float() / s.to(bias.device)).to(bias.dtype))
+        for layer in mapping.balance:
+            w = layer.weight
+            w.copy_((w.float() * s.to(w.device)[None, :]).to(w.dtype))
+
+
+def _offset_norm(module: torch.nn.Module) -> bool:
+    """Norms that multiply by ``1 + weight`` (Gemma, Qwen3-Next) rather than ``weight``."""
+    return type(module).__name__ in {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Qwen3NextRMSNorm"}
+
+
+def _attention(prefix: str = "self_attn") -> Mapping:
+    return Mapping("re:.*input_layernorm", [f"re:.*{prefix}\\.(q|k|v)_proj"])
+
+
+def _dense(mlp: str = "mlp") -> list[Mapping]:
+    return [
+        _attention(),
+        Mapping("re:.*post_attention_layernorm", [f"re:.*{mlp}\\.(gate|up)_proj"]),
+    ]
+
+
+def _awq_dense(mlp: str = "mlp") -> list[Mapping]:
+    return [
+        *_dense(mlp),
+        Mapping("re:.*v_proj", ["re:.*o_proj"]),
+        Mapping(f"re:.*{mlp}\\.up_proj", [f"re:.*{mlp}\\.down_proj"]),
+    ]
+
+
+def builtin_mappings() -> dict[str, ArchitectureMappings]:
+    """Defaults for the architectures llmc knows; model plugins add more through the hook."""
+    dense = ArchitectureMappings(_dense(), _awq_dense())
+    attention_only = ArchitectureMappings([_attention()], [_attention(), Mapping("re:.*v_proj", ["re:.*o_proj"])])
+    phi3 = ArchitectureMappings(
+        [
+            Mapping("re:.*input_layernorm", ["re:.*qkv_proj"]),
+            Mapping("re:.*post_attention_layernorm", ["re:.*gate_up_proj"]),
+        ],
+        [
+            Mapping("re:.*input_layernorm", ["re:.*qkv_proj"]),
+            Mapping("re:.*post_attention_layernorm", ["re:.*gate_up_proj"]),
+            Mapping("re:.*gate_up_proj", ["re:.*down_proj"]),
+        ],
+    )
+    deepseek = ArchitectureMappings(
+        [
+            Mapping("re:.*input_layernorm", ["re:.*(q_proj|q_a_proj|kv_a_proj_with_mqa)"]),
+        ],
+        [
+            Mapping("re:.*input_layernorm", ["re:.*(q_proj|q_a_proj|kv_a_proj_with_mqa)"]),
+            Mapping("re:.*q_a_layernorm", ["re:.*q_b_proj"]),
+            Mapping("re:.*kv_a_layernorm", ["re:.*kv_b_proj"]),
+        ],
+    )
+    table = {
+        "LlamaForCausalLM": dense,
+        "MistralForCausalLM": dense,
+        "Qwen2ForCausalLM": dense,
+        "Qwen3ForCausalLM": dense,
+        "GemmaForCausalLM": dense,
+        "Gemma2ForCausalLM": dense,
+        "Phi3ForCausalLM": phi3,
+        "MixtralForCausalLM": attention_only,
+        "Qwen2MoeForCausalLM": attention_only,
+        "Qwen3MoeForCausalLM": attention_only,
+        "DeepseekV2ForCausalLM": deepseek,
+        "DeepseekV3ForCausalLM": deepseek,
+    }
+    return table

@@ -1,0 +1,1 @@
+"""llmc-smoothquant: SmoothQuantModifier (Xiao et al., 2023)."""

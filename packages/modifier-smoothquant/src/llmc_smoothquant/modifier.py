@@ -1,0 +1,100 @@
+"""SmoothQuantModifier: scale activation outliers into the weights, layer by layer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import torch
+
+from llmc.lifecycle import State
+from llmc.mappings import ResolvedMapping, fold_scales, resolve_mappings
+from llmc.modifiers.base import Modifier
+
+logger = logging.getLogger(__name__)
+
+
+def _strength(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"smoothing_strength must be in [0, 1], got {value!r}.")
+
+
+def smoothing_scales(
+    activation_max: torch.Tensor, balance_weights: list[torch.Tensor], alpha: float
+) -> torch.Tensor:
+    """s = max|X|^α / max|W|^(1-α) per input channel; max|W| over every balance layer."""
+    weight_max = torch.stack([w.detach().abs().amax(dim=0).float() for w in balance_weights]).amax(dim=0)
+    act = activation_max.float().to(weight_max.device)
+    scales = act.pow(alpha) / weight_max.pow(1.0 - alpha)
+    # channels that never fired (or a zero weight column) keep their scale
+    return torch.where(torch.isfinite(scales) & (scales > 0), scales, torch.ones_like(scales)).clamp(min=1e-5)
+
+
+@attrs.define(kw_only=True)
+class SmoothQuantModifier(Modifier):
+    """SmoothQuant: divide each smooth layer's output channels by s, multiply the balance
+    layers' input columns by s, so activations become easy to quantize and the model's
+    function is unchanged. Run it before a W8A8 quantization modifier.
+    """
+
+    smoothing_strength: float = attrs.field(default=0.5, validator=_strength)
+    mappings: list[Any] | None = None
+    ignore: list[str] = attrs.field(factory=list)
+    num_calibration_steps: int | None = None
+
+    _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
+    _max: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
+    _handles: list[Any] = attrs.field(factory=list, init=False, repr=False)
+    _batches: int = attrs.field(default=0, init=False, repr=False)
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+    def on_initialize(self, state: State) -> None:
+        self._resolved = resolve_mappings(state.model, self.mappings, "smoothquant", self.ignore)
+        logger.info("SmoothQuant: %d smooth layers, alpha %.2f", len(self._resolved), self.smoothing_strength)
+
+    def on_calibration_start(self, state: State) -> None:
+        for mapping in self._resolved:
+            name = mapping.smooth_name
+
+            def record(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+                if not state.observing or (
+                    self.num_calibration_steps is not None and self._batches >= self.num_calibration_steps
+                ):
+                    return
+                x = args[0].detach()
+                current = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+                previous = self._max.get(name)
+                self._max[name] = current if previous is None else torch.maximum(previous, current)
+
+            self._handles.append(mapping.balance[0].register_forward_pre_hook(record))
+
+    def on_batch_end(self, state: State, batch_index: int) -> None:
+        self._batches += 1
+
+    def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        self._batches = 0  # the sequential pipeline replays the calibration batches per layer
+        self._smooth([m for m in self._resolved if m.smooth_name.startswith(layer_name + ".")])
+
+    def on_calibration_end(self, state: State) -> None:
+        self._smooth(list(self._resolved))
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _smooth(self, mappings: list[ResolvedMapping]) -> None:
+        for mapping in mappings:
+            if mapping not in self._resolved:
+                continue
+            self._resolved.remove(mapping)
+            activation_max = self._max.pop(mapping.smooth_name, None)
+            if activation_max is None:
+                logger.warning("SmoothQuant: %s saw no calibration data; left as is.", mapping.smooth_name)
+                continue
+            scales = smoothing_scales(
+                activation_max, [layer.weight for layer in mapping.balance], self.smoothing_strength
+            )
+            fold_scales(mapping, scales)
+            logger.debug("SmoothQuant %s: scales in [%.3g, %.3g]", mapping.smooth_name, scales.min(), scales.max())
