@@ -1,0 +1,1 @@
+"""llmc-awq: AWQModifier (Lin et al., 2023)."""

@@ -1,0 +1,170 @@
+"""AWQModifier: activation-aware scales searched per mapping, then round-to-nearest."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import torch
+
+from llmc.lifecycle import State
+from llmc.mappings import ResolvedMapping, fold_scales, resolve_mappings
+from llmc.modifiers.quantization import QuantizationModifier
+from llmc.quantization.calibrate import calibrate_weights
+from llmc_awq.search import search_scales
+
+logger = logging.getLogger(__name__)
+
+
+def _move(value: Any, device: torch.device | str | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def _parent_name(names: tuple[str, ...]) -> str:
+    """The deepest module that holds every balance layer (the layer itself when there is one)."""
+    if len(names) == 1:
+        return names[0]
+    parts = [n.split(".") for n in names]
+    common = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+@attrs.define(kw_only=True)
+class AWQModifier(QuantizationModifier):
+    """AWQ: for each mapping, grid-search per-channel scales s = x̄^r / w̄^(1-r) that minimise
+    the parent module's output error with quantized balance layers; fold the best into the
+    smooth layer; then quantize round-to-nearest. Runs layer by layer (sequential pipeline).
+    """
+
+    mappings: list[Any] | None = None
+    duo_scaling: bool = True
+    n_grid: int = attrs.field(default=20, validator=attrs.validators.gt(0))
+    offload_device: str | None = None
+
+    _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
+    _inputs: dict[str, list[tuple[tuple, dict]]] = attrs.field(factory=dict, init=False, repr=False)
+    _x_sum: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
+    _x_count: dict[str, int] = attrs.field(factory=dict, init=False, repr=False)
+    _handles: list[Any] = attrs.field(factory=list, init=False, repr=False)
+    _done: set[str] = attrs.field(factory=set, init=False, repr=False)
+    _modules_by_name: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
+    _searching: bool = attrs.field(default=False, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.scheme is None and self.config_groups is None:
+            self.scheme = "W4A16_ASYM"
+        super().__attrs_post_init__()
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+    def on_initialize(self, state: State) -> None:
+        super().on_initialize(state)
+        self._resolved = resolve_mappings(state.model, self.mappings, "awq", self.ignore)
+
+    def on_calibration_start(self, state: State) -> None:
+        modules = dict(state.model.named_modules())
+        for _, module in self._modules:
+            module.quantization_enabled = False  # scales are searched on unquantized activations
+        for mapping in self._resolved:
+            parent = _parent_name(mapping.balance_names)
+            if parent not in self._inputs:
+                self._inputs[parent] = []
+
+                def keep(module: torch.nn.Module, args: tuple, kwargs: dict, parent: str = parent) -> None:
+                    if state.observing and not self._searching:  # the search's own passes are not data
+                        self._inputs[parent].append(_move((args, kwargs), self.offload_device))
+
+                self._handles.append(modules[parent].register_forward_pre_hook(keep, with_kwargs=True))
+            name = mapping.smooth_name
+
+            def mean(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+                if state.observing and not self._searching:
+                    x = args[0].detach()
+                    total = x.abs().reshape(-1, x.shape[-1]).float().sum(dim=0)
+                    self._x_sum[name] = self._x_sum[name] + total if name in self._x_sum else total
+                    self._x_count[name] = self._x_count.get(name, 0) + x.numel() // x.shape[-1]
+
+            self._handles.append(mapping.balance[0].register_forward_pre_hook(mean))
+        self._modules_by_name = modules
+
+    def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        prefix = layer_name + "."
+        self._process([m for m in self._resolved if m.smooth_name.startswith(prefix)])
+        self._quantize([(n, m) for n, m in self._modules if n.startswith(prefix)])
+
+    def on_calibration_end(self, state: State) -> None:
+        self._process(list(self._resolved))
+        self._quantize(list(self._modules))
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _quantize(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
+        todo = [(n, m) for n, m in modules if n not in self._done]
+        calibrate_weights(todo)
+        for name, module in todo:
+            self._done.add(name)
+            module.quantization_enabled = True
+
+    def _process(self, mappings: list[ResolvedMapping]) -> None:
+        for mapping in mappings:
+            self._resolved.remove(mapping)
+            self._apply(mapping)
+        for parent in {_parent_name(m.balance_names) for m in mappings}:
+            if not any(_parent_name(m.balance_names) == parent for m in self._resolved):
+                self._inputs.pop(parent, None)
+
+    def _apply(self, mapping: ResolvedMapping) -> None:
+        name = mapping.smooth_name
+        schemes = [getattr(b, "quantization_scheme", None) for b in mapping.balance]
+        channels = mapping.smooth.weight.shape[0]
+        if any(s is None or s.weights is None for s in schemes):
+            logger.info("AWQ %s: a balance layer is not quantized; skipped.", name)
+            return
+        if any(b.weight.shape[1] != channels for b in mapping.balance):
+            logger.info("AWQ %s: balance layers' inputs do not match its %d outputs; skipped.", name, channels)
+            return
+        count = self._x_count.pop(name, 0)
+        if not count:
+            logger.warning("AWQ %s saw no calibration data; left unscaled.", name)
+            return
+        x_mean = self._x_sum.pop(name) / count
+        parent_name = _parent_name(mapping.balance_names)
+        parent = self._modules_by_name[parent_name]
+        cached = self._inputs.get(parent_name, [])
+        device = mapping.balance[0].weight.device
+
+        def run_parent() -> list[torch.Tensor]:
+            outputs = []
+            with torch.no_grad():
+                for args, kwargs in cached:
+                    out = parent(*_move(args, device), **_move(kwargs, device))
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+            return outputs
+
+        self._searching = True
+        try:
+            result = search_scales(
+                run_parent, mapping.balance, x_mean, schemes[0].weights, self.n_grid, self.duo_scaling
+            )
+        finally:
+            self._searching = False
+        fold_scales(mapping, result.scales)
+        logger.info(
+            "AWQ %s: output error %.3e (round-to-nearest %.3e)", name, result.loss, result.rtn_loss
+        )

@@ -1,0 +1,86 @@
+"""The AWQ scale search for one mapping: which per-channel scales quantize best."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import attrs
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+from llmc.quantization.observers import global_scale, weight_qparams
+
+
+def fake_quantized(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of ``weight`` under ``args`` (what RTN would store)."""
+    gscale = global_scale(weight, args)
+    scale, zero_point = weight_qparams(weight, args, gscale)
+    return fake_quantize(weight, scale, zero_point, args, global_scale=gscale)
+
+
+def weight_mean(weights: Sequence[torch.Tensor], args: QuantizationArgs) -> torch.Tensor:
+    """Mean over output rows of |W| normalised by its group's max: how large each input channel is."""
+    w = torch.cat([x.detach().float() for x in weights], dim=0)
+    size = args.group_size if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP) else w.shape[1]
+    grouped = w.abs().reshape(w.shape[0], -1, size)
+    grouped = grouped / grouped.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return grouped.reshape(w.shape).mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling: bool) -> list[torch.Tensor]:
+    """Identity (plain round-to-nearest) first, then x^r / w^(1-r) for r on the grid, normalised."""
+    ones = torch.ones_like(x_mean)
+    candidates = [ones]
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = x_mean.pow(ratio) / w_mean.pow(1 - ratio) if duo_scaling else x_mean.pow(ratio)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        candidates.append(torch.where(torch.isfinite(s), s, ones))
+    return candidates
+
+
+@attrs.frozen
+class SearchResult:
+    scales: torch.Tensor
+    loss: float
+    rtn_loss: float  # the identity candidate: plain round-to-nearest
+
+
+def search_scales(
+    run_parent: Callable[[], list[torch.Tensor]],
+    balance: Sequence[torch.nn.Module],
+    x_mean: torch.Tensor,
+    args: QuantizationArgs,
+    n_grid: int,
+    duo_scaling: bool,
+) -> SearchResult:
+    """Try each candidate: scale the balance weights up, quantize, scale back, run the parent.
+
+    ``run_parent()`` returns the parent module's outputs on the cached calibration
+    inputs; the loss is their mean squared error against the unquantized outputs.
+    Weights are restored before returning; nothing is folded here.
+    """
+    originals = [m.weight.data.clone() for m in balance]
+    reference = run_parent()
+    w_mean = weight_mean(originals, args).to(x_mean.device)
+    best: tuple[float, torch.Tensor] | None = None
+    rtn_loss = float("nan")
+    try:
+        for index, s in enumerate(candidate_scales(x_mean.float(), w_mean, n_grid, duo_scaling)):
+            for module, w in zip(balance, originals, strict=True):
+                sd = s.to(w.device, torch.float32)
+                module.weight.data.copy_((fake_quantized((w.float() * sd).to(w.dtype), args).float() / sd).to(w.dtype))
+            outputs = run_parent()
+            loss = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference, strict=True))
+            loss /= sum(r.numel() for r in reference)
+            if index == 0:
+                rtn_loss = loss
+            if best is None or loss < best[0]:
+                best = (loss, s)
+    finally:
+        for module, w in zip(balance, originals, strict=True):
+            module.weight.data.copy_(w)
+    assert best is not None
+    return SearchResult(best[1], best[0], rtn_loss)
