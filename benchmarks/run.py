@@ -98,11 +98,11 @@ def evaluate(reference_path: Path, checkpoint: Path, batches) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmc.evaluation import compare, weights_size
+    from llmc.evaluation import compare, load_decompressed, weights_size
 
     # bfloat16, as models are served (compressed-tensors decompresses FP4 formats to it)
     reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.bfloat16).eval()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    model = load_decompressed(checkpoint, dtype=torch.bfloat16)
     agreement = compare(reference, model, batches)
     return {
         "perplexity": agreement.perplexity,

@@ -113,3 +113,14 @@ def test_asym_checkpoint_decompresses(llama_path, tmp_path):
             torch.testing.assert_close(weight.float(), expected.float(), atol=1e-6, rtol=1e-5)
             checked += 1
     assert checked == 14
+
+
+def test_load_decompressed_reads_asym_checkpoints(llama_path, tmp_path, sample_ids):
+    """The evaluation loader: compressed-tensors' decompressor where transformers cannot reload."""
+    from llmc.evaluation import load_decompressed
+
+    out = tmp_path / "out"
+    fake_quant = oneshot(model=str(llama_path), recipe=quant_recipe("W4A16_ASYM"), output_dir=str(out))
+    dense = load_decompressed(out, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(sample_ids).logits, fake_quant(sample_ids).logits, atol=1e-5, rtol=1e-5)

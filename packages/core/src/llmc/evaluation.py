@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import attrs
 import torch
@@ -56,3 +57,44 @@ def weights_size(checkpoint) -> int:
     from pathlib import Path
 
     return sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
+
+
+def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A compressed-tensors checkpoint as a dense model, decompressed by compressed-tensors itself.
+
+    transformers' own loader is tried first; some versions cannot reload asymmetric
+    pack-quantized checkpoints (zero points), so on failure each quantized module's
+    tensors go through the format's decompressor into a model built from the config.
+    """
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils import match_named_modules
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+    except RuntimeError:
+        pass
+    checkpoint = Path(checkpoint)
+    raw = json.loads((checkpoint / "config.json").read_text())
+    config = QuantizationConfig.model_validate(raw["quantization_config"])
+    model_config = AutoConfig.from_pretrained(checkpoint)
+    del model_config.quantization_config
+    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    for scheme in config.config_groups.values():
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+        for name, _ in match_named_modules(model, scheme.targets, config.ignore):
+            prefix = name + "."
+            state = {k.removeprefix(prefix): tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            tensors[prefix + "weight"] = compressor.decompress(state, scheme)["weight"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise ValueError(f"{checkpoint}: could not map tensors: missing {missing}, unexpected {unexpected}.")
+    model.tie_weights()
+    return model.to(dtype)
