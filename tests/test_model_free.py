@@ -338,3 +338,12 @@ def test_to_host_keeps_every_tensor_and_dtype():
     host = mf_quantize._to_host(tensors)
     for name, t in tensors.items():
         assert host[name].dtype == t.dtype and torch.equal(host[name], t), name
+
+
+def test_warm_up_runs_every_data_free_scheme():
+    """The GPU warm-up quantizes a small weight per scheme; it must accept every scheme model_free does."""
+    from llmc.model_free.quantize import warm_up
+    from llmc.model_free.run import resolve_scheme
+
+    for scheme in ("FP8_BLOCK", "NVFP4A16", "W4A16", "W8A16", "MXFP4", "FP8_DYNAMIC"):
+        warm_up(list(resolve_scheme(scheme, []).config_groups.values()), torch.device("cpu"))

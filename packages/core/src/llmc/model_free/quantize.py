@@ -65,3 +65,12 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             view = view.clone()
         out[name] = view.view(t.dtype).reshape(t.shape)
     return out
+
+
+def warm_up(schemes: list[QuantizationScheme], device: torch.device) -> None:
+    """Quantize a small weight per scheme so CUDA start-up and kernel compilation happen
+    while the first shards are still being read, not inside the first job."""
+    for index, scheme in enumerate(schemes):
+        weight = torch.randn(256, 512, dtype=torch.bfloat16, device=device)
+        name = f"warmup.{index}.q_proj.weight"
+        quantize_tensors({name: weight}, {name: scheme}, device)

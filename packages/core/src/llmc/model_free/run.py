@@ -27,7 +27,7 @@ from compressed_tensors.quantization import (
 from tqdm.auto import tqdm
 
 from llmc.model_free import plan
-from llmc.model_free.quantize import quantize_tensors
+from llmc.model_free.quantize import quantize_tensors, warm_up
 from llmc.model_free.shards import (
     INDEX_NAME,
     Checkpoint,
@@ -250,6 +250,26 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+def _warm_device(config: QuantizationConfig | None, device: torch.device) -> Any:
+    """The lock that gives a GPU to one job at a time, first held by a warm-up thread."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    lock = threading.Lock()
+    lock.acquire()
+
+    def run() -> None:
+        try:
+            if config is not None:
+                warm_up(list(config.config_groups.values()), device)
+        except Exception:  # a real job will report the same problem properly
+            logger.debug("model_free warm-up failed", exc_info=True)
+        finally:
+            lock.release()
+
+    threading.Thread(target=run, name="llmc-warm-up", daemon=True).start()
+    return lock
+
+
 def _run_jobs(fn: Callable[[plan.Job], Any], jobs: Sequence[plan.Job], workers: int, desc: str) -> list[Any]:
     bar = tqdm(total=len(jobs), desc=desc, unit="shard")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -282,6 +302,7 @@ def process_checkpoint(
     exec_device = _resolve_device(device)
     checkpoint = open_checkpoint(root)
     jobs = plan.plan_jobs(checkpoint, _partners(converters, checkpoint, group_fused))
+    device_lock = _warm_device(config, exec_device)
 
     def validate(job: plan.Job) -> None:
         metas = {n: checkpoint.info(n).meta() for n in job.names}
@@ -298,7 +319,6 @@ def process_checkpoint(
             _copy_atomically(root / rel, out / rel)
 
     summary = Summary(shards=len(jobs), bytes_in=checkpoint.nbytes)
-    device_lock = threading.Lock() if exec_device.type == "cuda" else contextlib.nullcontext()
 
     def run(job: plan.Job) -> dict[str, Any]:
         record = progress.done(out, job.shard)
