@@ -57,6 +57,8 @@ def test_search_never_worse_than_rtn_and_uniform_scales_are_one():
     rtn = float((torch.nn.functional.linear(x, fake_quantized(linear.weight.data, args)) - linear(x)).pow(2).mean())
     torch.testing.assert_close(result.rtn_loss, rtn, rtol=1e-4, atol=0)
     assert result.loss < 0.8 * result.rtn_loss  # salient channels protected
+    both = search_scales(lambda: [linear(x)], [linear], x.abs().mean(0), args, n_grid=20, duo_scaling="both")
+    assert both.loss <= result.loss  # a superset of candidates
 
     uniform = torch.nn.Linear(256, 64, bias=False)
     with torch.no_grad():
@@ -130,3 +132,8 @@ def test_missing_mappings_error(tmp_path):
     tiny.build_tokenizer(2048).save_pretrained(path)
     with pytest.raises(ValueError, match="(?s)No default awq mappings for GPT2LMHeadModel.*Pass mappings="):
         oneshot(model=str(path), recipe={"s": {"quant_modifiers": {"AWQModifier": {"ignore": ["lm_head"]}}}}, **DATA)
+
+
+def test_bad_awq_arguments():
+    with pytest.raises(ValueError, match="duo_scaling"):
+        oneshot(model="unused", recipe={"s": {"quant_modifiers": {"AWQModifier": {"duo_scaling": "sometimes"}}}})

@@ -50,7 +50,7 @@ class AWQModifier(QuantizationModifier):
     """
 
     mappings: list[Any] | None = None
-    duo_scaling: bool = True
+    duo_scaling: bool | str = attrs.field(default=True, validator=attrs.validators.in_([True, False, "both"]))
     n_grid: int = attrs.field(default=20, validator=attrs.validators.gt(0))
     offload_device: str | None = None
 

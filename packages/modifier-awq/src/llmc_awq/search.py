@@ -28,13 +28,17 @@ def weight_mean(weights: Sequence[torch.Tensor], args: QuantizationArgs) -> torc
     return grouped.reshape(w.shape).mean(dim=0)
 
 
-def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling: bool) -> list[torch.Tensor]:
-    """Identity (plain round-to-nearest) first, then x^r / w^(1-r) for r on the grid, normalised."""
+def candidate_scales(
+    x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling: bool | str
+) -> list[torch.Tensor]:
+    """Identity (plain round-to-nearest) first, then x^r / w^(1-r) (``duo_scaling``) or x^r
+    (not), or both (``"both"``), for r on the grid, normalised."""
     ones = torch.ones_like(x_mean)
     candidates = [ones]
-    for i in range(n_grid):
+    modes = [True, False] if duo_scaling == "both" else [bool(duo_scaling)]
+    for duo, i in ((duo, i) for duo in modes for i in range(n_grid)):
         ratio = i / n_grid
-        s = x_mean.pow(ratio) / w_mean.pow(1 - ratio) if duo_scaling else x_mean.pow(ratio)
+        s = x_mean.pow(ratio) / w_mean.pow(1 - ratio) if duo else x_mean.pow(ratio)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         candidates.append(torch.where(torch.isfinite(s), s, ones))
@@ -54,7 +58,7 @@ def search_scales(
     x_mean: torch.Tensor,
     args: QuantizationArgs,
     n_grid: int,
-    duo_scaling: bool,
+    duo_scaling: bool | str,
 ) -> SearchResult:
     """Try each candidate: scale the balance weights up, quantize, scale back, run the parent.
 
