@@ -39,6 +39,7 @@ RECIPES: dict[str, dict | None] = {
     "w4a16-gptq": _quant("GPTQModifier", "W4A16", True),
     "w4a16-asym-gptq": _quant("GPTQModifier", "W4A16_ASYM", True),
     "w4a16-awq": _quant("AWQModifier", "W4A16_ASYM", True),
+    "w4a16-sym-awq": _quant("AWQModifier", "W4A16", True),
     "w8a8-rtn": _quant("QuantizationModifier", "W8A8", False),
     "w8a8-gptq": _quant("GPTQModifier", "W8A8", True),
     "w8a8-smoothquant": {
