@@ -15,6 +15,7 @@ from compressed_tensors.compressors import compress_module
 from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 
+from llmc.model_free.shards import typed_views
 from llmc.quantization.calibrate import calibrate_weight, freeze, fused_global_scales
 
 
@@ -54,17 +55,8 @@ def quantize_tensors(
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Bring device tensors back with one copy: many small copies each pay a round trip."""
-    raw = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
-    host = torch.cat(raw).cpu()
-    out: dict[str, torch.Tensor] = {}
-    position = 0
-    for (name, t), chunk in zip(tensors.items(), raw, strict=True):
-        view = host[position : position + chunk.numel()]
-        position += chunk.numel()
-        if view.storage_offset() % t.element_size():
-            view = view.clone()
-        out[name] = view.view(t.dtype).reshape(t.shape)
-    return out
+    host = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]).cpu()
+    return typed_views(host, ((name, t.dtype, tuple(t.shape)) for name, t in tensors.items()))
 
 
 def warm_up(schemes: list[QuantizationScheme], device: torch.device) -> None:

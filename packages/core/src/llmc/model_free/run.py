@@ -32,6 +32,7 @@ from llmc.model_free.shards import (
     INDEX_NAME,
     Checkpoint,
     CheckpointError,
+    atomic_file,
     open_checkpoint,
     read_header,
     read_tensors,
@@ -212,9 +213,8 @@ class _Progress:
         return record
 
     def mark(self, shard: str, record: dict[str, Any]) -> None:
-        tmp = self._record(shard).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self._record(shard))
+        with atomic_file(self._record(shard)) as tmp:
+            tmp.write_text(json.dumps(record))
 
 
 def _fingerprint(checkpoint: Checkpoint, config: QuantizationConfig | None, converters: Sequence[Any]) -> str:
@@ -229,16 +229,13 @@ def _fingerprint(checkpoint: Checkpoint, config: QuantizationConfig | None, conv
 
 
 def _copy_atomically(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _write_json_atomically(data: dict[str, Any], dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, dst)
+    with atomic_file(dst) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:

@@ -7,11 +7,14 @@ ranges it needs into one buffer; shards are written with ``safetensors`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,15 +188,23 @@ def read_tensors(checkpoint: Checkpoint, wanted: Mapping[str, Iterable[str]]) ->
         with (checkpoint.root / shard).open("rb", buffering=0) as f:
             for offset, start, length in runs:
                 _read_exactly(f, offset, view[start : start + length], checkpoint.root / shard)
-        position = 0
-        for info in infos:
-            raw = buffer[position : position + info.nbytes]
-            position += info.nbytes
-            dtype = DTYPES[info.dtype]
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if raw.storage_offset() % itemsize:  # an odd-sized tensor before it
-                raw = raw.clone()
-            tensors[info.name] = raw.view(dtype).reshape(info.shape)
+        tensors.update(typed_views(buffer, ((i.name, DTYPES[i.dtype], i.shape) for i in infos)))
+    return tensors
+
+
+def typed_views(
+    buffer: torch.Tensor, layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]
+) -> dict[str, torch.Tensor]:
+    """The tensors packed back to back in a uint8 ``buffer``, as views where alignment allows."""
+    tensors: dict[str, torch.Tensor] = {}
+    position = 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * dtype.itemsize
+        raw = buffer[position : position + size]
+        position += size
+        if raw.storage_offset() % dtype.itemsize:  # an odd-sized tensor before it
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 
 
@@ -207,12 +218,23 @@ def _read_exactly(f: Any, offset: int, into: memoryview, path: Path) -> None:
         done += n
 
 
-def write_tensors_atomically(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
-    """Write a shard through a hidden temporary file renamed into place; its size."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``path``; rename it into place if the block succeeds.
+
+    A file at ``path`` is therefore either absent or complete, never half written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_tensors_atomically(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
+    """Write a shard through :func:`atomic_file`; its size."""
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     return path.stat().st_size
