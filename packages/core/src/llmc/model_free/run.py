@@ -218,7 +218,7 @@ class _Progress:
 
 
 def _fingerprint(checkpoint: Checkpoint, config: QuantizationConfig | None, converters: Sequence[Any]) -> str:
-    stats = {s: [(checkpoint.root / s).stat().st_size, (checkpoint.root / s).stat().st_mtime_ns] for s in checkpoint.headers}
+    stats = {s: [(st := (checkpoint.root / s).stat()).st_size, st.st_mtime_ns] for s in checkpoint.headers}
     body = {
         "root": str(checkpoint.root),
         "shards": stats,
@@ -299,7 +299,6 @@ def process_checkpoint(
     exec_device = _resolve_device(device)
     checkpoint = open_checkpoint(root)
     jobs = plan.plan_jobs(checkpoint, _partners(converters, checkpoint, group_fused))
-    device_lock = _warm_device(config, exec_device)
 
     def validate(job: plan.Job) -> None:
         metas = {n: checkpoint.info(n).meta() for n in job.names}
@@ -310,6 +309,7 @@ def process_checkpoint(
     progress = _Progress(out, _fingerprint(checkpoint, config, converters))
     progress.check()
     _run_jobs(validate, jobs, max_workers, "Validating")
+    device_lock = _warm_device(config, exec_device)  # overlaps the file copies and first reads
     progress.start()
     for rel in checkpoint.other_files:
         if rel != CONFIG_NAME:
@@ -346,12 +346,13 @@ def process_checkpoint(
     weight_map: dict[str, str] = {}
     total = 0
     for job, record in zip(jobs, _run_jobs(run, jobs, max_workers, "Quantizing" if config else "Rewriting"), strict=True):
-        summary.shards_resumed += bool(record.get("resumed"))
+        resumed = bool(record.get("resumed"))
+        summary.shards_resumed += resumed
         summary.quantized += record["quantized"]
         summary.kept += record["kept"]
         summary.bytes_out += record["file_bytes"]
-        for phase, seconds in record.get("phases", {}).items():
-            summary.phase_seconds[phase] += seconds
+        for phase, seconds in record["phases"].items():
+            summary.phase_seconds[phase] += 0.0 if resumed else seconds  # spent by an earlier run
         total += sum(record["tensors"].values())
         weight_map.update(dict.fromkeys(record["tensors"], job.shard))
 
