@@ -13,20 +13,13 @@ from llmc.mappings import ResolvedMapping, fold_scales, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weights
 from llmc_awq.search import search_scales
+from llmc_pipelines.transfers import map_tensors
 
 logger = logging.getLogger(__name__)
 
 
 def _move(value: Any, device: torch.device | str | None) -> Any:
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_move(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
+    return value if device is None else map_tensors(value, lambda t: t.to(device))
 
 
 def _parent_name(names: tuple[str, ...]) -> str:
@@ -40,6 +33,19 @@ def _parent_name(names: tuple[str, ...]) -> str:
             break
         common.append(pieces[0])
     return ".".join(common)
+
+
+def _usable(mapping: ResolvedMapping) -> bool:
+    """A mapping AWQ can scale: every balance layer quantized, and its inputs the smooth outputs."""
+    name, channels = mapping.smooth_name, mapping.smooth.weight.shape[0]
+    schemes = [getattr(b, "quantization_scheme", None) for b in mapping.balance]
+    if any(s is None or s.weights is None for s in schemes):
+        logger.info("AWQ %s: a balance layer is not quantized; skipped.", name)
+        return False
+    if any(b.weight.shape[1] != channels for b in mapping.balance):
+        logger.info("AWQ %s: balance layers' inputs do not match its %d outputs; skipped.", name, channels)
+        return False
+    return True
 
 
 @attrs.define(kw_only=True)
@@ -73,7 +79,8 @@ class AWQModifier(QuantizationModifier):
 
     def on_initialize(self, state: State) -> None:
         super().on_initialize(state)
-        self._resolved = resolve_mappings(state.model, self.mappings, "awq", self.ignore)
+        resolved = resolve_mappings(state.model, self.mappings, "awq", self.ignore)
+        self._resolved = [m for m in resolved if _usable(m)]  # no hooks or caches for the rest
 
     def on_calibration_start(self, state: State) -> None:
         modules = dict(state.model.named_modules())
@@ -131,14 +138,6 @@ class AWQModifier(QuantizationModifier):
 
     def _apply(self, mapping: ResolvedMapping) -> None:
         name = mapping.smooth_name
-        schemes = [getattr(b, "quantization_scheme", None) for b in mapping.balance]
-        channels = mapping.smooth.weight.shape[0]
-        if any(s is None or s.weights is None for s in schemes):
-            logger.info("AWQ %s: a balance layer is not quantized; skipped.", name)
-            return
-        if any(b.weight.shape[1] != channels for b in mapping.balance):
-            logger.info("AWQ %s: balance layers' inputs do not match its %d outputs; skipped.", name, channels)
-            return
         count = self._x_count.pop(name, 0)
         if not count:
             logger.warning("AWQ %s saw no calibration data; left unscaled.", name)
@@ -160,7 +159,12 @@ class AWQModifier(QuantizationModifier):
         self._searching = True
         try:
             result = search_scales(
-                run_parent, mapping.balance, x_mean, schemes[0].weights, self.n_grid, self.duo_scaling
+                run_parent,
+                mapping.balance,
+                x_mean,
+                mapping.balance[0].quantization_scheme.weights,
+                self.n_grid,
+                self.duo_scaling,
             )
         finally:
             self._searching = False
