@@ -86,8 +86,6 @@ class SmoothQuantModifier(Modifier):
 
     def _smooth(self, mappings: list[ResolvedMapping]) -> None:
         for mapping in mappings:
-            if mapping not in self._resolved:
-                continue
             self._resolved.remove(mapping)
             activation_max = self._max.pop(mapping.smooth_name, None)
             if activation_max is None:
