@@ -26,23 +26,43 @@ from llmc.modifiers import Modifier
 class Idle(Modifier):
     """Observes nothing: what remains is the pipeline's own cost."""
 
+    started: float = attrs.field(default=0.0, init=False)
+    ended: float = attrs.field(default=0.0, init=False)
+
     def pipeline(self) -> str:
         return "sequential"
+
+    def on_calibration_start(self, state) -> None:
+        self.started = time.perf_counter()
+
+    def on_calibration_end(self, state) -> None:
+        sync()
+        self.ended = time.perf_counter()
 
 
 def build(args):
     from llmc import tiny
 
     config = tiny.build_config(
-        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        "llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
     )
-    return tiny.build_model(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    return tiny.build_model(config).to(
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    )
 
 
 def batches(args):
     g = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(4, args.vocab, (args.batch_size, args.seq), generator=g)} for _ in range(args.batches)]
+    return [
+        {"input_ids": torch.randint(4, args.vocab, (args.batch_size, args.seq), generator=g)}
+        for _ in range(args.batches)
+    ]
 
 
 def sync():
@@ -106,11 +126,21 @@ def sequential(model, data, device, qac: bool, offload: str) -> dict:
     loader = DataLoader(data, batch_size=None)
     sync()
     started = time.perf_counter()
-    oneshot(model=model, recipe=Idle(), dataset=loader, pipeline="sequential", device=str(device),
-            quantization_aware_calibration=qac, sequential_offload_device=offload)
+    idle = Idle()
+    oneshot(
+        model=model,
+        recipe=idle,
+        dataset=loader,
+        pipeline="sequential",
+        device=str(device),
+        quantization_aware_calibration=qac,
+        sequential_offload_device=offload,
+    )
     sync()
     seconds = time.perf_counter() - started
-    return {"mode": f"sequential (qac={qac}, offload={offload})", "seconds": seconds, **peak_memory()}
+    mode = f"sequential (qac={qac}, offload={offload})"
+    pipeline = idle.ended - idle.started
+    return {"mode": mode, "seconds": seconds, "pipeline_seconds": pipeline, **peak_memory()}
 
 
 def main(argv=None) -> None:
@@ -124,7 +154,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--profile", action="store_true", help="print where the sequential pipeline spends CPU time")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each mode; the median is reported"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print where the sequential pipeline spends CPU time"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,14 +168,25 @@ def main(argv=None) -> None:
     data = batches(args)
     tokens = args.batches * args.batch_size * args.seq
     sequential(model, data[:1], device, True, "cpu")  # warm-up: imports, plugin registry, kernels
-    rows = [plain_forward(model, data, device)]
+    modes = [lambda: plain_forward(model, data, device)]
     for qac in (False, True):
-        for offload in (["cpu", "cuda"] if device.type == "cuda" else ["cpu"]):
-            rows.append(sequential(model, data, device, qac, offload))
+        for offload in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
+            modes.append(
+                lambda qac=qac, offload=offload: sequential(model, data, device, qac, offload)
+            )
+    # interleaved, so that drift in the machine's speed hits every mode alike
+    runs = [[mode() for mode in modes] for _ in range(args.repeats)]
+    rows = []
+    for results in zip(*runs, strict=True):
+        row = dict(sorted(results, key=lambda r: r["seconds"])[len(results) // 2])  # the median run
+        row["runs_seconds"] = [r["seconds"] for r in results]
+        rows.append(row)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
         with profile(activities=activities) as prof:
             sequential(model, data, device, False, "cpu")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
@@ -150,12 +196,33 @@ def main(argv=None) -> None:
     for row in rows:
         row["tokens_per_second"] = tokens / row["seconds"]
         row["overhead_vs_plain"] = row["seconds"] / base - 1
+        if "pipeline_seconds" in row:  # calibration alone, without oneshot's set-up and wrap-up
+            row["pipeline_overhead_vs_plain"] = row["pipeline_seconds"] / base - 1
         if row["peak_gpu_gib"] is not None and floor:
             row["gpu_peak_over_one_layer_run"] = row["peak_gpu_gib"] / floor
-    print(f"model: {params / 1e6:.0f} M parameters, {args.layers} layers; {tokens} tokens; "
-          f"one layer's weights {one_layer_gib:.3f} GiB; one layer running one batch peaks at {floor} GiB")
-    print(table(rows, ["mode", "seconds", "tokens_per_second", "overhead_vs_plain", "peak_gpu_gib", "gpu_peak_over_one_layer_run", "peak_rss_gib"]))
-    print(f"wrote {write_json('sequential_throughput', {'args': vars(args), 'parameters': params, 'one_layer_run_peak_gib': floor, 'results': rows})}")
+    print(
+        f"model: {params / 1e6:.0f} M parameters, {args.layers} layers; {tokens} tokens; "
+        f"one layer's weights {one_layer_gib:.3f} GiB; one layer running one batch peaks at {floor} GiB"
+    )
+    print(
+        table(
+            rows,
+            [
+                "mode",
+                "seconds",
+                "pipeline_seconds",
+                "tokens_per_second",
+                "overhead_vs_plain",
+                "pipeline_overhead_vs_plain",
+                "peak_gpu_gib",
+                "gpu_peak_over_one_layer_run",
+                "peak_rss_gib",
+            ],
+        )
+    )
+    print(
+        f"wrote {write_json('sequential_throughput', {'args': vars(args), 'parameters': params, 'one_layer_run_peak_gib': floor, 'results': rows})}"
+    )
 
 
 if __name__ == "__main__":

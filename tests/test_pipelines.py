@@ -10,8 +10,14 @@ from llmc import oneshot
 from llmc.modifiers import Modifier
 from llmc.modifiers.quantization import QuantizationModifier
 
-DATA = dict(dataset="llmc-docs", num_calibration_samples=6, max_seq_length=40, batch_size=2,
-            pad_to_max_length=False, data_collator="padding")
+DATA = dict(
+    dataset="llmc-docs",
+    num_calibration_samples=6,
+    max_seq_length=40,
+    batch_size=2,
+    pad_to_max_length=False,
+    data_collator="padding",
+)
 
 
 @attrs.define(kw_only=True)
@@ -28,6 +34,7 @@ class GramModifier(Modifier):
     def on_calibration_start(self, state) -> None:
         for name, module in state.model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
+
                 def hook(mod, args, name=name):
                     if not state.observing:
                         return
@@ -43,8 +50,16 @@ class GramModifier(Modifier):
 
 def _grams(path, pipeline, qac, quantize):
     gram = GramModifier()
-    recipe = ([QuantizationModifier(scheme="W4A16", ignore=["lm_head"])] if quantize else []) + [gram]
-    oneshot(model=str(path), recipe=recipe, pipeline=pipeline, quantization_aware_calibration=qac, **DATA)
+    recipe = ([QuantizationModifier(scheme="W4A16", ignore=["lm_head"])] if quantize else []) + [
+        gram
+    ]
+    oneshot(
+        model=str(path),
+        recipe=recipe,
+        pipeline=pipeline,
+        quantization_aware_calibration=qac,
+        **DATA,
+    )
     return gram.grams
 
 
@@ -75,9 +90,16 @@ def test_static_observers_agree_between_pipelines(llama_path, qac):
     propagates with the final scales of the layer before."""
     scales = {}
     for pipeline in ("basic", "sequential"):
-        model = oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]),
-                        pipeline=pipeline, quantization_aware_calibration=qac, **DATA)
-        scales[pipeline] = {n: m.input_scale.clone() for n, m in model.named_modules() if hasattr(m, "input_scale")}
+        model = oneshot(
+            model=str(llama_path),
+            recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]),
+            pipeline=pipeline,
+            quantization_aware_calibration=qac,
+            **DATA,
+        )
+        scales[pipeline] = {
+            n: m.input_scale.clone() for n, m in model.named_modules() if hasattr(m, "input_scale")
+        }
     assert len(scales["basic"]) == 14
     for name, value in scales["basic"].items():
         if qac and not name.startswith("model.layers.0."):
@@ -87,44 +109,81 @@ def test_static_observers_agree_between_pipelines(llama_path, qac):
 
 def test_sequential_onloads_one_layer_at_a_time(llama_path, monkeypatch):
     """Weights of layers not being calibrated stay off the execution device."""
+    import contextlib
+
     import llmc_pipelines.sequential as seq
 
     resident: set[int] = set()
     peak = []
-    layers = {}
     real = seq.onloaded
-
-    import contextlib
 
     @contextlib.contextmanager
     def counting(modules, device):
         modules = list(modules)
-        key = id(modules[0])
-        is_layer = key in layers
-        if is_layer:
-            resident.add(key)
-            peak.append(len(resident))
+        resident.add(id(modules[0]))
+        peak.append(len(resident))
         with real(modules, device):
             yield
-        resident.discard(key)
-
-    real_targets = seq.sequential_targets
-
-    def targets(model, names):
-        found = real_targets(model, names)
-        layers.update({id(m): n for n, m in found})
-        return found
+        resident.discard(id(modules[0]))
 
     monkeypatch.setattr(seq, "onloaded", counting)
-    monkeypatch.setattr(seq, "sequential_targets", targets)
-    oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]), pipeline="sequential", **DATA)
+    oneshot(
+        model=str(llama_path),
+        recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]),
+        pipeline="sequential",
+        **DATA,
+    )
     assert len(peak) == 2 and max(peak) == 1  # two layers, each onloaded once, alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="onloading to an accelerator needs one")
+@pytest.mark.parametrize("qac", [False, True])
+def test_cuda_holds_one_layer_and_matches_basic(tmp_path, qac):
+    """A model on the CPU calibrates on CUDA with one layer there at a time, returns home
+    entirely, and sees the same statistics as the basic pipeline on the CPU (activations
+    cached on the CPU: outputs come back in one pass, or in a second one)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc import tiny
+
+    path = tiny.save_tiny(tmp_path, num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    on_device = []
+
+    def count(module, args):
+        on_device.append(
+            sum(any(p.is_cuda for p in layer.parameters()) for layer in model.model.layers)
+        )
+
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(count)
+    gram = GramModifier()
+    oneshot(
+        model=model,
+        recipe=[gram],
+        pipeline="sequential",
+        device="cuda",
+        quantization_aware_calibration=qac,
+        **DATA,
+    )
+    assert max(on_device) == 1 and len(on_device) > 4
+    assert not any(t.is_cuda for t in [*model.parameters(), *model.buffers()])
+    reference = GramModifier()
+    oneshot(model=str(path), recipe=[reference], pipeline="basic", device="cpu", **DATA)
+    assert len(reference.grams) == 28
+    for name, expected in reference.grams.items():
+        torch.testing.assert_close(gram.grams[name].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_sequential_targets_name_the_classes(llama_path):
     with pytest.raises(ValueError, match="LlamaDecoderLayer"):
-        oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme="FP8"), pipeline="sequential",
-                sequential_targets=["NoSuchLayer"], **DATA)
+        oneshot(
+            model=str(llama_path),
+            recipe=QuantizationModifier(scheme="FP8"),
+            pipeline="sequential",
+            sequential_targets=["NoSuchLayer"],
+            **DATA,
+        )
 
 
 def test_shared_layers_are_refused_with_a_clear_message(llama_path):
@@ -133,7 +192,9 @@ def test_shared_layers_are_refused_with_a_clear_message(llama_path):
     model = AutoModelForCausalLM.from_pretrained(llama_path)
     model.model.layers[1] = model.model.layers[0]  # one block applied twice (weight sharing)
     with pytest.raises(ValueError, match="model.layers.0 is shared.*pipeline='basic'"):
-        oneshot(model=model, recipe=QuantizationModifier(scheme="FP8"), pipeline="sequential", **DATA)
+        oneshot(
+            model=model, recipe=QuantizationModifier(scheme="FP8"), pipeline="sequential", **DATA
+        )
 
 
 def test_streamed_dataset_is_sampled(llama_path):
@@ -143,7 +204,55 @@ def test_streamed_dataset_is_sampled(llama_path):
     texts = [f"Streaming sample {i}: " + "words of calibration text " * 5 for i in range(40)]
     stream = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
     gram = GramModifier()
-    oneshot(model=str(llama_path), recipe=[gram], pipeline="basic", dataset=stream,
-            num_calibration_samples=5, max_seq_length=32, pad_to_max_length=False)
+    oneshot(
+        model=str(llama_path),
+        recipe=[gram],
+        pipeline="basic",
+        dataset=stream,
+        num_calibration_samples=5,
+        max_seq_length=32,
+        pad_to_max_length=False,
+    )
     assert gram.batches == 5  # num_calibration_samples honoured on a stream
     assert gram.grams["model.layers.0.self_attn.q_proj"].abs().sum() > 0
+
+
+def test_arguments_repeated_across_batches_are_stored_and_loaded_once():
+    from llmc_pipelines.transfers import Transfers, same_tree
+
+    transfers = Transfers(torch.device("cpu"), torch.device("cpu"))
+    latest: dict = {}
+    rotary = [torch.arange(6.0).reshape(2, 3) for _ in range(3)]  # equal values, separate tensors
+    masks = [torch.full((2, 2), float(i)) for i in range(3)]  # different in every batch
+    stored = [
+        transfers.offload_arguments(((), {"rotary": r, "mask": m}), {}, latest)[1]
+        for r, m in zip(rotary, masks, strict=True)
+    ]
+    assert stored[0]["rotary"] is stored[1]["rotary"] is stored[2]["rotary"]
+    assert len({id(s["mask"]) for s in stored}) == 3
+    assert not same_tree(stored[0], stored[1])
+    repeated = transfers.offload_arguments(
+        ((), {"rotary": rotary[0].clone(), "mask": masks[2].clone()}), {}, latest
+    )[1]
+    assert same_tree(
+        repeated, stored[2]
+    )  # every tensor equal to the last batch's: the call can be shared
+
+
+def test_forward_loads_a_shared_call_once_and_returns_outputs():
+    from llmc_pipelines.transfers import Transfers
+
+    transfers = Transfers(torch.device("cpu"), torch.device("cpu"))
+    call = ((), {"scale": torch.tensor(2.0)})
+    inputs = [(torch.full((3,), float(i)), call) for i in range(4)]
+    seen = []
+
+    def fn(index, hidden, loaded):
+        seen.append(id(loaded))
+        return hidden * loaded[1]["scale"] + index
+
+    outputs = transfers.forward(inputs, fn, store=True)
+    assert len(set(seen)) == 1
+    for i, out in enumerate(outputs):
+        torch.testing.assert_close(out, torch.full((3,), 3.0 * i))
+    assert transfers.forward(inputs, fn, store=False) is None

@@ -6,10 +6,11 @@ position embeddings, per-layer-type masks); then each target in turn is moved to
 the execution device, run on every cached batch while modifiers observe it,
 compressed by them at the layer-end event, and run again (when
 ``quantization_aware_calibration``) to produce the next target's inputs. Cached
-activations live on ``sequential_offload_device`` (copies overlap compute, see
-:mod:`llmc_pipelines.transfers`; ``sequential_prefetch`` is accepted for
-compatibility, since loading ahead is always on); only one target's weights are
-on the execution device at a time.
+activations live on ``sequential_offload_device``, and their copies always
+overlap compute (see :mod:`llmc_pipelines.transfers`); arguments every batch
+shares (rotary tables, position ids, masks) are stored and loaded once. Only
+the running target's weights are on the execution device. ``sequential_prefetch``
+is accepted for compatibility: the next batch always loads ahead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -29,7 +30,7 @@ from llmc.lifecycle import State, lifecycle
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
 from llmc_pipelines.basic import to_device
-from llmc_pipelines.transfers import Transfers, lazily_onloaded, onloaded
+from llmc_pipelines.transfers import Transfers, lazily_onloaded, onloaded, same_tree
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class _Captured(Exception):
     """Stops the capture forward once the last target has been recorded."""
 
 
-def sequential_targets(model: torch.nn.Module, targets: Sequence[str] | None) -> list[tuple[str, torch.nn.Module]]:
+def sequential_targets(
+    model: torch.nn.Module, targets: Sequence[str] | None
+) -> list[tuple[str, torch.nn.Module]]:
     """The modules calibrated one at a time, outermost matches only, in execution order."""
     targets = list(targets or getattr(model, "_no_split_modules", None) or [])
     if not targets:
@@ -72,9 +75,12 @@ def sequential_targets(model: torch.nn.Module, targets: Sequence[str] | None) ->
     return found
 
 
-@attrs.define
-class LayerCall:
-    """One target's call arguments for one batch, hidden states excluded."""
+class LayerCall(NamedTuple):
+    """One target's call arguments for one batch, hidden states excluded.
+
+    Targets called with the same arguments (in one batch, or in consecutive
+    batches whose arguments are equal) share one LayerCall object.
+    """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -86,7 +92,9 @@ class BatchCache:
     calls: list[LayerCall]
 
 
-def _shell(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]]) -> list[torch.nn.Module]:
+def _shell(
+    model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]]
+) -> list[torch.nn.Module]:
     """Modules outside every target: what runs around the layers (embeddings, rotary, norm)."""
     inside = {id(m) for _, layer in layers for m in layer.modules()}
     return [m for m in model.modules() if id(m) not in inside]
@@ -98,20 +106,39 @@ def capture(
     batch: dict[str, Any],
     device: torch.device,
     transfers: Transfers,
+    latest: dict[tuple, Any],
+    previous: BatchCache | None,
 ) -> BatchCache:
-    """Record every target's call for ``batch`` with the targets replaced by recorders."""
+    """Record every target's call for ``batch`` with the targets replaced by recorders.
+
+    ``latest`` and ``previous`` (the last batch's cache) let equal arguments be stored once.
+    """
     calls: list[LayerCall] = []
     first_hidden: list[torch.Tensor] = []
     memo: dict[int, torch.Tensor] = {}  # shared tensors (masks, rotary tables) stay shared
     last = layers[-1][1]
     originals = []
+    raw: list[tuple[tuple, dict]] = []  # the last call's arguments as the model passed them
 
     def recorder(layer: torch.nn.Module) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if not calls:
-                first_hidden.append(transfers.to_offload(hidden, memo))
-            calls.append(LayerCall(transfers.to_offload(args[1:], memo), transfers.to_offload(kwargs, memo)))
+                first_hidden.append(
+                    transfers.to_offload(hidden)
+                )  # never aliased: later overwritten in place
+            arguments = (args[1:], kwargs)
+            if raw and same_tree(
+                arguments, raw[-1]
+            ):  # the model passes every layer the same arguments
+                call = calls[-1]
+            else:
+                call = LayerCall(*transfers.offload_arguments(arguments, memo, latest))
+                before = previous.calls[len(calls)] if previous is not None else None
+                if before is not None and same_tree(call, before):
+                    call = before
+            raw.append(arguments)
+            calls.append(call)
             if layer is last:
                 raise _Captured
             return hidden  # the real outputs are computed layer by layer later
@@ -140,8 +167,9 @@ def capture(
     return BatchCache(first_hidden[0], calls)
 
 
-def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
     """One target on one batch; every argument is already on the execution device."""
+    args, kwargs = call
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -172,35 +200,61 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     layers = sequential_targets(model, args.sequential_targets)
     device, offload = state.device, torch.device(args.sequential_offload_device)
     qac = args.quantization_aware_calibration
-    logger.info("Sequential pipeline: %d targets of %s on %s", len(layers), type(layers[0][1]).__name__, device)
+    logger.info(
+        "Sequential pipeline: %d targets of %s on %s",
+        len(layers),
+        type(layers[0][1]).__name__,
+        device,
+    )
 
     transfers = Transfers(device, offload)
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
         with lazily_onloaded(_shell(model, layers), device):
-            caches = [
-                capture(model, layers, batch, device, transfers)
-                for batch in tqdm(loader, desc="Capturing inputs", unit="batch")
-            ]
+            latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeated ones once
+            caches: list[BatchCache] = []
+            for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
+                caches.append(
+                    capture(
+                        model,
+                        layers,
+                        batch,
+                        device,
+                        transfers,
+                        latest,
+                        caches[-1] if caches else None,
+                    )
+                )
+            del latest
         disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
         with disabled:
-            for index, (name, layer) in enumerate(tqdm(layers, desc="Calibrating layers", unit="layer")):
-                inputs = [(c.hidden, c.calls[index].args, c.calls[index].kwargs) for c in caches]
+            for index, (name, layer) in enumerate(
+                tqdm(layers, desc="Calibrating layers", unit="layer")
+            ):
+                inputs = [(c.hidden, c.calls[index]) for c in caches]
                 clock = _PhaseClock(device)
+
+                def calibrate(
+                    b: int, hidden: torch.Tensor, call: LayerCall, layer=layer
+                ) -> torch.Tensor:
+                    out = run_layer(layer, hidden, call)
+                    hook.llmc_batch_end(state=state, batch_index=b)
+                    return out
+
                 with onloaded(layer.modules(), device):
-                    outputs = []
                     state.observing = True
-                    for b, batch in enumerate(transfers.iterate(inputs)):
-                        out = run_layer(layer, *batch)
-                        if not qac:  # the next layer sees this layer's uncompressed outputs
-                            outputs.append(transfers.to_offload(out))
-                        hook.llmc_batch_end(state=state, batch_index=b)
+                    # without quantization-aware calibration the next layer sees these uncompressed outputs
+                    outputs = transfers.forward(inputs, calibrate, store=not qac)
                     clock.mark("calibration")
                     hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
                     clock.mark("compression")
                     if qac:  # the next layer sees this layer's outputs after compression
                         state.observing = False
-                        outputs = [transfers.to_offload(run_layer(layer, *batch)) for batch in transfers.iterate(inputs)]
+                        outputs = transfers.forward(
+                            inputs,
+                            lambda b, h, call, layer=layer: run_layer(layer, h, call),
+                            store=True,
+                        )
                         state.observing = True
                     transfers.synchronize()
                     clock.mark("propagation")

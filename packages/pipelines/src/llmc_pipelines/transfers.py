@@ -1,9 +1,10 @@
-"""Moving cached activations between the offload device and the execution device.
+"""Moving cached activations and layer weights between their home and the execution device.
 
-On CUDA with a CPU cache, copies run on their own stream from pinned memory, one
-batch ahead of the compute, and outputs go back the same way, so transfers hide
-behind the layer's forward passes instead of adding to them. Elsewhere they are
-plain synchronous copies: the same code path, minus the overlap.
+On CUDA with a CPU cache, activation copies run on their own stream from pinned
+memory, one batch ahead of the compute, and outputs go back the same way (into
+the buffers their inputs came from), so transfers hide behind the layer's
+forward passes instead of adding to them. Elsewhere they are plain synchronous
+copies: the same code path, minus the overlap.
 """
 
 from __future__ import annotations
@@ -27,21 +28,40 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def same_tree(a: Any, b: Any) -> bool:
+    """Whether two nested argument structures hold the very same tensors (by identity)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(same_tree(x, y) for x, y in zip(a, b, strict=True))
+        )
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+        )
+    return a is b or (type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b)
+
+
 class Transfers:
+    """Copies between the offload device (where cached activations live) and the execution device."""
+
     def __init__(self, device: torch.device, offload: torch.device) -> None:
         self.device, self.offload = device, offload
         overlap = device.type == "cuda" and offload.type == "cpu"
         self.stream = torch.cuda.Stream(device) if overlap else None
 
-    def _copy(self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _copy(
+        self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
         if id(tensor) not in memo:  # a tensor shared by several arguments is copied once
             if self.stream is not None and device.type == "cpu":
                 target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 memo[id(tensor)] = target.copy_(tensor, non_blocking=True)
-            elif tensor.device.type == "cpu" and self.stream is not None and not tensor.is_pinned():
-                memo[id(tensor)] = tensor.pin_memory().to(device, non_blocking=True)
             else:
-                memo[id(tensor)] = tensor.to(device, non_blocking=self.stream is not None)
+                memo[id(tensor)] = tensor.to(device)
         return memo[id(tensor)]
 
     def to_offload(self, value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
@@ -55,28 +75,113 @@ class Transfers:
         map_tensors(value, lambda t: t.record_stream(self.stream) if t.is_cuda else None)
         return out
 
-    def _load(self, value: Any) -> tuple[Any, torch.cuda.Event | None]:
-        memo: dict[int, torch.Tensor] = {}
-        if self.stream is None:
-            return map_tensors(value, lambda t: self._copy(t, self.device, memo)), None
-        with torch.cuda.stream(self.stream):
-            loaded = map_tensors(value, lambda t: self._copy(t, self.device, memo))
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return loaded, event
+    def offload_arguments(
+        self, value: Any, memo: dict[int, torch.Tensor], latest: dict[tuple, Any]
+    ) -> Any:
+        """Like :meth:`to_offload`, but a tensor equal to the last one of its kind is not stored again.
 
-    def iterate(self, values: Sequence[Any]) -> Iterator[Any]:
-        """Yield each of ``values`` on the execution device, loading the next one meanwhile."""
-        pending = self._load(values[0]) if values else None
-        for index in range(len(values)):
-            loaded, event = pending
-            if index + 1 < len(values):
-                pending = self._load(values[index + 1])
-            if event is not None:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(event)
-                map_tensors(loaded, lambda t, stream=current: t.record_stream(stream))
-            yield loaded
+        Rotary tables, position ids and masks are usually the same in every batch:
+        stored once, the calls that use them can be shared too (see :func:`same_tree`),
+        and loaded once per target instead of once per batch. ``latest`` (kept by the
+        caller across batches) holds the last tensor of each kind.
+        """
+
+        def reuse(tensor: torch.Tensor) -> None:
+            last = latest.get((tensor.shape, tensor.dtype, tensor.device))
+            if id(tensor) not in memo and last is not None and torch.equal(last[0], tensor):
+                memo[id(tensor)] = last[1]
+
+        def remember(tensor: torch.Tensor) -> None:
+            latest[(tensor.shape, tensor.dtype, tensor.device)] = (tensor, memo[id(tensor)])
+
+        map_tensors(value, reuse)
+        out = self.to_offload(value, memo)
+        map_tensors(value, remember)
+        return out
+
+    def _to_device(
+        self, value: Any, memo: dict[int, torch.Tensor], compute: torch.cuda.Stream
+    ) -> Any:
+        """Queue ``value``'s copy to the execution device on the copy stream.
+
+        Targets are allocated on the compute stream, their only reader, so the
+        caching allocator needs no ``record_stream`` for them.
+        """
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def allocate(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in memo:
+                memo[id(tensor)] = torch.empty_like(tensor, device=self.device)
+                fresh.append((memo[id(tensor)], tensor))
+            return memo[id(tensor)]
+
+        loaded = map_tensors(value, allocate)
+        torch.cuda.set_stream(self.stream)
+        try:
+            for target, source in fresh:
+                target.copy_(source, non_blocking=True)
+        finally:
+            torch.cuda.set_stream(compute)
+        return loaded
+
+    def forward(
+        self,
+        inputs: Sequence[tuple[torch.Tensor, Any]],
+        fn: Callable[[int, torch.Tensor, Any], torch.Tensor],
+        store: bool,
+    ) -> list[torch.Tensor] | None:
+        """``fn(index, hidden, call)`` on each input brought to the execution device.
+
+        ``inputs`` are (hidden states, call arguments) on the offload device; calls
+        that are the same object are loaded once. With ``store`` the outputs come
+        back to the offload device; this pass is then the last use of the inputs, so
+        an output overwrites its input's buffer when shapes match. On CUDA with a
+        CPU cache, the next input loads and the last output returns on a copy stream
+        while ``fn`` computes.
+        """
+        outputs: list[torch.Tensor] | None = [] if store else None
+        calls: dict[int, Any] = {}
+        if self.stream is None:
+            for index, (hidden, call) in enumerate(inputs):
+                if id(call) not in calls:
+                    calls[id(call)] = map_tensors(call, lambda t: t.to(self.device))
+                out = fn(index, hidden.to(self.device), calls[id(call)])
+                if outputs is not None:
+                    outputs.append(out.to(self.offload))
+            return outputs
+        compute = torch.cuda.current_stream(self.device)
+        memo: dict[int, torch.Tensor] = {}  # call tensors shared by several calls load once
+
+        def load(index: int) -> tuple[torch.Tensor, Any, torch.cuda.Event]:
+            hidden, call = inputs[index]
+            loaded_hidden = self._to_device(hidden, {}, compute)
+            if id(call) not in calls:
+                calls[id(call)] = self._to_device(call, memo, compute)
+            return loaded_hidden, calls[id(call)], self.stream.record_event()
+
+        pending = load(0) if inputs else None
+        for index in range(len(inputs)):
+            hidden, call, event = pending
+            if index + 1 < len(inputs):
+                pending = load(index + 1)
+            compute.wait_event(event)
+            out = fn(index, hidden, call)
+            if outputs is not None:
+                source = inputs[index][0]
+                same = (
+                    source.shape == out.shape and source.dtype == out.dtype and source.is_pinned()
+                )
+                target = (
+                    source if same else torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                )
+                self.stream.wait_stream(compute)
+                torch.cuda.set_stream(self.stream)
+                try:
+                    outputs.append(target.copy_(out, non_blocking=True))
+                finally:
+                    torch.cuda.set_stream(compute)
+                out.record_stream(self.stream)
+        return outputs
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -93,7 +198,7 @@ def _move_own_tensors(
     for tensor in [*module._parameters.values(), *module._buffers.values()]:
         if tensor is not None and tensor.device != device:
             moved.append((tensor, tensor.device))
-            tensor.data = tensor.data.to(device)
+            tensor.data = tensor.data.to(device, non_blocking=device.type == "cuda")
 
 
 def _move_back(moved: list[tuple[torch.Tensor, torch.device]]) -> None:
@@ -103,7 +208,12 @@ def _move_back(moved: list[tuple[torch.Tensor, torch.device]]) -> None:
 
 @contextlib.contextmanager
 def onloaded(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
-    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back."""
+    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back.
+
+    Synchronous on purpose: loading the next target from a worker thread measured
+    slower on the GPU machine (the worker's copies stall the thread that launches
+    the kernels), so only the running target is ever on the device.
+    """
     moved: list[tuple[torch.Tensor, torch.device]] = []
     for module in modules:
         _move_own_tensors(module, device, moved)
