@@ -256,3 +256,61 @@ def test_forward_loads_a_shared_call_once_and_returns_outputs():
     for i, out in enumerate(outputs):
         torch.testing.assert_close(out, torch.full((3,), 3.0 * i))
     assert transfers.forward(inputs, fn, store=False) is None
+
+
+def _tokenizer_path(tmp_path):
+    from llmc import tiny
+
+    tiny.build_tokenizer(2048).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_encoder_decoder_with_both_stacks_targeted_is_refused_naming_one_stack(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=2048, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    model = T5ForConditionalGeneration(config)
+    recipe = QuantizationModifier(scheme="FP8", ignore=["lm_head"])
+    common = dict(model=model, tokenizer=_tokenizer_path(tmp_path), recipe=recipe, **DATA)
+    with pytest.raises(ValueError, match=r"encoder-decoder.*re:\^encoder\\\.block\\\.\\d\+\$"):
+        oneshot(pipeline="sequential", **common)
+    # T5's blocks pass their position bias on: one block cannot run without the one before
+    with pytest.raises(RuntimeError, match=r"position bias.*pipeline='basic'"):
+        oneshot(pipeline="sequential", sequential_targets=[r"re:^encoder\.block\.\d+$"], **common)
+
+
+def test_one_stack_of_an_encoder_decoder_calibrates_like_basic(tmp_path):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=2048,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).eval()
+    tokenizer = _tokenizer_path(tmp_path)
+    grams = {}
+    for pipeline, targets in (
+        ("basic", None),
+        ("sequential", [r"re:^model\.encoder\.layers\.\d+$"]),
+    ):
+        gram = GramModifier()
+        oneshot(
+            model=model,
+            tokenizer=tokenizer,
+            recipe=[gram],
+            pipeline=pipeline,
+            sequential_targets=targets,
+            **DATA,
+        )
+        grams[pipeline] = {k: v for k, v in gram.grams.items() if ".encoder." in k}
+    assert len(grams["basic"]) == 12
+    for name, expected in grams["basic"].items():
+        torch.testing.assert_close(grams["sequential"][name], expected, rtol=1e-6, atol=1e-6)

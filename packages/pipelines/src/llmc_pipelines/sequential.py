@@ -72,7 +72,36 @@ def sequential_targets(
                 "to run once per forward. Use pipeline='basic', or sequential_targets= naming a "
                 "module that is not shared."
             )
+    _check_one_stack(model, found)
     return found
+
+
+def _check_one_stack(model: torch.nn.Module, found: list[tuple[str, torch.nn.Module]]) -> None:
+    """Refuse targets in both stacks of an encoder-decoder model.
+
+    The decoder's cross-attention reads the encoder's final output, which layer-by-layer
+    calibration produces only after every encoder layer ran: captured decoder inputs
+    would be silently wrong.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        return
+    inside = {id(m) for m in model.get_encoder().modules()}
+    encoder = [name for name, module in found if id(module) in inside]
+    decoder = [name for name, module in found if id(module) not in inside]
+    if encoder and decoder:
+
+        def stack(names: list[str]) -> str:
+            return "'re:^" + names[0].rsplit(".", 1)[0].replace(".", "\\.") + "\\.\\d+$'"
+
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model and the sequential targets "
+            f"include layers of both its encoder ({encoder[0]}, ...) and its decoder "
+            f"({decoder[0]}, ...): the decoder needs the encoder's final output, which "
+            "layer-by-layer calibration computes only at the end. Calibrate one stack, e.g. "
+            f"sequential_targets=[{stack(encoder)}] (or the decoder's, [{stack(decoder)}]), "
+            "or use pipeline='basic'."
+        )
 
 
 class LayerCall(NamedTuple):
@@ -152,6 +181,16 @@ def capture(
         model(**to_device(batch, device), use_cache=False)
     except _Captured:
         pass
+    except Exception as err:
+        reached = f"after {layers[len(calls) - 1][0]}" if calls else "before the first target"
+        raise RuntimeError(
+            f"{type(model).__name__} failed while the sequential pipeline captured its targets' "
+            f"inputs ({reached}): {type(err).__name__}: {err}. The pipeline runs each "
+            f"target ({type(layers[0][1]).__name__}) on its own, so a target's inputs may depend "
+            "only on the previous target's hidden states, not on its other outputs (e.g. T5's "
+            "position bias). Pass sequential_targets= naming a module that contains the "
+            "dependency, or use pipeline='basic'."
+        ) from err
     finally:
         for (_, layer), original in zip(layers, originals, strict=True):
             if original is None:
