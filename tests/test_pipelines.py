@@ -314,3 +314,20 @@ def test_one_stack_of_an_encoder_decoder_calibrates_like_basic(tmp_path):
     assert len(grams["basic"]) == 12
     for name, expected in grams["basic"].items():
         torch.testing.assert_close(grams["sequential"][name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_operation_between_layers_is_refused(llama_path):
+    from transformers import AutoModelForCausalLM
+
+    class Doubling(torch.nn.Module):
+        """Runs between the decoder layers, outside every sequential target."""
+
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states * 2
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[0], Doubling(), layers[1]])
+    model.config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match=r"between model\.layers\.0 and model\.layers\.2"):
+        oneshot(model=model, recipe=[GramModifier()], pipeline="sequential", **DATA)

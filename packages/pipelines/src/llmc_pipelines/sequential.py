@@ -39,6 +39,10 @@ class _Captured(Exception):
     """Stops the capture forward once the last target has been recorded."""
 
 
+class _NotAStack(ValueError):
+    """The model does something between targets that layer-by-layer calibration would skip."""
+
+
 def sequential_targets(
     model: torch.nn.Module, targets: Sequence[str] | None
 ) -> list[tuple[str, torch.nn.Module]]:
@@ -148,18 +152,17 @@ def capture(
     last = layers[-1][1]
     originals = []
     raw: list[tuple[tuple, dict]] = []  # the last call's arguments as the model passed them
+    returned: list[torch.Tensor] = []  # what the last recorder handed back to the model
 
     def recorder(layer: torch.nn.Module) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            if not calls:
-                first_hidden.append(
-                    transfers.to_offload(hidden)
-                )  # never aliased: later overwritten in place
+            if not calls:  # its own buffer, never aliased: later overwritten in place
+                first_hidden.append(transfers.to_offload(hidden))
+            elif previous is None:
+                _check_nothing_between(model, layers, len(calls), returned[-1], hidden)
             arguments = (args[1:], kwargs)
-            if raw and same_tree(
-                arguments, raw[-1]
-            ):  # the model passes every layer the same arguments
+            if raw and same_tree(arguments, raw[-1]):  # every layer gets the same arguments
                 call = calls[-1]
             else:
                 call = LayerCall(*transfers.offload_arguments(arguments, memo, latest))
@@ -170,6 +173,7 @@ def capture(
             calls.append(call)
             if layer is last:
                 raise _Captured
+            returned.append(hidden)
             return hidden  # the real outputs are computed layer by layer later
 
         return record
@@ -181,6 +185,8 @@ def capture(
         model(**to_device(batch, device), use_cache=False)
     except _Captured:
         pass
+    except _NotAStack:
+        raise
     except Exception as err:
         reached = f"after {layers[len(calls) - 1][0]}" if calls else "before the first target"
         raise RuntimeError(
@@ -204,6 +210,26 @@ def capture(
             "sequential_targets= naming the repeated block (e.g. the decoder layer class)."
         )
     return BatchCache(first_hidden[0], calls)
+
+
+def _check_nothing_between(
+    model: torch.nn.Module,
+    layers: list[tuple[str, torch.nn.Module]],
+    index: int,
+    handed_back: torch.Tensor,
+    received: torch.Tensor,
+) -> None:
+    """Refuse a model that changes the hidden states between two targets (checked on the
+    first batch): layer-by-layer calibration feeds each target the previous one's output
+    and would skip the operation. A different shape is not a change: a model that indexes
+    a tuple output (``outputs[0]``) gets a slice of the tensor a recorder handed back."""
+    if received.shape == handed_back.shape and not torch.equal(received, handed_back):
+        raise _NotAStack(
+            f"{type(model).__name__} changes the hidden states between {layers[index - 1][0]} "
+            f"and {layers[index][0]} with an operation outside the sequential targets; "
+            "calibrating layer by layer would skip it. Pass sequential_targets= naming modules "
+            "that include it, or use pipeline='basic'."
+        )
 
 
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
