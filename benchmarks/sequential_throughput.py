@@ -115,11 +115,15 @@ def plain_forward(model, data, device) -> dict:
     return {"mode": "plain forward (whole model on device)", "seconds": seconds, **peak_memory()}
 
 
-def sequential(model, data, device, qac: bool, offload: str) -> dict:
+def sequential(model, data, device, qac: bool, offload: str, resident: bool = False) -> dict:
+    """``resident``: the model's weights start (and stay) on the device, as when it fits there;
+    otherwise they start on the CPU and each layer moves to the device for its turn."""
     from torch.utils.data import DataLoader
 
     from llmc import oneshot
 
+    if resident:
+        model.to(device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -138,7 +142,8 @@ def sequential(model, data, device, qac: bool, offload: str) -> dict:
     )
     sync()
     seconds = time.perf_counter() - started
-    mode = f"sequential (qac={qac}, offload={offload})"
+    model.to("cpu")
+    mode = f"sequential (qac={qac}, offload={offload}{', weights resident' if resident else ''})"
     pipeline = idle.ended - idle.started
     return {"mode": mode, "seconds": seconds, "pipeline_seconds": pipeline, **peak_memory()}
 
@@ -171,9 +176,12 @@ def main(argv=None) -> None:
     modes = [lambda: plain_forward(model, data, device)]
     for qac in (False, True):
         for offload in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
-            modes.append(
-                lambda qac=qac, offload=offload: sequential(model, data, device, qac, offload)
-            )
+            for resident in (False, True) if device.type == "cuda" and not qac else (False,):
+                modes.append(
+                    lambda qac=qac, offload=offload, resident=resident: sequential(
+                        model, data, device, qac, offload, resident
+                    )
+                )
     # interleaved, so that drift in the machine's speed hits every mode alike
     runs = [[mode() for mode in modes] for _ in range(args.repeats)]
     rows = []

@@ -51,7 +51,10 @@ class Transfers:
     def __init__(self, device: torch.device, offload: torch.device) -> None:
         self.device, self.offload = device, offload
         overlap = device.type == "cuda" and offload.type == "cpu"
-        self.stream = torch.cuda.Stream(device) if overlap else None
+        # one stream per direction: each has its own copy engine, and a load never waits
+        # behind a store that waits for the compute
+        self.stream = torch.cuda.Stream(device) if overlap else None  # to the offload device
+        self.loads = torch.cuda.Stream(device) if overlap else None  # to the execution device
 
     def _copy(
         self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]
@@ -102,7 +105,7 @@ class Transfers:
     def _to_device(
         self, value: Any, memo: dict[int, torch.Tensor], compute: torch.cuda.Stream
     ) -> Any:
-        """Queue ``value``'s copy to the execution device on the copy stream.
+        """Queue ``value``'s copy to the execution device on the load stream.
 
         Targets are allocated on the compute stream, their only reader, so the
         caching allocator needs no ``record_stream`` for them.
@@ -116,7 +119,7 @@ class Transfers:
             return memo[id(tensor)]
 
         loaded = map_tensors(value, allocate)
-        torch.cuda.set_stream(self.stream)
+        torch.cuda.set_stream(self.loads)
         try:
             for target, source in fresh:
                 target.copy_(source, non_blocking=True)
@@ -136,7 +139,7 @@ class Transfers:
         that are the same object are loaded once. With ``store`` the outputs come
         back to the offload device; this pass is then the last use of the inputs, so
         an output overwrites its input's buffer when shapes match. On CUDA with a
-        CPU cache, the next input loads and the last output returns on a copy stream
+        CPU cache, the next input loads and the last output returns on copy streams
         while ``fn`` computes.
         """
         outputs: list[torch.Tensor] | None = [] if store else None
@@ -157,7 +160,7 @@ class Transfers:
             loaded_hidden = self._to_device(hidden, {}, compute)
             if id(call) not in calls:
                 calls[id(call)] = self._to_device(call, memo, compute)
-            return loaded_hidden, calls[id(call)], self.stream.record_event()
+            return loaded_hidden, calls[id(call)], self.loads.record_event()
 
         pending = load(0) if inputs else None
         for index in range(len(inputs)):
@@ -186,6 +189,7 @@ class Transfers:
     def synchronize(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
+            self.loads.synchronize()
 
 
 def _move_own_tensors(
