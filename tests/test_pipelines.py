@@ -222,21 +222,19 @@ def test_arguments_repeated_across_batches_are_stored_and_loaded_once():
 
     transfers = Transfers(torch.device("cpu"), torch.device("cpu"))
     latest: dict = {}
-    rotary = [torch.arange(6.0).reshape(2, 3) for _ in range(3)]  # equal values, separate tensors
-    masks = [torch.full((2, 2), float(i)) for i in range(3)]  # different in every batch
-    stored = [
-        transfers.offload_arguments(((), {"rotary": r, "mask": m}), {}, latest)[1]
-        for r, m in zip(rotary, masks, strict=True)
-    ]
-    assert stored[0]["rotary"] is stored[1]["rotary"] is stored[2]["rotary"]
-    assert len({id(s["mask"]) for s in stored}) == 3
+
+    def arguments(i, mask):  # cos and sin: same shape and dtype, different values
+        cos, sin = torch.arange(6.0).reshape(2, 3), -torch.arange(6.0).reshape(2, 3)
+        return ((), {"position_embeddings": (cos, sin), "mask": torch.full((2, 2), float(mask))})
+
+    stored = [transfers.offload_arguments(arguments(i, i), {}, latest)[1] for i in range(3)]
+    rotary = [s["position_embeddings"] for s in stored]
+    assert rotary[0][0] is rotary[1][0] is rotary[2][0] and rotary[0][1] is rotary[2][1]
+    torch.testing.assert_close(rotary[2][1], -torch.arange(6.0).reshape(2, 3))
+    assert len({id(s["mask"]) for s in stored}) == 3  # different in every batch
     assert not same_tree(stored[0], stored[1])
-    repeated = transfers.offload_arguments(
-        ((), {"rotary": rotary[0].clone(), "mask": masks[2].clone()}), {}, latest
-    )[1]
-    assert same_tree(
-        repeated, stored[2]
-    )  # every tensor equal to the last batch's: the call can be shared
+    repeated = transfers.offload_arguments(arguments(3, 2), {}, latest)[1]
+    assert same_tree(repeated, stored[2])  # every tensor equal to the last batch's: one call
 
 
 def test_forward_loads_a_shared_call_once_and_returns_outputs():

@@ -81,25 +81,24 @@ class Transfers:
     def offload_arguments(
         self, value: Any, memo: dict[int, torch.Tensor], latest: dict[tuple, Any]
     ) -> Any:
-        """Like :meth:`to_offload`, but a tensor equal to the last one of its kind is not stored again.
+        """Like :meth:`to_offload`, but a tensor equal to the last batch's in its place is not
+        stored again.
 
         Rotary tables, position ids and masks are usually the same in every batch:
         stored once, the calls that use them can be shared too (see :func:`same_tree`),
         and loaded once per target instead of once per batch. ``latest`` (kept by the
-        caller across batches) holds the last tensor of each kind.
+        caller across batches) holds the last tensor seen at each place in the arguments.
         """
-
-        def reuse(tensor: torch.Tensor) -> None:
-            last = latest.get((tensor.shape, tensor.dtype, tensor.device))
+        leaves: list[torch.Tensor] = []
+        map_tensors(value, leaves.append)
+        keys = [(place, t.shape, t.dtype, t.device) for place, t in enumerate(leaves)]
+        for key, tensor in zip(keys, leaves, strict=True):
+            last = latest.get(key)
             if id(tensor) not in memo and last is not None and torch.equal(last[0], tensor):
                 memo[id(tensor)] = last[1]
-
-        def remember(tensor: torch.Tensor) -> None:
-            latest[(tensor.shape, tensor.dtype, tensor.device)] = (tensor, memo[id(tensor)])
-
-        map_tensors(value, reuse)
         out = self.to_offload(value, memo)
-        map_tensors(value, remember)
+        for key, tensor in zip(keys, leaves, strict=True):
+            latest[key] = (tensor, memo[id(tensor)])
         return out
 
     def _to_device(
