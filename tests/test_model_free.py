@@ -113,9 +113,9 @@ def test_nvfp4_fused_groups_split_across_shards(sharded_llama, tmp_path, monkeyp
     reads: list[str] = []
     original = shards.read_tensors
 
-    def counting(checkpoint, wanted):
+    def counting(checkpoint, wanted, **kwargs):
         reads.extend(n for names in wanted.values() for n in names)
-        return original(checkpoint, wanted)
+        return original(checkpoint, wanted, **kwargs)
 
     monkeypatch.setattr("llmc.model_free.run.read_tensors", counting)
     model_free_ptq(sharded_llama, tmp_path / "free", "NVFP4A16", ignore=["lm_head"], max_workers=3)

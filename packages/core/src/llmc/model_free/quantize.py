@@ -54,8 +54,15 @@ def quantize_tensors(
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bring device tensors back with one copy: many small copies each pay a round trip."""
-    host = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]).cpu()
+    """Bring device tensors back with one copy (many small copies each pay a round trip),
+    into pinned memory from a CUDA device, where the copy runs at full bus speed."""
+    packed = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()])
+    if packed.is_cuda:
+        host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(packed.device).synchronize()
+    else:
+        host = packed.cpu()
     return typed_views(host, ((name, t.dtype, tuple(t.shape)) for name, t in tensors.items()))
 
 

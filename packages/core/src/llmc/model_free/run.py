@@ -322,7 +322,7 @@ def process_checkpoint(
         if record is not None:
             return {**record, "resumed": True}
         clock = time.perf_counter()
-        tensors = read_tensors(checkpoint, job.reads)
+        tensors = read_tensors(checkpoint, job.reads, pinned=exec_device.type == "cuda")
         tensors = _convert(tensors, converters, validate=False)
         selected = plan.select_quantizable(tensors, config, where=job.shard) if config is not None else {}
         kept = len(tensors) - len(selected)

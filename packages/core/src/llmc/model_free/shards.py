@@ -167,15 +167,20 @@ def open_checkpoint(root: Path) -> Checkpoint:
     return Checkpoint(root, headers, weight_map, _other_files(root, shards))
 
 
-def read_tensors(checkpoint: Checkpoint, wanted: Mapping[str, Iterable[str]]) -> dict[str, torch.Tensor]:
+def read_tensors(
+    checkpoint: Checkpoint, wanted: Mapping[str, Iterable[str]], pinned: bool = False
+) -> dict[str, torch.Tensor]:
     """Read only the named tensors of each shard (partial reads) into one host buffer per shard.
 
     Adjacent tensors are read with one call; every tensor is a view of the buffer.
+    ``pinned`` buffers (for a CUDA device) come from torch's pinned-memory cache: they
+    are resident, so reading fills them without page faults, and the copies to the
+    device run at full speed without blocking the reading thread.
     """
     tensors: dict[str, torch.Tensor] = {}
     for shard, names in wanted.items():
         infos = sorted((checkpoint.headers[shard][n] for n in names), key=lambda i: i.offset)
-        buffer = torch.empty(sum(i.nbytes for i in infos), dtype=torch.uint8)
+        buffer = torch.empty(sum(i.nbytes for i in infos), dtype=torch.uint8, pin_memory=pinned)
         view = memoryview(buffer.numpy())
         runs: list[list[int]] = []  # [file offset, buffer position, length] of adjacent tensors
         position = 0
