@@ -1,6 +1,6 @@
 """Moving cached activations and layer weights between their home and the execution device.
 
-On CUDA with a CPU cache, activation copies run on their own stream from pinned
+On CUDA with a CPU cache, activation copies run on their own streams from pinned
 memory, one batch ahead of the compute, and outputs go back the same way (into
 the buffers their inputs came from), so transfers hide behind the layer's
 forward passes instead of adding to them. Elsewhere they are plain synchronous
@@ -53,14 +53,14 @@ class Transfers:
         overlap = device.type == "cuda" and offload.type == "cpu"
         # one stream per direction: each has its own copy engine, and a load never waits
         # behind a store that waits for the compute
-        self.stream = torch.cuda.Stream(device) if overlap else None  # to the offload device
+        self.stores = torch.cuda.Stream(device) if overlap else None  # to the offload device
         self.loads = torch.cuda.Stream(device) if overlap else None  # to the execution device
 
     def _copy(
         self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]
     ) -> torch.Tensor:
         if id(tensor) not in memo:  # a tensor shared by several arguments is copied once
-            if self.stream is not None and device.type == "cpu":
+            if self.stores is not None and device.type == "cpu":
                 target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 memo[id(tensor)] = target.copy_(tensor, non_blocking=True)
             else:
@@ -70,12 +70,12 @@ class Transfers:
     def to_offload(self, value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
         """Send ``value`` (tensors, nested) to the offload device; returns immediately on CUDA."""
         memo = {} if memo is None else memo
-        if self.stream is None:
+        if self.stores is None:
             return map_tensors(value, lambda t: self._copy(t, self.offload, memo))
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        self.stores.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stores):
             out = map_tensors(value, lambda t: self._copy(t, self.offload, memo))
-        map_tensors(value, lambda t: t.record_stream(self.stream) if t.is_cuda else None)
+        map_tensors(value, lambda t: t.record_stream(self.stores) if t.is_cuda else None)
         return out
 
     def offload_arguments(
@@ -143,7 +143,7 @@ class Transfers:
         """
         outputs: list[torch.Tensor] | None = [] if store else None
         calls: dict[int, Any] = {}
-        if self.stream is None:
+        if self.stores is None:
             for index, (hidden, call) in enumerate(inputs):
                 if id(call) not in calls:
                     calls[id(call)] = map_tensors(call, lambda t: t.to(self.device))
@@ -176,18 +176,18 @@ class Transfers:
                 target = (
                     source if same else torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
                 )
-                self.stream.wait_stream(compute)
-                torch.cuda.set_stream(self.stream)
+                self.stores.wait_stream(compute)
+                torch.cuda.set_stream(self.stores)
                 try:
                     outputs.append(target.copy_(out, non_blocking=True))
                 finally:
                     torch.cuda.set_stream(compute)
-                out.record_stream(self.stream)
+                out.record_stream(self.stores)
         return outputs
 
     def synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
+        if self.stores is not None:
+            self.stores.synchronize()
             self.loads.synchronize()
 
 
@@ -201,7 +201,7 @@ def _move_own_tensors(
     for tensor in [*module._parameters.values(), *module._buffers.values()]:
         if tensor is not None and tensor.device != device:
             moved.append((tensor, tensor.device))
-            tensor.data = tensor.data.to(device, non_blocking=device.type == "cuda")
+            tensor.data = tensor.data.to(device)
 
 
 def _move_back(moved: list[tuple[torch.Tensor, torch.device]]) -> None:
