@@ -10,6 +10,10 @@ peak memory) on the same warm files:
 * ``peer``: llm-compressor's ``model_free_ptq`` (with ``--peer-path``, a site
   directory that holds llmcompressor), same checkpoint, workers and device.
 
+Files are read from the page cache (warm: reading runs at memory speed) unless
+``--cold``, which drops the page cache before every measurement (root only), so
+that reading runs at the disk's speed as for a checkpoint larger than memory.
+
     python -m benchmarks.model_free --size-gb 1 --workers 2
 """
 
@@ -117,9 +121,19 @@ def measure(kind: str, src: Path, out: Path, scheme: str | None, workers: int, d
     return {"seconds": seconds, **peak_memory(), **extra}
 
 
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs root to write /proc/sys/vm/drop_caches ({exc}).") from exc
+
+
 def _subprocess(kind: str, src: Path, scheme: str | None, args: argparse.Namespace) -> dict | None:
     out = Path(tempfile.mkdtemp(dir=args.workdir, prefix=f"out-{kind}-"))
     shutil.rmtree(out)
+    if args.cold:
+        drop_page_cache()
     env = dict(os.environ, TQDM_DISABLE="1")
     if kind == "peer":
         env["PYTHONPATH"] = os.pathsep.join([args.peer_path, env.get("PYTHONPATH", "")])
@@ -146,6 +160,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.environ.get("LLMC_CACHE", tempfile.gettempdir()))
     parser.add_argument("--peer-path", default=None)
     parser.add_argument("--repeats", type=int, default=1, help="best of N for each row")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -159,7 +174,8 @@ def main() -> None:
     src = make_checkpoint(Path(args.workdir) / f"model-free-{args.size_gb:g}gb-{args.shard_mb}mb", args.size_gb, args.shard_mb)
     nbytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     shards = len(list(src.glob("*.safetensors")))
-    _subprocess("copy", src, None, args)  # warm the page cache for every row alike
+    if not args.cold:
+        _subprocess("copy", src, None, args)  # warm the page cache for every row alike
 
     plan = [("copy", None)] + [("llmc", s) for s in SCHEMES]
     if args.peer_path:
@@ -175,10 +191,12 @@ def main() -> None:
     for row in rows:
         row["fraction_of_limit"] = limit / row["seconds"]
     columns = ["tool", "scheme", "seconds", "gb_per_s", "fraction_of_limit", "peak_rss_gib", "peak_gpu_gib"]
-    print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16 in {shards} shards; workers={args.workers} device={args.device or 'auto'}")
+    cache = "cold" if args.cold else "warm"
+    print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16 in {shards} shards, {cache} page cache; "
+          f"workers={args.workers} device={args.device or 'auto'}")
     print(table(rows, columns))
     path = write_json("model_free", {"checkpoint_gb": nbytes / 1e9, "shards": shards, "workers": args.workers,
-                                     "device": args.device, "rows": rows})
+                                     "device": args.device, "page_cache": cache, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -327,6 +327,33 @@ def test_safetensors_header_reader_agrees_with_safetensors(sharded_llama):
                 assert infos[name].meta().dtype == t.dtype
 
 
+def test_shard_writer_writes_the_bytes_save_file_writes(tmp_path):
+    """Shards are written from tensor memory, in safetensors' own layout: same bytes as save_file."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.weight": torch.randn(24, 40, generator=gen).to(torch.bfloat16),
+        "w.weight_scale": torch.rand(3, 5, generator=gen),
+        "w.weight_packed": torch.randint(0, 255, (24, 20), dtype=torch.uint8, generator=gen),
+        "w.zero_point": torch.randint(-8, 8, (24, 1), dtype=torch.int8, generator=gen),
+        "fp8": torch.randn(8, 16, generator=gen).to(torch.float8_e4m3fn),
+        "half": torch.randn(7, generator=gen).half(),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "shape": torch.tensor([11, 13], dtype=torch.int64),
+        "ints": torch.arange(5, dtype=torch.int32),
+        "empty": torch.empty(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "strided": torch.randn(6, 4, generator=gen).t(),
+    }
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    size = shards.write_tensors_atomically(tensors, ours)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, theirs, metadata={"format": "pt"})
+    assert ours.read_bytes() == theirs.read_bytes() and size == ours.stat().st_size
+    assert not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(TypeError, match="complex64"):
+        shards.write_tensors_atomically({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_to_host_keeps_every_tensor_and_dtype():
     """The one-copy device-to-host transfer, including odd byte offsets between dtypes."""
     tensors = {
@@ -341,9 +368,50 @@ def test_to_host_keeps_every_tensor_and_dtype():
 
 
 def test_warm_up_runs_every_data_free_scheme():
-    """The GPU warm-up quantizes a small weight per scheme; it must accept every scheme model_free does."""
+    """The GPU warm-up quantizes a weight of each (scheme, shape, dtype) the checkpoint holds;
+    it must accept every scheme model_free does."""
     from llmc.model_free.quantize import warm_up
     from llmc.model_free.run import resolve_scheme
 
     for scheme in ("FP8_BLOCK", "NVFP4A16", "W4A16", "W8A16", "MXFP4", "FP8_DYNAMIC"):
-        warm_up(list(resolve_scheme(scheme, []).config_groups.values()), torch.device("cpu"))
+        (group,) = resolve_scheme(scheme, []).config_groups.values()
+        kinds = [(group, torch.Size((256, 512)), torch.bfloat16), (group, torch.Size((128, 256)), torch.float16)]
+        warm_up(kinds, torch.device("cpu"))
+
+
+def test_eager_kernels_switch_is_scoped_and_shared_by_threads():
+    """Compression runs compressed-tensors' eager kernels inside the block, and only there."""
+    import threading
+
+    from compressed_tensors.utils import impl_backend
+
+    from llmc.quantization.kernels import eager_kernels
+
+    before = impl_backend.ENFORCE_EAGER
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker():
+        with eager_kernels():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(10)
+    with pytest.raises(RuntimeError):
+        with eager_kernels():
+            assert impl_backend.ENFORCE_EAGER is True
+            raise RuntimeError
+    assert impl_backend.ENFORCE_EAGER is True  # the worker's block is still open
+    release.set()
+    thread.join()
+    assert impl_backend.ENFORCE_EAGER == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares a GPU run with a CPU run")
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "NVFP4A16", "W4A16", "MXFP4"])
+def test_gpu_and_cpu_write_the_same_bytes(sharded_llama, tmp_path, scheme):
+    model_free_ptq(sharded_llama, tmp_path / "cpu", scheme, ignore=["lm_head"], device="cpu")
+    model_free_ptq(sharded_llama, tmp_path / "gpu", scheme, ignore=["lm_head"], max_workers=2, device="cuda")
+    assert_same_tensors(tmp_path / "cpu", tmp_path / "gpu")

@@ -17,6 +17,7 @@ from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import forward_quantize
 
 from llmc.quantization.calibrate import quantized_modules
+from llmc.quantization.kernels import eager_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,12 @@ def save_compressed_tensors(
     go to transformers' ``save_pretrained``.
     """
     fmt = None if save_compressed else CompressionFormat.dense.value
-    if not save_compressed:
-        _fake_quantize_weights(model)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    if compressor.quantization_config is not None:
-        compressor.compress_model(model, skip_compressed=True)
+    with eager_kernels():
+        if not save_compressed:
+            _fake_quantize_weights(model)
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+        if compressor.quantization_config is not None:
+            compressor.compress_model(model, skip_compressed=True)
     model.save_pretrained(output_dir, **save_kwargs)
     compressor.update_config(str(output_dir))
     if processor is not None:

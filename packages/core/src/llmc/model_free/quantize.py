@@ -8,7 +8,7 @@ That is why the two entrypoints write bit-identical tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from compressed_tensors.compressors import compress_module
@@ -17,6 +17,7 @@ from compressed_tensors.quantization.lifecycle.initialize import initialize_modu
 
 from llmc.model_free.shards import typed_views
 from llmc.quantization.calibrate import calibrate_weight, freeze, fused_global_scales
+from llmc.quantization.kernels import eager_kernels
 
 
 def _linear(weight: torch.Tensor, scheme: QuantizationScheme) -> torch.nn.Linear:
@@ -42,10 +43,11 @@ def quantize_tensors(
         calibrate_weight(module, gscales.get(module_name))
     freeze(modules.items())
     compressed: dict[str, torch.Tensor] = {}
-    for module_name, module in modules.items():
-        compress_module(module)
-        for key, value in module.state_dict().items():
-            compressed[f"{module_name}.{key}"] = value
+    with eager_kernels():  # as oneshot's saver: the same bytes, and no Triton start-up per process
+        for module_name, module in modules.items():
+            compress_module(module)
+            for key, value in module.state_dict().items():
+                compressed[f"{module_name}.{key}"] = value
     on_device = {k: v for k, v in compressed.items() if v.device.type != "cpu"}
     tensors.update(compressed)
     if on_device:
@@ -66,10 +68,11 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return typed_views(host, ((name, t.dtype, tuple(t.shape)) for name, t in tensors.items()))
 
 
-def warm_up(schemes: list[QuantizationScheme], device: torch.device) -> None:
-    """Quantize a small weight per scheme so CUDA start-up and kernel compilation happen
-    while the first shards are still being read, not inside the first job."""
-    for index, scheme in enumerate(schemes):
-        weight = torch.randn(256, 512, dtype=torch.bfloat16, device=device)
-        name = f"warmup.{index}.q_proj.weight"
+def warm_up(weights: Iterable[tuple[QuantizationScheme, torch.Size, torch.dtype]], device: torch.device) -> None:
+    """Quantize one random weight of each (scheme, shape, dtype) the checkpoint holds, so that
+    CUDA start-up and the loading of every kernel the jobs use (CUDA loads them lazily, on
+    first launch) happen while the first shards are still being read, not inside a job."""
+    for index, (scheme, shape, dtype) in enumerate(weights):
+        weight = torch.randn(shape, device=device).to(dtype)
+        name = f"warmup.{index}.weight"
         quantize_tensors({name: weight}, {name: scheme}, device)

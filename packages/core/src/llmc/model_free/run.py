@@ -247,24 +247,24 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def _warm_device(config: QuantizationConfig | None, device: torch.device) -> Any:
-    """The lock that gives a GPU to one job at a time, first held by a warm-up thread."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    lock = threading.Lock()
-    lock.acquire()
+def _warm_device(weights: list[tuple[QuantizationScheme, torch.Size, torch.dtype]], device: torch.device) -> threading.Event:
+    """Set once a warm-up thread has started CUDA and loaded the kernels for ``weights``
+    (already set on a CPU): jobs wait for it before they quantize."""
+    ready = threading.Event()
+    if device.type != "cuda" or not weights:
+        ready.set()
+        return ready
 
     def run() -> None:
         try:
-            if config is not None:
-                warm_up(list(config.config_groups.values()), device)
+            warm_up(weights, device)
         except Exception:  # a real job will report the same problem properly
             logger.debug("model_free warm-up failed", exc_info=True)
         finally:
-            lock.release()
+            ready.set()
 
     threading.Thread(target=run, name="llmc-warm-up", daemon=True).start()
-    return lock
+    return ready
 
 
 def _run_jobs(fn: Callable[[plan.Job], Any], jobs: Sequence[plan.Job], workers: int, desc: str) -> list[Any]:
@@ -300,16 +300,25 @@ def process_checkpoint(
     checkpoint = open_checkpoint(root)
     jobs = plan.plan_jobs(checkpoint, _partners(converters, checkpoint, group_fused))
 
-    def validate(job: plan.Job) -> None:
+    groups = dict(config.config_groups) if config is not None else {}
+    group_of = {id(scheme): name for name, scheme in groups.items()}
+
+    def validate(job: plan.Job) -> set[tuple[str, torch.Size, torch.dtype]]:
+        """Fail before any work on a shape the scheme cannot take; (group, shape, dtype) of
+        each weight to quantize."""
         metas = {n: checkpoint.info(n).meta() for n in job.names}
         metas = _convert(metas, converters, validate=True)
-        if config is not None:
-            plan.select_quantizable(metas, config, where=job.shard)
+        if config is None:
+            return set()
+        selected = plan.select_quantizable(metas, config, where=job.shard)
+        return {(group_of[id(scheme)], metas[n].shape, metas[n].dtype) for n, scheme in selected.items()}
 
     progress = _Progress(out, _fingerprint(checkpoint, config, converters))
     progress.check()
-    _run_jobs(validate, jobs, max_workers, "Validating")
-    device_lock = _warm_device(config, exec_device)  # overlaps the file copies and first reads
+    kinds = sorted(set().union(*_run_jobs(validate, jobs, max_workers, "Validating")), key=str)
+    # the warm-up overlaps the file copies and the first reads
+    warmed = _warm_device([(groups[g], shape, dtype) for g, shape, dtype in kinds], exec_device)
+    device_lock = threading.Lock() if exec_device.type == "cuda" else contextlib.nullcontext()
     progress.start()
     for rel in checkpoint.other_files:
         if rel != CONFIG_NAME:
@@ -328,7 +337,10 @@ def process_checkpoint(
         kept = len(tensors) - len(selected)
         phases = {"read": time.perf_counter() - clock}
         if selected:
-            with device_lock:  # one job at a time on a GPU; others read and write meanwhile
+            warmed.wait()
+            # One job at a time on a GPU (measured faster than a stream per worker); the
+            # others read and write meanwhile.
+            with device_lock:
                 tensors = quantize_tensors(tensors, selected, exec_device)
         phases["quantize"] = time.perf_counter() - clock - phases["read"]
         file_bytes = write_tensors_atomically(tensors, out / job.shard)

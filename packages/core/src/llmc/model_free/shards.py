@@ -2,7 +2,10 @@
 
 Headers are parsed here so that a truncated or corrupt file is reported with
 its name before any tensor is read, and so that a job reads exactly the byte
-ranges it needs into one buffer; shards are written with ``safetensors`` itself.
+ranges it needs into one buffer. Shards are written here too, in the same
+layout ``safetensors.torch.save_file`` writes, but straight from the tensors'
+memory: ``save_file`` first copies the whole shard into bytes while holding the
+GIL, which stalls every other worker.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Any
 
 import attrs
 import torch
-from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +30,20 @@ INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
+# In the order of safetensors' dtype enum, which sorts a written file's tensors.
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
     "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
 }
 
 
@@ -238,8 +241,44 @@ def atomic_file(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[torch.Tensor]]:
+    """The serialized header and the tensors in the order safetensors writes them: by dtype,
+    last of its enum first, then by name (so the bytes equal ``save_file``'s)."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    rank = {dtype: i for i, dtype in enumerate(DTYPES.values())}
+    ordered = sorted(tensors.items(), key=lambda item: (-rank.get(item[1].dtype, 0), item[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor in ordered:
+        if tensor.dtype not in names:
+            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors here.")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(raw)) + raw, [t for _, t in ordered]
+
+
 def write_tensors_atomically(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
-    """Write a shard through :func:`atomic_file`; its size."""
+    """Write a safetensors shard through :func:`atomic_file`; its size.
+
+    Each tensor's bytes go to the file straight from its (host) memory: no serialized
+    copy of the shard is built, and the writes release the GIL, so workers that write
+    overlap workers that quantize.
+    """
+    head, ordered = _header(tensors, {"format": "pt"})
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        with tmp.open("wb", buffering=0) as f:
+            f.write(head)
+            for tensor in ordered:
+                if tensor.numel():
+                    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                    _write_all(f, memoryview(data.numpy()))
     return path.stat().st_size
+
+
+def _write_all(f: Any, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
