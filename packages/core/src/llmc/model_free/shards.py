@@ -245,13 +245,14 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) ->
     """The serialized header and the tensors in the order safetensors writes them: by dtype,
     last of its enum first, then by name (so the bytes equal ``save_file``'s)."""
     names = {dtype: name for name, dtype in DTYPES.items()}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors here.")
     rank = {dtype: i for i, dtype in enumerate(DTYPES.values())}
-    ordered = sorted(tensors.items(), key=lambda item: (-rank.get(item[1].dtype, 0), item[0]))
+    ordered = sorted(tensors.items(), key=lambda item: (-rank[item[1].dtype], item[0]))
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, tensor in ordered:
-        if tensor.dtype not in names:
-            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors here.")
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
