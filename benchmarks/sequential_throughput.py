@@ -166,6 +166,12 @@ def main(argv=None) -> None:
         help="runs of each mode, interleaved; the fastest is reported (others are interference)",
     )
     parser.add_argument(
+        "--modes",
+        default="",
+        help="comma-separated, 'plain' first: plain,cpu,cpu-resident,cuda,cuda-resident,"
+        "qac-cpu,qac-cuda (default: all the device allows)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="print where the sequential pipeline spends CPU time"
     )
     args = parser.parse_args(argv)
@@ -176,15 +182,19 @@ def main(argv=None) -> None:
     data = batches(args)
     tokens = args.batches * args.batch_size * args.seq
     sequential(model, data[:1], device, True, "cpu")  # warm-up: imports, plugin registry, kernels
-    modes = [lambda: plain_forward(model, data, device)]
+    available = {"plain": lambda: plain_forward(model, data, device)}
     for qac in (False, True):
         for offload in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
             for resident in (False, True) if device.type == "cuda" and not qac else (False,):
-                modes.append(
-                    lambda qac=qac, offload=offload, resident=resident: sequential(
-                        model, data, device, qac, offload, resident
-                    )
+                name = ("qac-" if qac else "") + offload + ("-resident" if resident else "")
+                available[name] = lambda qac=qac, offload=offload, resident=resident: sequential(
+                    model, data, device, qac, offload, resident
                 )
+    chosen = args.modes.split(",") if args.modes else list(available)
+    unknown = sorted(set(chosen) - set(available))
+    if unknown or chosen[0] != "plain":
+        parser.error(f"--modes: first 'plain', then any of {', '.join(available)}; got {args.modes}")
+    modes = [available[name] for name in chosen]
     # interleaved, so that drift in the machine's speed hits every mode alike
     runs = [[mode() for mode in modes] for _ in range(args.repeats)]
     rows = []

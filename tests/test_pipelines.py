@@ -111,22 +111,21 @@ def test_sequential_onloads_one_layer_at_a_time(llama_path, monkeypatch):
     """Weights of layers not being calibrated stay off the execution device."""
     import contextlib
 
-    import llmc_pipelines.sequential as seq
+    from llmc_pipelines.onloading import Onloader
 
     resident: set[int] = set()
     peak = []
-    real = seq.onloaded
+    real = Onloader.onloaded
 
     @contextlib.contextmanager
-    def counting(modules, device):
-        modules = list(modules)
-        resident.add(id(modules[0]))
+    def counting(self, index):
+        resident.add(index)
         peak.append(len(resident))
-        with real(modules, device):
+        with real(self, index):
             yield
-        resident.discard(id(modules[0]))
+        resident.discard(index)
 
-    monkeypatch.setattr(seq, "onloaded", counting)
+    monkeypatch.setattr(Onloader, "onloaded", counting)
     oneshot(
         model=str(llama_path),
         recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]),

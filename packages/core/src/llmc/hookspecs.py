@@ -143,6 +143,9 @@ def llmc_sequential_layer_end(state: State, layer_name: str, layer: torch.nn.Mod
     """Called when every calibration batch has passed through one sequential
     target (a decoder layer by default). Modifiers compress that layer now, so
     its outputs can be recomputed with the compressed weights for the next one.
+    Change only ``layer``'s tensors here: the next target's weights are already
+    staged for the device (a replaced tensor is staged again, an in-place edit
+    of another layer would be lost).
     """
 
 

@@ -9,8 +9,10 @@ compressed by them at the layer-end event, and run again (when
 activations live on ``sequential_offload_device``, and their copies always
 overlap compute (see :mod:`llmc_pipelines.transfers`); arguments every batch
 shares (rotary tables, position ids, masks) are stored and loaded once. Only
-the running target's weights are on the execution device. ``sequential_prefetch``
-is accepted for compatibility: the next batch always loads ahead.
+the running target's weights are on the execution device; the next target's are
+staged in pinned memory meanwhile (see :mod:`llmc_pipelines.onloading`).
+``sequential_prefetch`` is accepted for compatibility: the next batches always
+load ahead.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from llmc.lifecycle import State, lifecycle
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
 from llmc_pipelines.basic import to_device
-from llmc_pipelines.transfers import Transfers, lazily_onloaded, onloaded, same_tree
+from llmc_pipelines.onloading import Onloader, lazily_onloaded
+from llmc_pipelines.transfers import Transfers, same_tree
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +243,21 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> 
 
 
 class _PhaseClock:
-    """Wall time of each phase of one layer (synchronising the device at phase ends)."""
+    """Wall time of each phase of one layer, for the debug log.
+
+    Only when that log is on: timing a phase synchronises the device at its end,
+    which stalls the launch of the next phase's kernels.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.enabled = logger.isEnabledFor(logging.DEBUG)
         self.phases: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def mark(self, phase: str) -> None:
+        if not self.enabled:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
@@ -292,38 +302,44 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 )
             del latest
         disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
-        with disabled:
-            for index, (name, layer) in enumerate(
-                tqdm(layers, desc="Calibrating layers", unit="layer")
-            ):
-                inputs = [(c.hidden, c.calls[index]) for c in caches]
-                clock = _PhaseClock(device)
+        onloader = Onloader([layer for _, layer in layers], device)
+        try:
+            with disabled:
+                for index, (name, layer) in enumerate(
+                    tqdm(layers, desc="Calibrating layers", unit="layer")
+                ):
+                    inputs = [(c.hidden, c.calls[index]) for c in caches]
+                    clock = _PhaseClock(device)
 
-                def calibrate(
-                    b: int, hidden: torch.Tensor, call: LayerCall, layer=layer
-                ) -> torch.Tensor:
-                    out = run_layer(layer, hidden, call)
-                    hook.llmc_batch_end(state=state, batch_index=b)
-                    return out
+                    def calibrate(
+                        b: int, hidden: torch.Tensor, call: LayerCall, layer=layer
+                    ) -> torch.Tensor:
+                        out = run_layer(layer, hidden, call)
+                        hook.llmc_batch_end(state=state, batch_index=b)
+                        return out
 
-                with onloaded(layer.modules(), device):
-                    state.observing = True
-                    # without quantization-aware calibration the next layer sees these uncompressed outputs
-                    outputs = transfers.forward(inputs, calibrate, store=not qac)
-                    clock.mark("calibration")
-                    hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
-                    clock.mark("compression")
-                    if qac:  # the next layer sees this layer's outputs after compression
-                        state.observing = False
-                        outputs = transfers.forward(
-                            inputs,
-                            lambda b, h, call, layer=layer: run_layer(layer, h, call),
-                            store=True,
-                        )
+                    with onloader.onloaded(index):
                         state.observing = True
-                    transfers.synchronize()
-                    clock.mark("propagation")
-                logger.info("%s: %s", name, clock)
-                for cache, out in zip(caches, outputs, strict=True):
-                    cache.hidden = out
+                        # without quantization-aware calibration the next layer sees these
+                        # uncompressed outputs
+                        outputs = transfers.forward(inputs, calibrate, store=not qac)
+                        clock.mark("calibration")
+                        onloader.settle()  # other layers' weights are home before modifiers look
+                        hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
+                        clock.mark("compression")
+                        if qac:  # the next layer sees this layer's outputs after compression
+                            state.observing = False
+                            outputs = transfers.forward(
+                                inputs,
+                                lambda b, h, call, layer=layer: run_layer(layer, h, call),
+                                store=True,
+                            )
+                            state.observing = True
+                        clock.mark("propagation")
+                    logger.debug("%s: %s", name, clock)
+                    for cache, out in zip(caches, outputs, strict=True):
+                        cache.hidden = out
+        finally:
+            onloader.close()
+            transfers.synchronize()
         hook.llmc_calibration_end(state=state)

@@ -1,19 +1,30 @@
-"""Moving cached activations and layer weights between their home and the execution device.
+"""Moving cached activations between the offload device and the execution device.
 
 On CUDA with a CPU cache, activation copies run on their own streams from pinned
-memory, one batch ahead of the compute, and outputs go back the same way (into
-the buffers their inputs came from), so transfers hide behind the layer's
+memory, a chunk of batches ahead of the compute, and outputs go back the same way
+(into the buffers their inputs came from), so transfers hide behind the layer's
 forward passes instead of adding to them. Elsewhere they are plain synchronous
-copies: the same code path, minus the overlap.
+copies: the same code path, minus the overlap. Weights move with
+:mod:`llmc_pipelines.onloading`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+# Batches whose copies share one stream switch: up to this many bytes of hidden states, and
+# at most _CHUNK_BATCHES. Each batch of a chunk is on the device at once (next chunk loading,
+# last chunk's outputs returning), so the budget stays small against a layer's own memory.
+_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BATCHES = 8
+
+
+def _chunk_size(hidden: torch.Tensor) -> int:
+    """Batches moved per stream switch: many when batches are small, one when they are large."""
+    return max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // max(1, hidden.numel() * hidden.element_size())))
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -101,30 +112,31 @@ class Transfers:
             latest[key] = (tensor, memo[id(tensor)])
         return out
 
-    def _to_device(
-        self, value: Any, memo: dict[int, torch.Tensor], compute: torch.cuda.Stream
+    def _allocate(
+        self, value: Any, memo: dict[int, torch.Tensor], copies: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> Any:
-        """Queue ``value``'s copy to the execution device on the load stream.
+        """Device buffers for ``value``'s tensors, their copies queued in ``copies``.
 
-        Targets are allocated on the compute stream, their only reader, so the
+        Buffers are allocated on the compute stream, their only reader, so the
         caching allocator needs no ``record_stream`` for them.
         """
-        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def allocate(tensor: torch.Tensor) -> torch.Tensor:
             if id(tensor) not in memo:
                 memo[id(tensor)] = torch.empty_like(tensor, device=self.device)
-                fresh.append((memo[id(tensor)], tensor))
+                copies.append((memo[id(tensor)], tensor))
             return memo[id(tensor)]
 
-        loaded = map_tensors(value, allocate)
-        torch.cuda.set_stream(self.loads)
+        return map_tensors(value, allocate)
+
+    def _on(self, stream: torch.cuda.Stream, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        compute = torch.cuda.current_stream(self.device)
+        torch.cuda.set_stream(stream)
         try:
-            for target, source in fresh:
+            for target, source in copies:
                 target.copy_(source, non_blocking=True)
         finally:
             torch.cuda.set_stream(compute)
-        return loaded
 
     def forward(
         self,
@@ -138,8 +150,10 @@ class Transfers:
         that are the same object are loaded once. With ``store`` the outputs come
         back to the offload device; this pass is then the last use of the inputs, so
         an output overwrites its input's buffer when shapes match. On CUDA with a
-        CPU cache, the next input loads and the last output returns on copy streams
-        while ``fn`` computes.
+        CPU cache, the next chunk of inputs loads and the last chunk's outputs
+        return on copy streams while ``fn`` computes; copies go a chunk at a time
+        because switching streams and synchronising them costs the launching
+        thread ~50 µs, as much as a small batch's kernels.
         """
         outputs: list[torch.Tensor] | None = [] if store else None
         calls: dict[int, Any] = {}
@@ -152,99 +166,51 @@ class Transfers:
                     outputs.append(out.to(self.offload))
             return outputs
         compute = torch.cuda.current_stream(self.device)
+        self.loads.wait_stream(self.stores)  # inputs may be the last pass's outputs, still arriving
         memo: dict[int, torch.Tensor] = {}  # call tensors shared by several calls load once
+        size = _chunk_size(inputs[0][0]) if inputs else 1
 
-        def load(index: int) -> tuple[torch.Tensor, Any, torch.cuda.Event]:
-            hidden, call = inputs[index]
-            loaded_hidden = self._to_device(hidden, {}, compute)
-            if id(call) not in calls:
-                calls[id(call)] = self._to_device(call, memo, compute)
-            return loaded_hidden, calls[id(call)], self.loads.record_event()
+        def load(start: int) -> tuple[list[Any], torch.cuda.Event]:
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            loaded = []
+            for hidden, call in inputs[start : start + size]:
+                if id(call) not in calls:
+                    calls[id(call)] = self._allocate(call, memo, copies)
+                loaded.append((self._allocate(hidden, {}, copies), calls[id(call)]))
+            self._on(self.loads, copies)
+            return loaded, self.loads.record_event()
 
         pending = load(0) if inputs else None
-        for index in range(len(inputs)):
-            hidden, call, event = pending
-            if index + 1 < len(inputs):
-                pending = load(index + 1)
+        for start in range(0, len(inputs), size):
+            loaded, event = pending
+            if start + size < len(inputs):
+                pending = load(start + size)
             compute.wait_event(event)
-            out = fn(index, hidden, call)
+            results = []
+            for offset in range(len(loaded)):
+                hidden, call = loaded[offset]
+                loaded[offset] = None  # each input's buffer frees once its batch ran
+                out = fn(start + offset, hidden, call)
+                del hidden
+                if outputs is not None:
+                    results.append(out)
             if outputs is not None:
-                source = inputs[index][0]
-                same = (
-                    source.shape == out.shape and source.dtype == out.dtype and source.is_pinned()
-                )
-                target = (
-                    source if same else torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                )
+                copies = []
+                for offset, out in enumerate(results):
+                    source = inputs[start + offset][0]
+                    same = source.shape == out.shape and source.dtype == out.dtype and source.is_pinned()
+                    target = source if same else torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    copies.append((target, out))
+                    outputs.append(target)
                 self.stores.wait_stream(compute)
-                torch.cuda.set_stream(self.stores)
-                try:
-                    outputs.append(target.copy_(out, non_blocking=True))
-                finally:
-                    torch.cuda.set_stream(compute)
-                out.record_stream(self.stores)
+                self._on(self.stores, copies)
+                for out in results:
+                    out.record_stream(self.stores)
         return outputs
 
     def synchronize(self) -> None:
+        """Wait for every copy: outputs stored by :meth:`forward` are complete after this."""
         if self.stores is not None:
             self.stores.synchronize()
             self.loads.synchronize()
 
-
-def _move_own_tensors(
-    module: torch.nn.Module, device: torch.device, moved: list[tuple[torch.Tensor, torch.device]]
-) -> None:
-    """Move the tensors ``module`` holds directly, in place (``.data``), recording where they were.
-
-    Parameters keep their identity, so every hook and reference to them stays valid.
-    """
-    for tensor in [*module._parameters.values(), *module._buffers.values()]:
-        if tensor is not None and tensor.device != device:
-            moved.append((tensor, tensor.device))
-            tensor.data = tensor.data.to(device)
-
-
-def _move_back(moved: list[tuple[torch.Tensor, torch.device]]) -> None:
-    for tensor, home in moved:
-        tensor.data = tensor.data.to(home)
-
-
-@contextlib.contextmanager
-def onloaded(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
-    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back.
-
-    Synchronous on purpose: loading the next target from a worker thread measured
-    slower on the GPU machine (the worker's copies stall the thread that launches
-    the kernels), so only the running target is ever on the device.
-    """
-    moved: list[tuple[torch.Tensor, torch.device]] = []
-    for module in modules:
-        _move_own_tensors(module, device, moved)
-    try:
-        yield
-    finally:
-        _move_back(moved)
-
-
-@contextlib.contextmanager
-def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
-    """Move each of ``modules``' own tensors to ``device`` only when that module runs.
-
-    Used for the modules around the layers during capture: the input embeddings
-    come to the execution device, the output head (never reached) stays put.
-    """
-    moved: list[tuple[torch.Tensor, torch.device]] = []
-    done: set[int] = set()
-
-    def onload(module: torch.nn.Module, *_: Any) -> None:
-        if id(module) not in done:
-            done.add(id(module))
-            _move_own_tensors(module, device, moved)
-
-    handles = [m.register_forward_pre_hook(onload) for m in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        _move_back(moved)

@@ -1,0 +1,251 @@
+"""Bringing a module's weights to the execution device for its turn, and home after.
+
+Tensors move in place (``.data``): parameters keep their identity, so every hook
+and reference to them stays valid.
+
+:class:`Onloader` moves the sequential targets one after another. From CPU
+memory to CUDA a synchronous copy from pageable memory blocks the thread that
+launches the kernels for milliseconds per layer, so a worker thread copies the
+next target's tensors into pinned staging memory while the current target runs
+(plain CPU copies, which release the GIL; the worker makes no CUDA call but
+waiting on an event), and the main thread moves a whole target in one
+asynchronous copy each way. Both copies run on the compute stream: they are
+ordered with the layer's kernels without events, and the device buffer is
+reused by the next target as soon as its copy home is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+_ALIGN = 256  # bytes: every dtype's alignment, and the device allocator's granularity
+
+
+def _own_tensors(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers ``modules`` hold directly, each tensor once."""
+    seen: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None:
+                seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+def _move_own_tensors(
+    module: torch.nn.Module, device: torch.device, moved: list[tuple[torch.Tensor, torch.device]]
+) -> None:
+    """Move the tensors ``module`` holds directly to ``device``, recording where they were."""
+    for tensor in _own_tensors([module]):
+        if tensor.device != device:
+            moved.append((tensor, tensor.device))
+            tensor.data = tensor.data.to(device)
+
+
+def _move_back(moved: list[tuple[torch.Tensor, torch.device]]) -> None:
+    for tensor, home in moved:
+        tensor.data = tensor.data.to(home)
+
+
+@contextlib.contextmanager
+def onloaded(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Move the tensors held directly by ``modules`` to ``device`` for the block, then back."""
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    for module in modules:
+        _move_own_tensors(module, device, moved)
+    try:
+        yield
+    finally:
+        _move_back(moved)
+
+
+@contextlib.contextmanager
+def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Move each of ``modules``' own tensors to ``device`` only when that module runs.
+
+    Used for the modules around the layers during capture: the input embeddings
+    come to the execution device, the output head (never reached) stays put.
+    """
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    done: set[int] = set()
+
+    def onload(module: torch.nn.Module, *_: Any) -> None:
+        if id(module) not in done:
+            done.add(id(module))
+            _move_own_tensors(module, device, moved)
+
+    handles = [m.register_forward_pre_hook(onload) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _move_back(moved)
+
+
+def _signature(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies a tensor's data: ``.data`` is a new object on every access."""
+    return tensor.data_ptr(), tensor.shape, tensor.dtype, tensor.stride(), tensor.device
+
+
+def _stageable(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_quantized
+    )
+
+
+class _Staged:
+    """One target's CPU tensors laid out in a pinned buffer: where each one goes."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.signatures = [_signature(t) for t in tensors]  # to notice replacements
+        self.offsets: list[int] = []
+        size = 0
+        for t in tensors:
+            self.offsets.append(size)
+            size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        self.size = size
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def view(self, flat: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Bytes of tensor ``index`` in ``flat`` (pinned buffer or device copy), shaped ``like``."""
+        offset = self.offsets[index]
+        return (
+            flat[offset : offset + like.numel() * like.element_size()]
+            .view(like.dtype)
+            .view(like.shape)
+        )
+
+    def replaced(self) -> bool:
+        return any(_signature(t) != s for t, s in zip(self.tensors, self.signatures, strict=True))
+
+
+class Onloader:
+    """Each target's own tensors on ``device`` during :meth:`onloaded`, home after.
+
+    Call :meth:`settle` before anything outside the running target may read
+    weights (a modifier's layer-end event), and :meth:`close` at the end: the
+    copies home finish in the background.
+    """
+
+    def __init__(self, targets: Sequence[torch.nn.Module], device: torch.device) -> None:
+        self.targets = list(targets)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.staging = device.type == "cuda"
+        self._worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="llmc-onload") if self.staging else None
+        )
+        self._buffers: list[torch.Tensor] = []  # two pinned buffers, targets alternate
+        self._staged: dict[int, Future[_Staged | None]] = {}
+        self._pending: list[Future[Any]] = []
+        self._lock = threading.Lock()
+
+    def _cpu_tensors(self, index: int) -> list[torch.Tensor]:
+        return [t for t in _own_tensors(self.targets[index].modules()) if _stageable(t)]
+
+    def _buffer(self, slot: int, size: int) -> torch.Tensor:
+        with self._lock:  # the worker grows a buffer; the main thread only reads them
+            while len(self._buffers) <= slot:
+                self._buffers.append(torch.empty(0, dtype=torch.uint8))
+            if self._buffers[slot].numel() < size:
+                self._buffers[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            return self._buffers[slot]
+
+    def _stage(self, index: int) -> _Staged | None:
+        """Worker: copy target ``index``'s CPU tensors into its pinned buffer."""
+        tensors = self._cpu_tensors(index)
+        if not tensors:
+            return None
+        layout = _Staged(tensors)
+        layout.buffer = self._buffer(index % 2, layout.size)
+        for i, tensor in enumerate(tensors):
+            layout.view(layout.buffer, i, tensor).copy_(tensor.data)
+        return layout
+
+    def _submit(self, fn: Any, *args: Any) -> Future[Any]:
+        assert self._worker is not None
+        future = self._worker.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def settle(self) -> None:
+        """Wait for the worker: earlier targets' tensors are home, the next one is staged."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    @contextlib.contextmanager
+    def onloaded(self, index: int) -> Iterator[None]:
+        """Target ``index``'s tensors on the device for the block; the next target is staged meanwhile."""
+        if not self.staging:
+            with onloaded(self.targets[index].modules(), self.device):
+                yield
+            return
+        if index not in self._staged:
+            self._staged[index] = self._submit(self._stage, index)
+        layout = self._staged.pop(index).result()
+        if layout is not None and layout.replaced():
+            # replaced while staged (by the previous target's layer-end event): stage again
+            layout = self._stage(index)
+        flat = None
+        if layout is not None:
+            flat = torch.empty(layout.size, dtype=torch.uint8, device=self.device)
+            flat.copy_(layout.buffer[: layout.size], non_blocking=True)
+            homes = [t.data for t in layout.tensors]
+            for i, tensor in enumerate(layout.tensors):
+                tensor.data = layout.view(flat, i, tensor)
+            layout.signatures = [_signature(t) for t in layout.tensors]
+            self._submit(homes.clear)  # freeing large CPU tensors costs page unmapping: not here
+        # buffers of targets that live on another device (neither CPU nor this one) move directly
+        moved: list[tuple[torch.Tensor, torch.device]] = []
+        for module in self.targets[index].modules():
+            _move_own_tensors(module, self.device, moved)
+        if index + 1 < len(self.targets):
+            self._staged[index + 1] = self._submit(self._stage, index + 1)
+        try:
+            yield
+        finally:
+            _move_back(moved)
+            if layout is not None and flat is not None:
+                self._send_home(layout, flat)
+
+    def _send_home(self, layout: _Staged, flat: torch.Tensor) -> None:
+        """Copy the target back through its pinned buffer; fresh CPU tensors fill in the background."""
+        kept = [
+            i
+            for i, (t, onloaded_as) in enumerate(
+                zip(layout.tensors, layout.signatures, strict=True)
+            )
+            if _signature(t) == onloaded_as
+        ]
+        for i, tensor in enumerate(layout.tensors):
+            if i not in kept:  # replaced during the block (e.g. compressed): moves on its own
+                tensor.data = tensor.data.to("cpu")
+        layout.buffer[: layout.size].copy_(flat, non_blocking=True)
+        done = torch.cuda.current_stream(self.device).record_event()
+        homes = [
+            (torch.empty(layout.tensors[i].shape, dtype=layout.tensors[i].dtype), i) for i in kept
+        ]
+        for home, i in homes:
+            layout.tensors[i].data = home
+
+        def fill() -> None:
+            done.synchronize()
+            for home, i in homes:
+                home.copy_(layout.view(layout.buffer, i, home))
+
+        self._submit(fill)
+
+    def close(self) -> None:
+        """Wait for every copy home; the worker stops."""
+        if self._worker is not None:
+            self.settle()
+            self._worker.shutdown()

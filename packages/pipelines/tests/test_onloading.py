@@ -1,0 +1,106 @@
+"""Moving weights and activations to the GPU and back: exact round trips, edits kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc_pipelines.onloading import Onloader
+from llmc_pipelines.transfers import Transfers
+
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="moving to an accelerator needs one"
+)
+
+
+def _blocks(n: int) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    blocks = []
+    for _ in range(n):
+        block = torch.nn.Sequential(
+            torch.nn.Linear(48, 40), torch.nn.LayerNorm(40, dtype=torch.bfloat16)
+        )
+        block.register_buffer("steps", torch.arange(7, dtype=torch.int64))
+        block.register_buffer("mask", torch.tensor([True, False, True]))
+        block.tied = block[0]  # the same module reached twice: its tensors move once
+        blocks.append(block)
+    return blocks
+
+
+@cuda
+def test_onloader_moves_one_block_at_a_time_and_keeps_every_edit():
+    blocks = _blocks(4)
+    original = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
+    expected = [dict(state) for state in original]  # what each block holds when its turn comes
+    params = [list(b.parameters()) for b in blocks]
+    onloader = Onloader(blocks, torch.device("cuda"))
+    for index, block in enumerate(blocks):
+        with onloader.onloaded(index):
+            on_device = [any(t.is_cuda for t in b.state_dict().values()) for b in blocks]
+            assert on_device == [i == index for i in range(len(blocks))]
+            for key, value in block.state_dict().items():
+                assert torch.equal(value.cpu(), expected[index][key]), (index, key)
+            onloader.settle()
+            block[0].weight.data.mul_(2)  # edited in place: comes home through staging
+            block[0].bias.data = block[0].bias.data.double()  # replaced: comes home on its own
+            if index + 1 < len(blocks):  # replaced after the next block was staged: staged again
+                norm = torch.full((40,), 3.0, dtype=torch.bfloat16)
+                blocks[index + 1][1].weight.data = norm
+                expected[index + 1]["1.weight"] = norm.clone()
+    onloader.close()
+    for index, block in enumerate(blocks):
+        assert list(block.parameters()) == params[index]  # the same Parameter objects
+        state = block.state_dict()
+        assert not any(t.is_cuda for t in state.values())
+        assert torch.equal(state["0.weight"], original[index]["0.weight"] * 2)
+        assert state["0.bias"].dtype == torch.float64
+        assert torch.equal(state["0.bias"], original[index]["0.bias"].double())
+        for key in ("1.weight", "1.bias", "steps", "mask"):
+            assert torch.equal(state[key], expected[index][key]), (index, key)
+
+
+@cuda
+def test_onloader_leaves_weights_already_on_the_device_alone():
+    blocks = [b.cuda() for b in _blocks(2)]
+    weights = [b[0].weight.data for b in blocks]
+    onloader = Onloader(blocks, torch.device("cuda"))
+    for index in range(2):
+        with onloader.onloaded(index):
+            pass
+    onloader.close()
+    assert all(
+        b[0].weight.data.data_ptr() == w.data_ptr() for b, w in zip(blocks, weights, strict=True)
+    )
+
+
+@cuda
+@pytest.mark.parametrize("hidden_size", [4, 2**20])  # many batches per chunk, and one
+def test_chunked_transfers_match_the_cpu_and_store_in_place(hidden_size):
+    transfers = Transfers(torch.device("cuda"), torch.device("cpu"))
+    call = ((), {"scale": transfers.to_offload(torch.tensor(2.0, device="cuda"))})
+    inputs = [
+        (transfers.to_offload(torch.full((3, hidden_size), float(i), device="cuda")), call)
+        for i in range(19)
+    ]
+    transfers.synchronize()
+    buffers = [hidden.data_ptr() for hidden, _ in inputs]
+    seen = []
+
+    def fn(index, hidden, loaded):
+        assert hidden.is_cuda and loaded[1]["scale"].is_cuda
+        seen.append(id(loaded))
+        out = hidden * loaded[1]["scale"] + index
+        return out if index % 5 else out[:, :2]  # another shape: a new pinned buffer
+
+    outputs = transfers.forward(inputs, fn, store=True)
+    transfers.synchronize()
+    assert len(set(seen)) == 1 and len(outputs) == 19
+    for index, out in enumerate(outputs):
+        assert out.device.type == "cpu" and out.is_pinned()
+        expected = torch.full((3, hidden_size), 3.0 * index)
+        if index % 5:
+            assert out.data_ptr() == buffers[index]  # the input's buffer, overwritten
+            torch.testing.assert_close(out, expected)
+        else:
+            torch.testing.assert_close(out, expected[:, :2])
+    assert transfers.forward(inputs, fn, store=False) is None
