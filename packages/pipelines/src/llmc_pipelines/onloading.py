@@ -247,5 +247,7 @@ class Onloader:
     def close(self) -> None:
         """Wait for every copy home; the worker stops."""
         if self._worker is not None:
-            self.settle()
-            self._worker.shutdown()
+            try:
+                self.settle()
+            finally:
+                self._worker.shutdown()
