@@ -143,7 +143,8 @@ class Onloader:
         self._worker = (
             ThreadPoolExecutor(1, thread_name_prefix="llmc-onload") if self.staging else None
         )
-        self._buffers: list[torch.Tensor] = []  # two pinned buffers, targets alternate
+        # two pinned buffers, grown on demand; consecutive targets alternate between them
+        self._buffers = [torch.empty(0, dtype=torch.uint8)] * 2
         self._staged: dict[int, Future[_Staged | None]] = {}
         self._pending: list[Future[Any]] = []
         self._lock = threading.Lock()
@@ -152,9 +153,7 @@ class Onloader:
         return [t for t in _own_tensors(self.targets[index].modules()) if _stageable(t)]
 
     def _buffer(self, slot: int, size: int) -> torch.Tensor:
-        with self._lock:  # the worker grows a buffer; the main thread only reads them
-            while len(self._buffers) <= slot:
-                self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        with self._lock:  # the worker stages; the main thread stages again a replaced target
             if self._buffers[slot].numel() < size:
                 self._buffers[slot] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             return self._buffers[slot]
@@ -195,7 +194,6 @@ class Onloader:
         if layout is not None and layout.replaced():
             # replaced while staged (by the previous target's layer-end event): stage again
             layout = self._stage(index)
-        flat = None
         if layout is not None:
             flat = torch.empty(layout.size, dtype=torch.uint8, device=self.device)
             flat.copy_(layout.buffer[: layout.size], non_blocking=True)
@@ -204,30 +202,25 @@ class Onloader:
                 tensor.data = layout.view(flat, i, tensor)
             layout.signatures = [_signature(t) for t in layout.tensors]
             self._submit(homes.clear)  # freeing large CPU tensors costs page unmapping: not here
-        # buffers of targets that live on another device (neither CPU nor this one) move directly
-        moved: list[tuple[torch.Tensor, torch.device]] = []
-        for module in self.targets[index].modules():
-            _move_own_tensors(module, self.device, moved)
-        if index + 1 < len(self.targets):
-            self._staged[index + 1] = self._submit(self._stage, index + 1)
         try:
-            yield
+            # tensors that live neither on the CPU nor on this device move directly
+            with onloaded(self.targets[index].modules(), self.device):
+                if index + 1 < len(self.targets):
+                    self._staged[index + 1] = self._submit(self._stage, index + 1)
+                yield
         finally:
-            _move_back(moved)
-            if layout is not None and flat is not None:
+            if layout is not None:
                 self._send_home(layout, flat)
 
     def _send_home(self, layout: _Staged, flat: torch.Tensor) -> None:
         """Copy the target back through its pinned buffer; fresh CPU tensors fill in the background."""
-        kept = [
-            i
-            for i, (t, onloaded_as) in enumerate(
-                zip(layout.tensors, layout.signatures, strict=True)
-            )
-            if _signature(t) == onloaded_as
-        ]
-        for i, tensor in enumerate(layout.tensors):
-            if i not in kept:  # replaced during the block (e.g. compressed): moves on its own
+        kept = []
+        for i, (tensor, onloaded_as) in enumerate(
+            zip(layout.tensors, layout.signatures, strict=True)
+        ):
+            if _signature(tensor) == onloaded_as:
+                kept.append(i)
+            else:  # replaced during the block (e.g. compressed): moves on its own
                 tensor.data = tensor.data.to("cpu")
         layout.buffer[: layout.size].copy_(flat, non_blocking=True)
         done = torch.cuda.current_stream(self.device).record_event()
