@@ -177,11 +177,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(args)
-    params = sum(p.numel() for p in model.parameters())
-    data = batches(args)
-    tokens = args.batches * args.batch_size * args.seq
-    sequential(model, data[:1], device, True, "cpu")  # warm-up: imports, plugin registry, kernels
+    # modes are checked before the model is built; they run on the model and data made below
     available = {"plain": lambda: plain_forward(model, data, device)}
     for qac in (False, True):
         for offload in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
@@ -195,6 +191,11 @@ def main(argv=None) -> None:
     if unknown or chosen[0] != "plain":
         parser.error(f"--modes: first 'plain', then any of {', '.join(available)}; got {args.modes}")
     modes = [available[name] for name in chosen]
+    model = build(args)
+    params = sum(p.numel() for p in model.parameters())
+    data = batches(args)
+    tokens = args.batches * args.batch_size * args.seq
+    sequential(model, data[:1], device, True, "cpu")  # warm-up: imports, plugin registry, kernels
     # interleaved, so that drift in the machine's speed hits every mode alike
     runs = [[mode() for mode in modes] for _ in range(args.repeats)]
     rows = []
