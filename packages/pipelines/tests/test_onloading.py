@@ -104,3 +104,28 @@ def test_chunked_transfers_match_the_cpu_and_store_in_place(hidden_size):
         else:
             torch.testing.assert_close(out, expected[:, :2])
     assert transfers.forward(inputs, fn, store=False) is None
+
+
+@cuda
+@pytest.mark.parametrize("hidden_size", [4, 2**20])
+def test_loads_never_overwrite_inputs_the_compute_stream_still_reads(hidden_size):
+    """The launching thread runs ahead of a slow device: device buffers freed after a batch's
+    kernels were queued get reused for later loads, which must wait for those kernels."""
+    transfers = Transfers(torch.device("cuda"), torch.device("cpu"))
+    inputs = [
+        (transfers.to_offload(torch.full((3, hidden_size), float(i), device="cuda")), ((), {}))
+        for i in range(40)
+    ]
+    transfers.synchronize()
+
+    def fn(index, hidden, call):
+        torch.cuda._sleep(2_000_000)  # the compute stream lags the launches by milliseconds
+        return hidden + 0.5
+
+    outputs = transfers.forward(inputs, fn, store=True)
+    # the next pass loads each batch only once its store is done, with no synchronisation between
+    again = [(out, call) for out, (_, call) in zip(outputs, inputs, strict=True)]
+    outputs = transfers.forward(again, fn, store=True)
+    transfers.synchronize()
+    for index, out in enumerate(outputs):
+        torch.testing.assert_close(out, torch.full((3, hidden_size), index + 1.0))

@@ -10,7 +10,7 @@ copies: the same code path, minus the overlap. Weights move with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def same_tree(a: Any, b: Any) -> bool:
     """Whether two nested argument structures hold the very same tensors (by identity)."""
+    if a is b:  # models pass every layer the same objects: no need to walk them
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return a is b
     if isinstance(a, (tuple, list)):
@@ -66,6 +68,10 @@ class Transfers:
         # behind a store that waits for the compute
         self.stores = torch.cuda.Stream(device) if overlap else None  # to the offload device
         self.loads = torch.cuda.Stream(device) if overlap else None  # to the execution device
+        # offload-side buffers written by the last storing pass, each with the event that ends
+        # its chunk's copies: a later load waits for its own chunk, not for the whole pass
+        self._stored: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self._offloaded = False  # to_offload copies queued since the last forward
 
     def _copy(
         self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]
@@ -84,6 +90,7 @@ class Transfers:
         if self.stores is None:
             return map_tensors(value, lambda t: self._copy(t, self.offload, memo))
         self.stores.wait_stream(torch.cuda.current_stream(self.device))
+        self._offloaded = True
         with torch.cuda.stream(self.stores):
             out = map_tensors(value, lambda t: self._copy(t, self.offload, memo))
         map_tensors(value, lambda t: t.record_stream(self.stores) if t.is_cuda else None)
@@ -129,8 +136,20 @@ class Transfers:
 
         return map_tensors(value, allocate)
 
-    def _on(self, stream: torch.cuda.Stream, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _on(
+        self,
+        stream: torch.cuda.Stream,
+        copies: list[tuple[torch.Tensor, torch.Tensor]],
+        after: Iterable[torch.cuda.Event] = (),
+    ) -> None:
+        """Queue ``copies`` on ``stream`` behind everything launched on the compute stream so
+        far (a store reads its outputs; a load may write into device memory that batches
+        already launched still read, freed to the allocator and handed out again) and
+        behind ``after``."""
         compute = torch.cuda.current_stream(self.device)
+        stream.wait_stream(compute)
+        for event in after:
+            stream.wait_event(event)
         torch.cuda.set_stream(stream)
         try:
             for target, source in copies:
@@ -166,18 +185,27 @@ class Transfers:
                     outputs.append(out.to(self.offload))
             return outputs
         compute = torch.cuda.current_stream(self.device)
-        self.loads.wait_stream(self.stores)  # inputs may be the last pass's outputs, still arriving
+        if self._offloaded:  # captured inputs may still be arriving
+            self.loads.wait_stream(self.stores)
+            self._offloaded = False
+        stored = self._stored  # inputs may be the last pass's outputs, still arriving
+        if store:
+            self._stored = {}
         memo: dict[int, torch.Tensor] = {}  # call tensors shared by several calls load once
         size = _chunk_size(inputs[0][0]) if inputs else 1
 
         def load(start: int) -> tuple[list[Any], torch.cuda.Event]:
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            arriving: dict[int, torch.cuda.Event] = {}
             loaded = []
             for hidden, call in inputs[start : start + size]:
                 if id(call) not in calls:
                     calls[id(call)] = self._allocate(call, memo, copies)
                 loaded.append((self._allocate(hidden, {}, copies), calls[id(call)]))
-            self._on(self.loads, copies)
+                buffer, event = stored.get(id(hidden), (None, None))
+                if buffer is hidden:
+                    arriving[id(event)] = event
+            self._on(self.loads, copies, arriving.values())
             return loaded, self.loads.record_event()
 
         pending = load(0) if inputs else None
@@ -202,9 +230,10 @@ class Transfers:
                     target = source if same else torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
                     copies.append((target, out))
                     outputs.append(target)
-                self.stores.wait_stream(compute)
                 self._on(self.stores, copies)
-                for out in results:
+                event = self.stores.record_event()
+                for (target, _), out in zip(copies, results, strict=True):
+                    self._stored[id(target)] = (target, event)
                     out.record_stream(self.stores)
         return outputs
 
