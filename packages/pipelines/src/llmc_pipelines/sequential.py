@@ -136,83 +136,106 @@ def _shell(
     return [m for m in model.modules() if id(m) not in inside]
 
 
-def capture(
-    model: torch.nn.Module,
-    layers: list[tuple[str, torch.nn.Module]],
-    batch: dict[str, Any],
-    device: torch.device,
-    transfers: Transfers,
-    latest: dict[tuple, Any],
-    previous: BatchCache | None,
-) -> BatchCache:
-    """Record every target's call for ``batch`` with the targets replaced by recorders.
+class Capture:
+    """Records every target's call, batch after batch, with the targets replaced by recorders.
 
-    ``latest`` and ``previous`` (the last batch's cache) let equal arguments be stored once.
+    The recorders are installed once for all batches (on entry) and removed on exit;
+    :meth:`batch` runs the model on one batch and appends its :class:`BatchCache` to
+    :attr:`caches`. Arguments equal to the previous batch's are stored once.
     """
-    calls: list[LayerCall] = []
-    first_hidden: list[torch.Tensor] = []
-    memo: dict[int, torch.Tensor] = {}  # shared tensors (masks, rotary tables) stay shared
-    last = layers[-1][1]
-    originals = []
-    raw: list[tuple[tuple, dict]] = []  # the last call's arguments as the model passed them
-    returned: list[torch.Tensor] = []  # what the last recorder handed back to the model
 
-    def recorder(layer: torch.nn.Module) -> Callable[..., Any]:
-        def record(*args: Any, **kwargs: Any) -> Any:
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if not calls:  # its own buffer, never aliased: later overwritten in place
-                first_hidden.append(transfers.to_offload(hidden))
-            elif previous is None:
-                _check_nothing_between(model, layers, len(calls), returned[-1], hidden)
-            arguments = (args[1:], kwargs)
-            if raw and same_tree(arguments, raw[-1]):  # every layer gets the same arguments
-                call = calls[-1]
-            else:
-                call = LayerCall(*transfers.offload_arguments(arguments, memo, latest))
-                before = previous.calls[len(calls)] if previous is not None else None
-                if before is not None and same_tree(call, before):
-                    call = before
-            raw.append(arguments)
-            calls.append(call)
-            if layer is last:
-                raise _Captured
-            returned.append(hidden)
-            return hidden  # the real outputs are computed layer by layer later
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: list[tuple[str, torch.nn.Module]],
+        device: torch.device,
+        transfers: Transfers,
+    ) -> None:
+        self.model, self.layers, self.device, self.transfers = model, layers, device, transfers
+        self.caches: list[BatchCache] = []
+        self._latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeats once
+        self._originals: list[Any] = []
+        self._calls: list[LayerCall] = []
+        self._first_hidden: list[torch.Tensor] = []
+        # per batch: tensors shared by several arguments (masks, rotary tables) stay shared;
+        # the last call's arguments as the model passed them; what recorders handed back
+        self._memo: dict[int, torch.Tensor] = {}
+        self._raw: list[tuple[tuple, dict]] = []
+        self._returned: list[torch.Tensor] = []
 
-        return record
+    def __enter__(self) -> Capture:
+        for _, layer in self.layers:
+            self._originals.append(layer.__dict__.get("forward"))
+            layer.forward = self._recorder(layer is self.layers[-1][1])
+        return self
 
-    for _, layer in layers:
-        originals.append(layer.__dict__.get("forward"))
-        layer.forward = recorder(layer)
-    try:
-        model(**to_device(batch, device), use_cache=False)
-    except _Captured:
-        pass
-    except _NotAStack:
-        raise
-    except Exception as err:
-        reached = f"after {layers[len(calls) - 1][0]}" if calls else "before the first target"
-        raise RuntimeError(
-            f"{type(model).__name__} failed while the sequential pipeline captured its targets' "
-            f"inputs ({reached}): {type(err).__name__}: {err}. The pipeline runs each "
-            f"target ({type(layers[0][1]).__name__}) on its own, so a target's inputs may depend "
-            "only on the previous target's hidden states, not on its other outputs (e.g. T5's "
-            "position bias). Pass sequential_targets= naming a module that contains the "
-            "dependency, or use pipeline='basic'."
-        ) from err
-    finally:
-        for (_, layer), original in zip(layers, originals, strict=True):
+    def __exit__(self, *exc: object) -> None:
+        for (_, layer), original in zip(self.layers, self._originals, strict=True):
             if original is None:
                 del layer.forward
             else:
                 layer.forward = original
-    if len(calls) != len(layers):
-        raise RuntimeError(
-            f"The model called {len(calls)} of its {len(layers)} sequential targets in one forward "
-            "pass; the sequential pipeline needs each target called exactly once. Pass "
-            "sequential_targets= naming the repeated block (e.g. the decoder layer class)."
-        )
-    return BatchCache(first_hidden[0], calls)
+        self._originals.clear()
+
+    def _recorder(self, last: bool) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            calls = self._calls
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            previous = self.caches[-1] if self.caches else None
+            if not calls:  # its own buffer, never aliased: later overwritten in place
+                self._first_hidden.append(self.transfers.to_offload(hidden))
+            elif previous is None:
+                _check_nothing_between(
+                    self.model, self.layers, len(calls), self._returned[-1], hidden
+                )
+            arguments = (args[1:], kwargs)
+            if self._raw and same_tree(arguments, self._raw[-1]):  # every layer gets the same
+                call = calls[-1]
+            else:
+                call = LayerCall(
+                    *self.transfers.offload_arguments(arguments, self._memo, self._latest)
+                )
+                before = previous.calls[len(calls)] if previous is not None else None
+                if before is not None and same_tree(call, before):
+                    call = before
+            self._raw.append(arguments)
+            calls.append(call)
+            if last:
+                raise _Captured
+            self._returned.append(hidden)
+            return hidden  # the real outputs are computed layer by layer later
+
+        return record
+
+    def batch(self, batch: dict[str, Any]) -> None:
+        """Record every target's call for ``batch``."""
+        self._calls, self._first_hidden, self._memo, self._raw, self._returned = [], [], {}, [], []
+        calls, model, layers = self._calls, self.model, self.layers
+        try:
+            model(**to_device(batch, self.device), use_cache=False)
+        except _Captured:
+            pass
+        except _NotAStack:
+            raise
+        except Exception as err:
+            reached = f"after {layers[len(calls) - 1][0]}" if calls else "before the first target"
+            raise RuntimeError(
+                f"{type(model).__name__} failed while the sequential pipeline captured its "
+                f"targets' inputs ({reached}): {type(err).__name__}: {err}. The pipeline runs each "
+                f"target ({type(layers[0][1]).__name__}) on its own, so a target's inputs may "
+                "depend only on the previous target's hidden states, not on its other outputs "
+                "(e.g. T5's position bias). Pass sequential_targets= naming a module that "
+                "contains the dependency, or use pipeline='basic'."
+            ) from err
+        finally:
+            self._raw, self._returned = [], []  # no device tensors kept past the batch
+        if len(calls) != len(layers):
+            raise RuntimeError(
+                f"The model called {len(calls)} of its {len(layers)} sequential targets in one "
+                "forward pass; the sequential pipeline needs each target called exactly once. "
+                "Pass sequential_targets= naming the repeated block (e.g. the decoder layer class)."
+            )
+        self.caches.append(BatchCache(self._first_hidden[0], calls))
 
 
 def _check_nothing_between(
@@ -285,22 +308,14 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     transfers = Transfers(device, offload)
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
-        with lazily_onloaded(_shell(model, layers), device):
-            latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeated ones once
-            caches: list[BatchCache] = []
+        with (
+            lazily_onloaded(_shell(model, layers), device),
+            Capture(model, layers, device, transfers) as capture,
+        ):
             for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
-                caches.append(
-                    capture(
-                        model,
-                        layers,
-                        batch,
-                        device,
-                        transfers,
-                        latest,
-                        caches[-1] if caches else None,
-                    )
-                )
-            del latest
+                capture.batch(batch)
+        caches = capture.caches
+        del capture
         disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
         onloader = Onloader([layer for _, layer in layers], device)
         try:
