@@ -99,6 +99,25 @@ def one_layer_peak_gib(model, args, device) -> float | None:
     return peak
 
 
+def copy_bandwidth(nbytes: int = 256 * 2**20) -> dict[str, float] | None:
+    """Pinned host <-> device copy speed now (GB/s): the activations' road, and on lent
+    machines it varies from one host to the next, so every result carries its own."""
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    speeds = {}
+    for name, target, source in (("h2d_gbps", device, host), ("d2h_gbps", host, device)):
+        target.copy_(source, non_blocking=True)
+        sync()
+        started = time.perf_counter()
+        for _ in range(4):
+            target.copy_(source, non_blocking=True)
+        sync()
+        speeds[name] = 4 * nbytes / (time.perf_counter() - started) / 1e9
+    return speeds
+
+
 def plain_forward(model, data, device) -> dict:
     model.to(device)
     with torch.no_grad():
@@ -196,6 +215,7 @@ def main(argv=None) -> None:
     data = batches(args)
     tokens = args.batches * args.batch_size * args.seq
     sequential(model, data[:1], device, True, "cpu")  # warm-up: imports, plugin registry, kernels
+    bandwidth_before = copy_bandwidth()
     # interleaved, so that drift in the machine's speed hits every mode alike
     runs = [[mode() for mode in modes] for _ in range(args.repeats)]
     rows = []
@@ -214,6 +234,7 @@ def main(argv=None) -> None:
         with profile(activities=activities) as prof:
             sequential(model, data, device, False, "cpu")
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    bandwidth = {"before": bandwidth_before, "after": copy_bandwidth()}
     base = rows[0]["seconds"]
     one_layer_gib = layer_bytes(model) / 2**30
     floor = one_layer_peak_gib(model, args, device)
@@ -227,7 +248,8 @@ def main(argv=None) -> None:
             row["gpu_peak_over_one_layer_run"] = row["peak_gpu_gib"] / floor
     print(
         f"model: {params / 1e6:.0f} M parameters, {args.layers} layers; {tokens} tokens; "
-        f"one layer's weights {one_layer_gib:.3f} GiB; one layer running one batch peaks at {floor} GiB"
+        f"one layer's weights {one_layer_gib:.3f} GiB; one layer running one batch peaks at {floor} GiB; "
+        f"pinned copies (GB/s): {bandwidth}"
     )
     print(
         table(
@@ -247,7 +269,7 @@ def main(argv=None) -> None:
         )
     )
     print(
-        f"wrote {write_json('sequential_throughput', {'args': vars(args), 'parameters': params, 'one_layer_run_peak_gib': floor, 'results': rows})}"
+        f"wrote {write_json('sequential_throughput', {'args': vars(args), 'parameters': params, 'one_layer_run_peak_gib': floor, 'copy_bandwidth': bandwidth, 'results': rows})}"
     )
 
 
