@@ -155,13 +155,14 @@ class Capture:
         self.caches: list[BatchCache] = []
         self._latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeats once
         self._originals: list[Any] = []
+        # per batch: the calls so far; the first target's hidden states, offloaded; tensors
+        # shared by several arguments (masks, rotary tables), offloaded once; the last call's
+        # arguments as the model passed them; what the last recorder handed back
         self._calls: list[LayerCall] = []
-        self._first_hidden: list[torch.Tensor] = []
-        # per batch: tensors shared by several arguments (masks, rotary tables) stay shared;
-        # the last call's arguments as the model passed them; what recorders handed back
+        self._first_hidden: torch.Tensor | None = None
         self._memo: dict[int, torch.Tensor] = {}
-        self._raw: list[tuple[tuple, dict]] = []
-        self._returned: list[torch.Tensor] = []
+        self._last_arguments: tuple[tuple, dict] | None = None
+        self._handed_back: torch.Tensor | None = None
 
     def __enter__(self) -> Capture:
         for _, layer in self.layers:
@@ -183,14 +184,15 @@ class Capture:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             previous = self.caches[-1] if self.caches else None
             if not calls:  # its own buffer, never aliased: later overwritten in place
-                self._first_hidden.append(self.transfers.to_offload(hidden))
+                self._first_hidden = self.transfers.to_offload(hidden)
             elif previous is None:
                 _check_nothing_between(
-                    self.model, self.layers, len(calls), self._returned[-1], hidden
+                    self.model, self.layers, len(calls), self._handed_back, hidden
                 )
             arguments = (args[1:], kwargs)
-            if self._raw and same_tree(arguments, self._raw[-1]):  # every layer gets the same
-                call = calls[-1]
+            last_arguments, self._last_arguments = self._last_arguments, arguments
+            if last_arguments is not None and same_tree(arguments, last_arguments):
+                call = calls[-1]  # every layer gets the same arguments
             else:
                 call = LayerCall(
                     *self.transfers.offload_arguments(arguments, self._memo, self._latest)
@@ -198,18 +200,17 @@ class Capture:
                 before = previous.calls[len(calls)] if previous is not None else None
                 if before is not None and same_tree(call, before):
                     call = before
-            self._raw.append(arguments)
             calls.append(call)
             if last:
                 raise _Captured
-            self._returned.append(hidden)
+            self._handed_back = hidden
             return hidden  # the real outputs are computed layer by layer later
 
         return record
 
     def batch(self, batch: dict[str, Any]) -> None:
         """Record every target's call for ``batch``."""
-        self._calls, self._first_hidden, self._memo, self._raw, self._returned = [], [], {}, [], []
+        self._calls, self._memo = [], {}
         calls, model, layers = self._calls, self.model, self.layers
         try:
             model(**to_device(batch, self.device), use_cache=False)
@@ -227,15 +228,17 @@ class Capture:
                 "(e.g. T5's position bias). Pass sequential_targets= naming a module that "
                 "contains the dependency, or use pipeline='basic'."
             ) from err
-        finally:
-            self._raw, self._returned = [], []  # no device tensors kept past the batch
+        finally:  # no device tensors kept past the batch
+            self._last_arguments = self._handed_back = None
         if len(calls) != len(layers):
             raise RuntimeError(
                 f"The model called {len(calls)} of its {len(layers)} sequential targets in one "
                 "forward pass; the sequential pipeline needs each target called exactly once. "
                 "Pass sequential_targets= naming the repeated block (e.g. the decoder layer class)."
             )
-        self.caches.append(BatchCache(self._first_hidden[0], calls))
+        assert self._first_hidden is not None  # the first target was called
+        self.caches.append(BatchCache(self._first_hidden, calls))
+        self._first_hidden = None
 
 
 def _check_nothing_between(

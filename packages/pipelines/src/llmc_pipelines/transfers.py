@@ -125,7 +125,8 @@ class Transfers:
         """Device buffers for ``value``'s tensors, their copies queued in ``copies``.
 
         Buffers are allocated on the compute stream, their only reader, so the
-        caching allocator needs no ``record_stream`` for them.
+        caching allocator needs no ``record_stream`` for them; the copy that writes
+        one waits for the kernels already launched there (see :meth:`_on`).
         """
 
         def allocate(tensor: torch.Tensor) -> torch.Tensor:
