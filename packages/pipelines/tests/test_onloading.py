@@ -129,3 +129,28 @@ def test_loads_never_overwrite_inputs_the_compute_stream_still_reads(hidden_size
     transfers.synchronize()
     for index, out in enumerate(outputs):
         torch.testing.assert_close(out, torch.full((3, hidden_size), index + 1.0))
+
+
+@cuda
+def test_a_pass_loads_each_batch_only_after_the_last_pass_stored_it():
+    """The stores of one pass can trail its compute (here: the store stream is held up);
+    the next pass must not load a batch's buffer before its store landed there."""
+    transfers = Transfers(torch.device("cuda"), torch.device("cpu"))
+    inputs = [
+        (transfers.to_offload(torch.full((3, 2**18), float(i), device="cuda")), ((), {}))
+        for i in range(12)
+    ]
+    transfers.synchronize()
+
+    def slow_stores(index, hidden, call):
+        if index == 0:
+            with torch.cuda.stream(transfers.stores):
+                torch.cuda._sleep(50_000_000)  # tens of milliseconds before any store lands
+        return hidden + 0.5
+
+    outputs = transfers.forward(inputs, slow_stores, store=True)
+    again = [(out, call) for out, (_, call) in zip(outputs, inputs, strict=True)]
+    outputs = transfers.forward(again, lambda index, hidden, call: hidden + 0.5, store=True)
+    transfers.synchronize()
+    for index, out in enumerate(outputs):
+        torch.testing.assert_close(out, torch.full((3, 2**18), index + 1.0))
