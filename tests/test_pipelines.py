@@ -174,6 +174,48 @@ def test_cuda_holds_one_layer_and_matches_basic(tmp_path, qac):
         torch.testing.assert_close(gram.grams[name].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
+@attrs.define(kw_only=True)
+class LayerWatcher(Modifier):
+    """Counts each decoder layer's calls and keeps (without copying) the inputs it observed."""
+
+    calls: dict[int, int] = attrs.field(factory=dict, init=False)
+    kept: list = attrs.field(factory=list, init=False)
+    _handles: list = attrs.field(factory=list, init=False)
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+    def on_calibration_start(self, state) -> None:
+        for index, layer in enumerate(state.model.model.layers):
+
+            def hook(module, args, kwargs, index=index):
+                self.calls[index] = self.calls.get(index, 0) + 1
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if state.observing:
+                    self.kept.append((hidden, hidden.clone()))
+
+            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def on_calibration_end(self, state) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("qac", [True, False])
+def test_last_layer_runs_once_and_kept_inputs_stay_intact(llama_path, qac):
+    watcher = LayerWatcher()
+    oneshot(model=str(llama_path), recipe=[watcher], quantization_aware_calibration=qac, **DATA)
+    batches = -(-DATA["num_calibration_samples"] // DATA["batch_size"])
+    last = max(watcher.calls)
+    # one recorded call per batch while capturing, one calibrating, and with quantization-aware
+    # calibration one more to feed the next layer, except for the last layer
+    runs = {i: batches * (3 if qac and i < last else 2) for i in range(last + 1)}
+    assert watcher.calls == runs
+    assert len(watcher.kept) == 2 * batches * (last + 1)  # capturing and calibrating
+    for hidden, copy in watcher.kept:  # the pipeline never reuses the memory a layer was given
+        assert torch.equal(hidden, copy)
+
+
 def test_bad_sequential_targets_name_the_classes(llama_path):
     with pytest.raises(ValueError, match="LlamaDecoderLayer"):
         oneshot(
@@ -237,22 +279,29 @@ def test_arguments_repeated_across_batches_are_stored_and_loaded_once():
 
 
 def test_forward_loads_a_shared_call_once_and_returns_outputs():
-    from llmc_pipelines.transfers import Transfers
+    from llmc_pipelines.transfers import Transfers, batches
 
     transfers = Transfers(torch.device("cpu"), torch.device("cpu"))
     call = ((), {"scale": torch.tensor(2.0)})
-    inputs = [(torch.full((3,), float(i)), call) for i in range(4)]
+    hidden = []
+    for i in range(4):
+        transfers.append(hidden, torch.full((3,), float(i)))
+    transfers.append(hidden, torch.full((2, 2), 4.0))  # another shape packs on
     seen = []
 
-    def fn(index, hidden, loaded):
-        seen.append(id(loaded))
-        return hidden * loaded[1]["scale"] + index
+    def fn(index, h, loaded):
+        seen.append((id(loaded), h.shape))
+        return h * loaded[1]["scale"] + index
 
-    outputs = transfers.forward(inputs, fn, store=True)
-    assert len(set(seen)) == 1
-    for i, out in enumerate(outputs):
+    outputs = transfers.forward(hidden, [call] * 5, fn, store=True)
+    assert len({s[0] for s in seen}) == 1 and seen[-1][1] == (2, 2)
+    for i, out in enumerate(batches(outputs)[:4]):
         torch.testing.assert_close(out, torch.full((3,), 3.0 * i))
-    assert transfers.forward(inputs, fn, store=False) is None
+    torch.testing.assert_close(batches(outputs)[4], torch.full((2, 2), 12.0))
+    torch.testing.assert_close(batches(hidden)[1], torch.full((3,), 1.0))  # inputs kept
+    assert transfers.forward(hidden, [call] * 5, fn, store=False) is None
+    with pytest.raises(ValueError, match="4 calls for 5 batches"):
+        transfers.forward(hidden, [call] * 4, fn, store=False)
 
 
 def _tokenizer_path(tmp_path):

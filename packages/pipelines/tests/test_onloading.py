@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmc_pipelines.onloading import Onloader
-from llmc_pipelines.transfers import Transfers
+from llmc_pipelines.transfers import Transfers, batches
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="moving to an accelerator needs one"
@@ -78,79 +78,82 @@ def test_onloader_leaves_weights_already_on_the_device_alone():
 def test_chunked_transfers_match_the_cpu_and_store_in_place(hidden_size):
     transfers = Transfers(torch.device("cuda"), torch.device("cpu"))
     call = ((), {"scale": transfers.to_offload(torch.tensor(2.0, device="cuda"))})
-    inputs = [
-        (transfers.to_offload(torch.full((3, hidden_size), float(i), device="cuda")), call)
-        for i in range(19)
-    ]
+    hidden = []
+    for i in range(19):
+        transfers.append(hidden, torch.full((3, hidden_size), float(i), device="cuda"))
     transfers.synchronize()
-    buffers = [hidden.data_ptr() for hidden, _ in inputs]
-    seen = []
+    assert len(hidden) == (3 if hidden_size == 4 else 19)  # 8 batches a chunk, or 12 MiB alone
+    buffers = [h.data_ptr() for h in batches(hidden)]
+    seen, kept = [], []
 
-    def fn(index, hidden, loaded):
-        assert hidden.is_cuda and loaded[1]["scale"].is_cuda
+    def fn(index, h, loaded):
+        assert h.is_cuda and loaded[1]["scale"].is_cuda
         seen.append(id(loaded))
-        out = hidden * loaded[1]["scale"] + index
-        return out if index % 5 else out[:, :2]  # another shape: a new pinned buffer
+        kept.append(h)  # as a modifier caching a layer's inputs would
+        out = h * loaded[1]["scale"] + index
+        return out if index % 7 else out[:, :2]  # another shape: its chunk moves to new buffers
 
-    outputs = transfers.forward(inputs, fn, store=True)
+    outputs = transfers.forward(hidden, [call] * 19, fn, store=True)
     transfers.synchronize()
-    assert len(set(seen)) == 1 and len(outputs) == 19
-    for index, out in enumerate(outputs):
-        assert out.device.type == "cpu" and out.is_pinned()
-        expected = torch.full((3, hidden_size), 3.0 * index)
-        if index % 5:
-            assert out.data_ptr() == buffers[index]  # the input's buffer, overwritten
-            torch.testing.assert_close(out, expected)
-        else:
-            torch.testing.assert_close(out, expected[:, :2])
-    assert transfers.forward(inputs, fn, store=False) is None
+    assert len(set(seen)) == 1 and len(batches(outputs)) == 19
+    odd = {i for i in range(19) if i % 7 == 0}
+    index = 0
+    for chunk in outputs:
+        in_place = not odd & set(range(index, index + len(chunk)))
+        for h in chunk.batches:
+            assert h.device.type == "cpu" and h.is_pinned()
+            assert (h.data_ptr() == buffers[index]) == in_place  # the input's buffer, overwritten
+            expected = torch.full((3, hidden_size), 3.0 * index)
+            torch.testing.assert_close(h, expected if index % 7 else expected[:, :2])
+            index += 1
+    for index, h in enumerate(kept):  # what the layer saw is never overwritten
+        torch.testing.assert_close(h.cpu(), torch.full((3, hidden_size), float(index)))
+    assert transfers.forward(outputs, [call] * 19, fn, store=False) is None
 
 
 @cuda
 @pytest.mark.parametrize("hidden_size", [4, 2**20])
 def test_loads_never_overwrite_inputs_the_compute_stream_still_reads(hidden_size):
     """The launching thread runs ahead of a slow device: device buffers freed after a batch's
-    kernels were queued get reused for later loads, which must wait for those kernels."""
+    kernels were queued get reused for later loads, which must not overwrite them early."""
     transfers = Transfers(torch.device("cuda"), torch.device("cpu"))
-    inputs = [
-        (transfers.to_offload(torch.full((3, hidden_size), float(i), device="cuda")), ((), {}))
-        for i in range(40)
-    ]
+    hidden = []
+    for i in range(40):
+        transfers.append(hidden, torch.full((3, hidden_size), float(i), device="cuda"))
     transfers.synchronize()
 
-    def fn(index, hidden, call):
+    def fn(index, h, call):
         torch.cuda._sleep(2_000_000)  # the compute stream lags the launches by milliseconds
-        return hidden + 0.5
+        return h + 0.5
 
-    outputs = transfers.forward(inputs, fn, store=True)
-    # the next pass loads each batch only once its store is done, with no synchronisation between
-    again = [(out, call) for out, (_, call) in zip(outputs, inputs, strict=True)]
-    outputs = transfers.forward(again, fn, store=True)
+    calls = [((), {})] * 40
+    outputs = transfers.forward(hidden, calls, fn, store=True)
+    # the next pass loads each chunk only once its store is done, with no synchronisation between
+    outputs = transfers.forward(outputs, calls, fn, store=True)
     transfers.synchronize()
-    for index, out in enumerate(outputs):
+    for index, out in enumerate(batches(outputs)):
         torch.testing.assert_close(out, torch.full((3, hidden_size), index + 1.0))
 
 
 @cuda
 def test_a_pass_loads_each_batch_only_after_the_last_pass_stored_it():
     """The stores of one pass can trail its compute (here: the store stream is held up);
-    the next pass must not load a batch's buffer before its store landed there."""
+    the next pass must not load a chunk's buffer before its store landed there."""
     transfers = Transfers(torch.device("cuda"), torch.device("cpu"))
-    inputs = [
-        (transfers.to_offload(torch.full((3, 2**18), float(i), device="cuda")), ((), {}))
-        for i in range(12)
-    ]
+    hidden = []
+    for i in range(12):
+        transfers.append(hidden, torch.full((3, 2**18), float(i), device="cuda"))
     transfers.synchronize()
 
-    def slow_stores(index, hidden, call):
+    def slow_stores(index, h, call):
         if index == 0:
             with torch.cuda.stream(transfers.stores):
                 torch.cuda._sleep(50_000_000)  # tens of milliseconds before any store lands
-        return hidden + 0.5
+        return h + 0.5
 
-    outputs = transfers.forward(inputs, slow_stores, store=True)
-    again = [(out, call) for out, (_, call) in zip(outputs, inputs, strict=True)]
-    outputs = transfers.forward(again, lambda index, hidden, call: hidden + 0.5, store=True)
+    calls = [((), {})] * 12
+    outputs = transfers.forward(hidden, calls, slow_stores, store=True)
+    outputs = transfers.forward(outputs, calls, lambda index, h, call: h + 0.5, store=True)
     transfers.synchronize()
-    for index, out in enumerate(outputs):
+    for index, out in enumerate(batches(outputs)):
         torch.testing.assert_close(out, torch.full((3, 2**18), index + 1.0))

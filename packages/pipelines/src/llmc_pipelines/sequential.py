@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import attrs
 import torch
 from compressed_tensors.utils import is_match
 from tqdm.auto import tqdm
@@ -33,7 +32,7 @@ from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
 from llmc_pipelines.basic import to_device
 from llmc_pipelines.onloading import Onloader, lazily_onloaded
-from llmc_pipelines.transfers import Transfers, same_tree
+from llmc_pipelines.transfers import Chunk, Transfers, same_tree
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +121,6 @@ class LayerCall(NamedTuple):
     kwargs: dict[str, Any]
 
 
-@attrs.define
-class BatchCache:
-    hidden: torch.Tensor
-    calls: list[LayerCall]
-
-
 def _shell(
     model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]]
 ) -> list[torch.nn.Module]:
@@ -140,8 +133,9 @@ class Capture:
     """Records every target's call, batch after batch, with the targets replaced by recorders.
 
     The recorders are installed once for all batches (on entry) and removed on exit;
-    :meth:`batch` runs the model on one batch and appends its :class:`BatchCache` to
-    :attr:`caches`. Arguments equal to the previous batch's are stored once.
+    :meth:`batch` runs the model on one batch, appends the first target's input to
+    :attr:`hidden` and every target's call to :attr:`calls`. Arguments equal to the
+    previous batch's are stored once.
     """
 
     def __init__(
@@ -152,14 +146,14 @@ class Capture:
         transfers: Transfers,
     ) -> None:
         self.model, self.layers, self.device, self.transfers = model, layers, device, transfers
-        self.caches: list[BatchCache] = []
+        self.hidden: list[Chunk] = []  # every batch's input to the first target
+        self.calls: list[list[LayerCall]] = []  # per batch, each target's call
         self._latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeats once
         self._originals: list[Any] = []
-        # per batch: the calls so far; the first target's hidden states, offloaded; tensors
-        # shared by several arguments (masks, rotary tables), offloaded once; the last call's
-        # arguments as the model passed them; what the last recorder handed back
+        # per batch: the calls so far; tensors shared by several arguments (masks, rotary
+        # tables), offloaded once; the last call's arguments as the model passed them; what
+        # the last recorder handed back
         self._calls: list[LayerCall] = []
-        self._first_hidden: torch.Tensor | None = None
         self._memo: dict[int, torch.Tensor] = {}
         self._last_arguments: tuple[tuple, dict] | None = None
         self._handed_back: torch.Tensor | None = None
@@ -182,9 +176,9 @@ class Capture:
         def record(*args: Any, **kwargs: Any) -> Any:
             calls = self._calls
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            previous = self.caches[-1] if self.caches else None
-            if not calls:  # its own buffer, never aliased: later overwritten in place
-                self._first_hidden = self.transfers.to_offload(hidden)
+            previous = self.calls[-1] if self.calls else None
+            if not calls:
+                self.transfers.append(self.hidden, hidden)
             elif previous is None:
                 _check_nothing_between(
                     self.model, self.layers, len(calls), self._handed_back, hidden
@@ -197,7 +191,7 @@ class Capture:
                 call = LayerCall(
                     *self.transfers.offload_arguments(arguments, self._memo, self._latest)
                 )
-                before = previous.calls[len(calls)] if previous is not None else None
+                before = previous[len(calls)] if previous is not None else None
                 if before is not None and same_tree(call, before):
                     call = before
             calls.append(call)
@@ -236,9 +230,7 @@ class Capture:
                 "forward pass; the sequential pipeline needs each target called exactly once. "
                 "Pass sequential_targets= naming the repeated block (e.g. the decoder layer class)."
             )
-        assert self._first_hidden is not None  # the first target was called
-        self.caches.append(BatchCache(self._first_hidden, calls))
-        self._first_hidden = None
+        self.calls.append(calls)
 
 
 def _check_nothing_between(
@@ -317,7 +309,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
         ):
             for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
                 capture.batch(batch)
-        caches = capture.caches
+        hidden, calls = capture.hidden, capture.calls
         del capture
         disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
         onloader = Onloader([layer for _, layer in layers], device)
@@ -326,13 +318,14 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 for index, (name, layer) in enumerate(
                     tqdm(layers, desc="Calibrating layers", unit="layer")
                 ):
-                    inputs = [(c.hidden, c.calls[index]) for c in caches]
+                    layer_calls = [batch_calls[index] for batch_calls in calls]
+                    last = index + 1 == len(layers)  # nothing reads the last target's outputs
                     clock = _PhaseClock(device)
 
                     def calibrate(
-                        b: int, hidden: torch.Tensor, call: LayerCall, layer=layer
+                        b: int, h: torch.Tensor, call: LayerCall, layer=layer
                     ) -> torch.Tensor:
-                        out = run_layer(layer, hidden, call)
+                        out = run_layer(layer, h, call)
                         hook.llmc_batch_end(state=state, batch_index=b)
                         return out
 
@@ -340,23 +333,26 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         state.observing = True
                         # without quantization-aware calibration the next layer sees these
                         # uncompressed outputs
-                        outputs = transfers.forward(inputs, calibrate, store=not qac)
+                        outputs = transfers.forward(
+                            hidden, layer_calls, calibrate, store=not qac and not last
+                        )
                         clock.mark("calibration")
                         onloader.settle()  # other layers' weights are home before modifiers look
                         hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
                         clock.mark("compression")
-                        if qac:  # the next layer sees this layer's outputs after compression
+                        if qac and not last:  # the next layer sees the outputs after compression
                             state.observing = False
                             outputs = transfers.forward(
-                                inputs,
+                                hidden,
+                                layer_calls,
                                 lambda b, h, call, layer=layer: run_layer(layer, h, call),
                                 store=True,
                             )
                             state.observing = True
                         clock.mark("propagation")
                     logger.debug("%s: %s", name, clock)
-                    for cache, out in zip(caches, outputs, strict=True):
-                        cache.hidden = out
+                    if outputs is not None:
+                        hidden = outputs
         finally:
             onloader.close()
             transfers.synchronize()

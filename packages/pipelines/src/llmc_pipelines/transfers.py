@@ -1,30 +1,86 @@
 """Moving cached activations between the offload device and the execution device.
 
-On CUDA with a CPU cache, activation copies run on their own streams from pinned
-memory, a chunk of batches ahead of the compute, and outputs go back the same way
-(into the buffers their inputs came from), so transfers hide behind the layer's
-forward passes instead of adding to them. Elsewhere they are plain synchronous
-copies: the same code path, minus the overlap. Weights move with
-:mod:`llmc_pipelines.onloading`.
+Each batch's hidden states live in a :class:`Chunk`: consecutive batches packed in
+one flat buffer, so a chunk of batches loads in one copy. On CUDA with a CPU cache
+the buffers are pinned and the copies run on their own streams: the next chunk
+loads while the layer runs on this one, and the outputs go home into the buffers
+their inputs came from, so transfers hide behind the layer's forward passes
+instead of adding to them. Elsewhere they are plain synchronous copies, or none
+when the cache is on the execution device: the same code path, minus the overlap.
+What a layer was given is never overwritten, so a modifier may keep a layer's
+inputs. Weights move with :mod:`llmc_pipelines.onloading`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-# Batches whose copies share one stream switch: up to this many bytes of hidden states, and
-# at most _CHUNK_BATCHES. Each batch of a chunk is on the device at once (next chunk loading,
-# last chunk's outputs returning), so the budget stays small against a layer's own memory.
+# A chunk holds up to this many bytes of hidden states, and at most _CHUNK_BATCHES batches.
+# A chunk is on the device at once (and the next one loading, and the last one's outputs
+# returning), so the budget stays small against a layer's own memory.
 _CHUNK_BYTES = 16 * 2**20
 _CHUNK_BATCHES = 8
 
 
-def _chunk_size(hidden: torch.Tensor) -> int:
-    """Batches moved per stream switch: many when batches are small, one when they are large."""
-    return max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // max(1, hidden.numel() * hidden.element_size())))
+class Chunk:
+    """Hidden states of consecutive batches on the offload device, packed in one flat buffer
+    when they can be: a packed chunk moves to the execution device in one copy.
+
+    Queueing a copy and switching streams cost the launching thread tens of
+    microseconds, as much as a small batch's kernels: a chunk pays for its loads once.
+    """
+
+    def __init__(self, batches: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        self.batches = batches  # each batch's hidden states; views of ``flat`` when packed
+        self.flat = flat  # 1-D; its first ``size`` elements hold the batches, in order
+        self.size = 0
+        self.stored: torch.cuda.Event | None = None  # ends the last copy into ``batches``
+
+    @classmethod
+    def packed(
+        cls, like: Sequence[torch.Tensor], device: torch.device, pinned: bool, room: int = 0
+    ) -> Chunk:
+        """A chunk of empty batches shaped as ``like`` (one dtype), in one buffer with room
+        for ``room`` more elements."""
+        numels = [t.numel() for t in like]
+        flat = torch.empty(sum(numels) + room, dtype=like[0].dtype, device=device, pin_memory=pinned)
+        chunk = cls([], flat)
+        for t in like:
+            chunk.add(t.shape)
+        return chunk
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        """Whether a batch like ``tensor`` packs after this chunk's batches."""
+        return (
+            self.flat is not None
+            and tensor.dtype == self.flat.dtype
+            and self.size + tensor.numel() <= self.flat.numel()
+            and len(self.batches) < _CHUNK_BATCHES
+        )
+
+    def add(self, shape: torch.Size) -> torch.Tensor:
+        """Room for one more batch of ``shape`` in the buffer: its view."""
+        assert self.flat is not None
+        start, self.size = self.size, self.size + shape.numel()
+        self.batches.append(self.flat[start : self.size].view(shape))
+        return self.batches[-1]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each batch's hidden states in ``flat``, a copy of this chunk's packed buffer."""
+        parts = flat[: self.size].split([b.numel() for b in self.batches])
+        return [part.view(b.shape) for part, b in zip(parts, self.batches, strict=True)]
+
+
+def batches(chunks: Iterable[Chunk]) -> list[torch.Tensor]:
+    """Every batch's hidden states, in order."""
+    return [batch for chunk in chunks for batch in chunk.batches]
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -58,20 +114,30 @@ def same_tree(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b)
 
 
+def _resolved(device: torch.device) -> torch.device:
+    """``cuda`` as the device index tensors report (``cuda:0``), so devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Transfers:
-    """Copies between the offload device (where cached activations live) and the execution device."""
+    """Copies between the offload device (where cached activations live) and the execution device.
+
+    With copy streams, buffers on the execution device are allocated on the load
+    stream, which writes them, and recorded on the compute stream, which reads them:
+    the caching allocator then never hands a load memory that kernels already
+    launched may still read, so a load waits for nothing but its own data.
+    """
 
     def __init__(self, device: torch.device, offload: torch.device) -> None:
-        self.device, self.offload = device, offload
+        self.device, self.offload = _resolved(device), _resolved(offload)
         overlap = device.type == "cuda" and offload.type == "cpu"
         # one stream per direction: each has its own copy engine, and a load never waits
         # behind a store that waits for the compute
-        self.stores = torch.cuda.Stream(device) if overlap else None  # to the offload device
-        self.loads = torch.cuda.Stream(device) if overlap else None  # to the execution device
-        # offload-side buffers written by the last storing pass, each with the event that ends
-        # its chunk's copies: a later load waits for its own chunk, not for the whole pass
-        self._stored: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
-        self._offloaded = False  # to_offload copies queued since the last forward
+        self.stores = torch.cuda.Stream(self.device) if overlap else None  # to the offload device
+        self.loads = torch.cuda.Stream(self.device) if overlap else None  # to the execution device
+        self._offloaded = False  # stores queued outside forward (capture) since the last forward
 
     def _copy(
         self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]
@@ -96,6 +162,19 @@ class Transfers:
         map_tensors(value, lambda t: t.record_stream(self.stores) if t.is_cuda else None)
         return out
 
+    def append(self, chunks: list[Chunk], hidden: torch.Tensor) -> None:
+        """Store one batch's hidden states after the last batch of ``chunks`` (in a new chunk
+        when it is full); returns immediately on CUDA."""
+        if chunks and chunks[-1].fits(hidden):
+            target = chunks[-1].add(hidden.shape)
+        else:
+            per_chunk = _CHUNK_BYTES // max(1, hidden.numel() * hidden.element_size())
+            room = hidden.numel() * (max(1, min(_CHUNK_BATCHES, per_chunk)) - 1)
+            chunks.append(Chunk.packed([hidden], self.offload, self.stores is not None, room))
+            target = chunks[-1].batches[-1]
+        self._send([target], [hidden])
+        self._offloaded = True
+
     def offload_arguments(
         self, value: Any, memo: dict[int, torch.Tensor], latest: dict[tuple, Any]
     ) -> Any:
@@ -119,128 +198,135 @@ class Transfers:
             latest[key] = (tensor, memo[id(tensor)])
         return out
 
-    def _allocate(
-        self, value: Any, memo: dict[int, torch.Tensor], copies: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> Any:
-        """Device buffers for ``value``'s tensors, their copies queued in ``copies``.
-
-        Buffers are allocated on the compute stream, their only reader, so the
-        caching allocator needs no ``record_stream`` for them; the copy that writes
-        one waits for the kernels already launched there (see :meth:`_on`).
-        """
-
-        def allocate(tensor: torch.Tensor) -> torch.Tensor:
-            if id(tensor) not in memo:
-                memo[id(tensor)] = torch.empty_like(tensor, device=self.device)
-                copies.append((memo[id(tensor)], tensor))
-            return memo[id(tensor)]
-
-        return map_tensors(value, allocate)
-
-    def _on(
-        self,
-        stream: torch.cuda.Stream,
-        copies: list[tuple[torch.Tensor, torch.Tensor]],
-        after: Iterable[torch.cuda.Event] = (),
-    ) -> None:
-        """Queue ``copies`` on ``stream`` behind everything launched on the compute stream so
-        far (a store reads its outputs; a load may write into device memory that batches
-        already launched still read, freed to the allocator and handed out again) and
-        behind ``after``."""
+    def _send(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> torch.cuda.Event | None:
+        """Copy ``sources`` (execution device) into ``targets`` (offload device); on CUDA
+        queued on the store stream behind the kernels that compute them, returning the
+        event that ends the copies."""
+        if self.stores is None:
+            for target, source in zip(targets, sources, strict=True):
+                target.copy_(source)
+            return None
         compute = torch.cuda.current_stream(self.device)
-        stream.wait_stream(compute)
-        for event in after:
-            stream.wait_event(event)
-        torch.cuda.set_stream(stream)
+        self.stores.wait_stream(compute)
+        torch.cuda.set_stream(self.stores)
         try:
-            for target, source in copies:
-                target.copy_(source, non_blocking=True)
+            torch._foreach_copy_(targets, sources, non_blocking=True)
         finally:
             torch.cuda.set_stream(compute)
+        for source in sources:
+            source.record_stream(self.stores)
+        return self.stores.record_event()
+
+    def _bring(
+        self,
+        tensor: torch.Tensor,
+        memo: dict[int, torch.Tensor],
+        copies: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """``tensor`` on the execution device: itself, a synchronous copy, or (with copy
+        streams) a buffer whose copy is queued in ``copies``."""
+        if tensor.device == self.device:
+            return tensor
+        if id(tensor) not in memo:  # a tensor shared by several calls loads once
+            if self.loads is None:
+                memo[id(tensor)] = tensor.to(self.device)
+            else:
+                memo[id(tensor)] = torch.empty_like(tensor, device=self.device)
+                copies.append((memo[id(tensor)], tensor))
+        return memo[id(tensor)]
 
     def forward(
         self,
-        inputs: Sequence[tuple[torch.Tensor, Any]],
+        hidden: Sequence[Chunk],
+        calls: Sequence[Any],
         fn: Callable[[int, torch.Tensor, Any], torch.Tensor],
         store: bool,
-    ) -> list[torch.Tensor] | None:
-        """``fn(index, hidden, call)`` on each input brought to the execution device.
+    ) -> list[Chunk] | None:
+        """``fn(index, hidden states, call)`` on each batch, brought to the execution device.
 
-        ``inputs`` are (hidden states, call arguments) on the offload device; calls
-        that are the same object are loaded once. With ``store`` the outputs come
-        back to the offload device; this pass is then the last use of the inputs, so
-        an output overwrites its input's buffer when shapes match. On CUDA with a
-        CPU cache, the next chunk of inputs loads and the last chunk's outputs
-        return on copy streams while ``fn`` computes; copies go a chunk at a time
-        because switching streams and synchronising them costs the launching
-        thread ~50 µs, as much as a small batch's kernels.
+        ``hidden`` holds every batch's hidden states, ``calls`` each batch's call
+        arguments (offloaded); calls that are the same object load once. With
+        ``store`` the outputs come back to the offload device and are returned: this
+        pass is then the last use of the inputs, so outputs go home into their inputs'
+        buffers when they fit. On CUDA with a CPU cache, the next chunk loads and the
+        last chunk's outputs return on copy streams while ``fn`` computes.
         """
-        outputs: list[torch.Tensor] | None = [] if store else None
-        calls: dict[int, Any] = {}
-        if self.stores is None:
-            for index, (hidden, call) in enumerate(inputs):
-                if id(call) not in calls:
-                    calls[id(call)] = map_tensors(call, lambda t: t.to(self.device))
-                out = fn(index, hidden.to(self.device), calls[id(call)])
-                if outputs is not None:
-                    outputs.append(out.to(self.offload))
-            return outputs
-        compute = torch.cuda.current_stream(self.device)
-        if self._offloaded:  # captured inputs may still be arriving
+        starts = list(itertools.accumulate((len(chunk) for chunk in hidden), initial=0))
+        if len(calls) != starts[-1]:
+            raise ValueError(f"{len(calls)} calls for {starts[-1]} batches of hidden states")
+        compute = torch.cuda.current_stream(self.device) if self.loads is not None else None
+        if self.loads is not None and self._offloaded:  # captured inputs may still be arriving
             self.loads.wait_stream(self.stores)
             self._offloaded = False
-        stored = self._stored  # inputs may be the last pass's outputs, still arriving
-        if store:
-            self._stored = {}
-        memo: dict[int, torch.Tensor] = {}  # call tensors shared by several calls load once
-        size = _chunk_size(inputs[0][0]) if inputs else 1
+        outputs: list[Chunk] | None = [] if store else None
+        on_device: dict[int, Any] = {}  # calls on the execution device, by id of the offloaded call
+        memo: dict[int, torch.Tensor] = {}
 
-        def load(start: int) -> tuple[list[Any], torch.cuda.Event]:
-            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            arriving: dict[int, torch.cuda.Event] = {}
-            loaded = []
-            for hidden, call in inputs[start : start + size]:
-                if id(call) not in calls:
-                    calls[id(call)] = self._allocate(call, memo, copies)
-                loaded.append((self._allocate(hidden, {}, copies), calls[id(call)]))
-                buffer, event = stored.get(id(hidden), (None, None))
-                if buffer is hidden:
-                    arriving[id(event)] = event
-            self._on(self.loads, copies, arriving.values())
-            return loaded, self.loads.record_event()
+        def load(index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+            chunk, copies = hidden[index], []
+            if self.loads is not None:
+                if chunk.stored is not None:  # the last pass's outputs, maybe still arriving
+                    self.loads.wait_event(chunk.stored)
+                torch.cuda.set_stream(self.loads)  # device buffers from the load stream's pool
+            try:
+                for call in calls[starts[index] : starts[index + 1]]:
+                    if id(call) not in on_device:
+                        on_device[id(call)] = map_tensors(call, lambda t: self._bring(t, memo, copies))
+                if chunk.flat is not None and chunk.flat.device != self.device:
+                    inputs = chunk.views(self._bring(chunk.flat[: chunk.size], {}, copies))
+                else:
+                    inputs = [self._bring(batch, {}, copies) for batch in chunk.batches]
+                if not copies:
+                    return inputs, None
+                torch._foreach_copy_(*map(list, zip(*copies, strict=True)), non_blocking=True)
+            finally:
+                if self.loads is not None:
+                    torch.cuda.set_stream(compute)
+            for target, _ in copies:
+                target.record_stream(compute)
+            return inputs, self.loads.record_event()
 
-        pending = load(0) if inputs else None
-        for start in range(0, len(inputs), size):
-            loaded, event = pending
-            if start + size < len(inputs):
-                pending = load(start + size)
-            compute.wait_event(event)
-            results = []
-            for offset in range(len(loaded)):
-                hidden, call = loaded[offset]
-                loaded[offset] = None  # each input's buffer frees once its batch ran
-                out = fn(start + offset, hidden, call)
-                del hidden
+        pending = load(0) if hidden else None
+        for index, chunk in enumerate(hidden):
+            inputs, event = pending
+            if index + 1 < len(hidden):
+                pending = load(index + 1)
+            if event is not None:
+                compute.wait_event(event)
+            outs = []
+            for offset, batch_hidden in enumerate(inputs):
+                batch = starts[index] + offset
+                out = fn(batch, batch_hidden, on_device[id(calls[batch])])
                 if outputs is not None:
-                    results.append(out)
+                    outs.append(out)
+            del inputs, batch_hidden
             if outputs is not None:
-                copies = []
-                for offset, out in enumerate(results):
-                    source = inputs[start + offset][0]
-                    same = source.shape == out.shape and source.dtype == out.dtype and source.is_pinned()
-                    target = source if same else torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                    copies.append((target, out))
-                    outputs.append(target)
-                self._on(self.stores, copies)
-                event = self.stores.record_event()
-                for (target, _), out in zip(copies, results, strict=True):
-                    self._stored[id(target)] = (target, event)
-                    out.record_stream(self.stores)
+                outputs.append(self._keep(chunk, outs))
         return outputs
+
+    def _keep(self, chunk: Chunk, outs: list[torch.Tensor]) -> Chunk:
+        """A chunk's outputs on the offload device: as they are when they are there already,
+        else sent into the inputs' buffers when each fits its input's place (the pass was
+        their last use), or into new ones."""
+        if outs[0].device == self.offload:
+            return Chunk(outs)
+        pinned = self.stores is not None
+        if chunk.flat is not None and all(
+            out.shape == batch.shape and out.dtype == batch.dtype
+            for out, batch in zip(outs, chunk.batches, strict=True)
+        ):
+            kept = chunk
+        elif len({out.dtype for out in outs}) == 1:
+            kept = Chunk.packed(outs, self.offload, pinned)
+        else:
+            kept = Chunk(
+                [torch.empty_like(o, device=self.offload, pin_memory=pinned) for o in outs]
+            )
+        kept.stored = self._send(kept.batches, outs)
+        return kept
 
     def synchronize(self) -> None:
         """Wait for every copy: outputs stored by :meth:`forward` are complete after this."""
         if self.stores is not None:
             self.stores.synchronize()
             self.loads.synchronize()
-
