@@ -9,9 +9,10 @@ launches the kernels for milliseconds per layer, so a worker thread copies the
 next target's tensors into pinned staging memory while the current target runs
 (plain CPU copies, which release the GIL; the worker makes no CUDA call but
 waiting on an event), and the main thread moves a whole target in one
-asynchronous copy each way. Both copies run on the compute stream: they are
-ordered with the layer's kernels without events, and the device buffer is
-reused by the next target as soon as its copy home is done.
+asynchronous copy each way, each on its own copy stream. The device buffer comes
+from the load stream's own pool of the caching allocator, which no kernel reads,
+so the load starts at once, while the device still runs the last target's queued
+kernels; the compute stream waits for it before the target's first kernel.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ class Onloader:
         self._worker = (
             ThreadPoolExecutor(1, thread_name_prefix="llmc-onload") if self.staging else None
         )
+        self._loads = torch.cuda.Stream(device) if self.staging else None
+        self._stores = torch.cuda.Stream(device) if self.staging else None
         # two pinned buffers, grown on demand; consecutive targets alternate between them
         self._buffers = [torch.empty(0, dtype=torch.uint8)] * 2
         self._staged: dict[int, Future[_Staged | None]] = {}
@@ -195,8 +198,12 @@ class Onloader:
             # replaced while staged (by the previous target's layer-end event): stage again
             layout = self._stage(index)
         if layout is not None:
-            flat = torch.empty(layout.size, dtype=torch.uint8, device=self.device)
-            flat.copy_(layout.buffer[: layout.size], non_blocking=True)
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._loads):
+                flat = torch.empty(layout.size, dtype=torch.uint8, device=self.device)
+                flat.copy_(layout.buffer[: layout.size], non_blocking=True)
+            compute.wait_stream(self._loads)
+            flat.record_stream(compute)
             homes = [t.data for t in layout.tensors]
             for i, tensor in enumerate(layout.tensors):
                 tensor.data = layout.view(flat, i, tensor)
@@ -222,8 +229,11 @@ class Onloader:
                 kept.append(i)
             else:  # replaced during the block (e.g. compressed): moves on its own
                 tensor.data = tensor.data.to("cpu")
-        layout.buffer[: layout.size].copy_(flat, non_blocking=True)
-        done = torch.cuda.current_stream(self.device).record_event()
+        self._stores.wait_stream(torch.cuda.current_stream(self.device))  # edits included
+        with torch.cuda.stream(self._stores):
+            layout.buffer[: layout.size].copy_(flat, non_blocking=True)
+        flat.record_stream(self._stores)
+        done = self._stores.record_event()
         homes = [
             (torch.empty(layout.tensors[i].shape, dtype=layout.tensors[i].dtype), i) for i in kept
         ]
