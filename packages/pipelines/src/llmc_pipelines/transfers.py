@@ -139,27 +139,25 @@ class Transfers:
         self.loads = torch.cuda.Stream(self.device) if overlap else None  # to the execution device
         self._offloaded = False  # stores queued outside forward (capture) since the last forward
 
-    def _copy(
-        self, tensor: torch.Tensor, device: torch.device, memo: dict[int, torch.Tensor]
-    ) -> torch.Tensor:
-        if id(tensor) not in memo:  # a tensor shared by several arguments is copied once
-            if self.stores is not None and device.type == "cpu":
-                target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                memo[id(tensor)] = target.copy_(tensor, non_blocking=True)
-            else:
-                memo[id(tensor)] = tensor.to(device)
-        return memo[id(tensor)]
-
     def to_offload(self, value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
-        """Send ``value`` (tensors, nested) to the offload device; returns immediately on CUDA."""
+        """Send ``value`` (tensors, nested) to the offload device; returns immediately on CUDA.
+        A tensor in ``memo`` (by id) is not sent again: its entry stands in for it."""
         memo = {} if memo is None else memo
-        if self.stores is None:
-            return map_tensors(value, lambda t: self._copy(t, self.offload, memo))
-        self.stores.wait_stream(torch.cuda.current_stream(self.device))
-        self._offloaded = True
-        with torch.cuda.stream(self.stores):
-            out = map_tensors(value, lambda t: self._copy(t, self.offload, memo))
-        map_tensors(value, lambda t: t.record_stream(self.stores) if t.is_cuda else None)
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+
+        def place(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in memo:  # a tensor shared by several arguments is sent once
+                pinned = self.stores is not None
+                memo[id(tensor)] = torch.empty_like(tensor, device=self.offload, pin_memory=pinned)
+                targets.append(memo[id(tensor)])
+                sources.append(tensor)
+            return memo[id(tensor)]
+
+        out = map_tensors(value, place)
+        if targets:
+            self._send(targets, sources)
+            self._offloaded = True
         return out
 
     def append(self, chunks: list[Chunk], hidden: torch.Tensor) -> None:
@@ -214,7 +212,8 @@ class Transfers:
         finally:
             torch.cuda.set_stream(compute)
         for source in sources:
-            source.record_stream(self.stores)
+            if source.is_cuda:
+                source.record_stream(self.stores)
         return self.stores.record_event()
 
     def _bring(
