@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmc_pipelines.onloading import Onloader
-from llmc_pipelines.transfers import Transfers, batches
+from llmc_pipelines.transfers import Chunk, Transfers, batches
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="moving to an accelerator needs one"
@@ -157,3 +157,23 @@ def test_a_pass_loads_each_batch_only_after_the_last_pass_stored_it():
     transfers.synchronize()
     for index, out in enumerate(batches(outputs)):
         torch.testing.assert_close(out, torch.full((3, 2**18), index + 1.0))
+
+
+@pytest.mark.parametrize("shapes", [[(2, 3)] * 3, [(2, 3), (1, 3), (2, 3)]])
+def test_a_packed_chunk_splits_a_copy_of_its_buffer_into_its_batches(shapes):
+    """One shape for every batch splits in one call, mixed shapes one by one: same batches."""
+    like = [
+        torch.arange(6 * i, 6 * i + torch.Size(s).numel(), dtype=torch.float32).view(s)
+        for i, s in enumerate(shapes)
+    ]
+    chunk = Chunk.packed(like, torch.device("cpu"), pinned=False, room=6)
+    for batch, source in zip(chunk.batches, like, strict=True):
+        batch.copy_(source)
+    assert (chunk.shape is not None) == (len(set(shapes)) == 1)
+    copy = chunk.flat[: chunk.size].clone()  # as a load to the execution device gives it
+    views = chunk.views(copy)
+    assert [v.shape for v in views] == [torch.Size(s) for s in shapes]
+    for view, source in zip(views, like, strict=True):
+        assert torch.equal(view, source)
+        assert view.data_ptr() != source.data_ptr()  # views of the copy, not of the chunk
+    assert chunk.fits(like[0]) and not chunk.fits(like[0].double())

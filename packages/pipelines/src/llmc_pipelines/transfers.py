@@ -38,6 +38,7 @@ class Chunk:
         self.batches = batches  # each batch's hidden states; views of ``flat`` when packed
         self.flat = flat  # 1-D; its first ``size`` elements hold the batches, in order
         self.size = 0
+        self.shape: torch.Size | None = None  # of every packed batch, while they share one
         self.stored: torch.cuda.Event | None = None  # ends the last copy into ``batches``
 
     @classmethod
@@ -68,14 +69,27 @@ class Chunk:
     def add(self, shape: torch.Size) -> torch.Tensor:
         """Room for one more batch of ``shape`` in the buffer: its view."""
         assert self.flat is not None
+        self.shape = shape if not self.batches or shape == self.shape else None
         start, self.size = self.size, self.size + shape.numel()
         self.batches.append(self.flat[start : self.size].view(shape))
         return self.batches[-1]
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Each batch's hidden states in ``flat``, a copy of this chunk's packed buffer."""
-        parts = flat[: self.size].split([b.numel() for b in self.batches])
+        """Each batch's hidden states in ``flat``, a copy of this chunk's ``size`` packed
+        elements (batches of one shape split in one call: each call costs the launching
+        thread as much as a small kernel)."""
+        if self.shape is not None:
+            return list(flat.view(len(self.batches), *self.shape).unbind(0))
+        parts = flat.split([b.numel() for b in self.batches])
         return [part.view(b.shape) for part, b in zip(parts, self.batches, strict=True)]
+
+
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor], non_blocking: bool) -> None:
+    """``targets[i].copy_(sources[i])`` for every ``i``, in as few calls as can be."""
+    if len(targets) == 1:
+        targets[0].copy_(sources[0], non_blocking=non_blocking)
+    else:
+        torch._foreach_copy_(targets, sources, non_blocking=non_blocking)
 
 
 def batches(chunks: Iterable[Chunk]) -> list[torch.Tensor]:
@@ -124,10 +138,13 @@ def _resolved(device: torch.device) -> torch.device:
 class Transfers:
     """Copies between the offload device (where cached activations live) and the execution device.
 
-    With copy streams, buffers on the execution device are allocated on the load
-    stream, which writes them, and recorded on the compute stream, which reads them:
-    the caching allocator then never hands a load memory that kernels already
-    launched may still read, so a load waits for nothing but its own data.
+    With copy streams, no tensor of a pass is marked with ``record_stream``: while any
+    such mark is pending, every allocation (dozens per layer call) queries its event,
+    which slows the launching thread by a tenth. Instead each load is queued behind the
+    kernels already launched (so it never writes memory they may still read, even
+    memory a modifier kept and freed later) and runs while the device computes the
+    chunk before it; the outputs stay referenced until the compute stream has waited
+    for their store.
     """
 
     def __init__(self, device: torch.device, offload: torch.device) -> None:
@@ -196,24 +213,33 @@ class Transfers:
             latest[key] = (tensor, memo[id(tensor)])
         return out
 
-    def _send(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> torch.cuda.Event | None:
+    def _send(
+        self,
+        targets: list[torch.Tensor],
+        sources: list[torch.Tensor],
+        compute: torch.cuda.Stream | None = None,
+        record: bool = True,
+    ) -> torch.cuda.Event | None:
         """Copy ``sources`` (execution device) into ``targets`` (offload device); on CUDA
-        queued on the store stream behind the kernels that compute them, returning the
-        event that ends the copies."""
+        queued on the store stream behind the kernels that compute them (on ``compute``,
+        the current stream by default), returning the event that ends the copies.
+        Without ``record`` the caller keeps ``sources`` alive until ``compute`` waited for
+        that event; with it, the caching allocator does."""
         if self.stores is None:
-            for target, source in zip(targets, sources, strict=True):
-                target.copy_(source)
+            _copy(targets, sources, non_blocking=False)
             return None
-        compute = torch.cuda.current_stream(self.device)
+        if compute is None:
+            compute = torch.cuda.current_stream(self.device)
         self.stores.wait_stream(compute)
         torch.cuda.set_stream(self.stores)
         try:
-            torch._foreach_copy_(targets, sources, non_blocking=True)
+            _copy(targets, sources, non_blocking=True)
         finally:
             torch.cuda.set_stream(compute)
-        for source in sources:
-            if source.is_cuda:
-                source.record_stream(self.stores)
+        if record:
+            for source in sources:
+                if source.is_cuda:
+                    source.record_stream(self.stores)
         return self.stores.record_event()
 
     def _bring(
@@ -250,22 +276,37 @@ class Transfers:
         buffers when they fit. On CUDA with a CPU cache, the next chunk loads and the
         last chunk's outputs return on copy streams while ``fn`` computes.
         """
+        if self.loads is None:
+            return self._forward(hidden, calls, fn, store, None)
+        compute = torch.cuda.current_stream(self.device)
+        if self._offloaded:  # captured inputs may still be arriving
+            self.loads.wait_stream(self.stores)
+            self._offloaded = False
+        return self._forward(hidden, calls, fn, store, compute)
+
+    def _forward(
+        self,
+        hidden: Sequence[Chunk],
+        calls: Sequence[Any],
+        fn: Callable[[int, torch.Tensor, Any], torch.Tensor],
+        store: bool,
+        compute: torch.cuda.Stream | None,
+    ) -> list[Chunk] | None:
         starts = list(itertools.accumulate((len(chunk) for chunk in hidden), initial=0))
         if len(calls) != starts[-1]:
             raise ValueError(f"{len(calls)} calls for {starts[-1]} batches of hidden states")
-        compute = torch.cuda.current_stream(self.device) if self.loads is not None else None
-        if self.loads is not None and self._offloaded:  # captured inputs may still be arriving
-            self.loads.wait_stream(self.stores)
-            self._offloaded = False
         outputs: list[Chunk] | None = [] if store else None
         on_device: dict[int, Any] = {}  # calls on the execution device, by id of the offloaded call
         memo: dict[int, torch.Tensor] = {}
 
         def load(index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
             chunk, copies = hidden[index], []
-            if self.loads is not None:
+            if compute is not None:
                 if chunk.stored is not None:  # the last pass's outputs, maybe still arriving
                     self.loads.wait_event(chunk.stored)
+                # behind the kernels launched so far: memory freed after they were queued
+                # (the load stream's pool hands it out again) is theirs until they ran
+                self.loads.wait_stream(compute)
                 torch.cuda.set_stream(self.loads)  # device buffers from the load stream's pool
             try:
                 for call in calls[starts[index] : starts[index + 1]]:
@@ -277,14 +318,14 @@ class Transfers:
                     inputs = [self._bring(batch, {}, copies) for batch in chunk.batches]
                 if not copies:
                     return inputs, None
-                torch._foreach_copy_(*map(list, zip(*copies, strict=True)), non_blocking=True)
+                _copy(*map(list, zip(*copies, strict=True)), non_blocking=True)
             finally:
-                if self.loads is not None:
+                if compute is not None:
                     torch.cuda.set_stream(compute)
-            for target, _ in copies:
-                target.record_stream(compute)
             return inputs, self.loads.record_event()
 
+        # the last chunk's outputs, which its store reads until the compute stream waits for it
+        sending: tuple[list[torch.Tensor], torch.cuda.Event] | None = None
         pending = load(0) if hidden else None
         for index, chunk in enumerate(hidden):
             inputs, event = pending
@@ -296,14 +337,25 @@ class Transfers:
             for offset, batch_hidden in enumerate(inputs):
                 batch = starts[index] + offset
                 out = fn(batch, batch_hidden, on_device[id(calls[batch])])
+                if sending is not None:  # the store ran while this batch computed
+                    compute.wait_event(sending[1])
+                    sending = None
                 if outputs is not None:
                     outs.append(out)
             del inputs, batch_hidden
             if outputs is not None:
-                outputs.append(self._keep(chunk, outs))
+                kept = self._keep(chunk, outs, compute)
+                outputs.append(kept)
+                if kept.stored is not None:
+                    sending = outs, kept.stored
+        if sending is not None:  # the next pass starts without waiting for the last store
+            for out in sending[0]:
+                out.record_stream(self.stores)
         return outputs
 
-    def _keep(self, chunk: Chunk, outs: list[torch.Tensor]) -> Chunk:
+    def _keep(
+        self, chunk: Chunk, outs: list[torch.Tensor], compute: torch.cuda.Stream | None
+    ) -> Chunk:
         """A chunk's outputs on the offload device: as they are when they are there already,
         else sent into the inputs' buffers when each fits its input's place (the pass was
         their last use), or into new ones."""
@@ -321,7 +373,7 @@ class Transfers:
             kept = Chunk(
                 [torch.empty_like(o, device=self.offload, pin_memory=pinned) for o in outs]
             )
-        kept.stored = self._send(kept.batches, outs)
+        kept.stored = self._send(kept.batches, outs, compute, record=False)
         return kept
 
     def synchronize(self) -> None:
