@@ -224,6 +224,10 @@ def main(argv=None) -> None:
         row = dict(ordered[0])  # as timeit does: slower runs measure other processes
         row["median_seconds"] = ordered[len(ordered) // 2]["seconds"]
         row["runs_seconds"] = [r["seconds"] for r in results]
+        # each run against the plain forward of the same repeat, seconds apart: the machine's
+        # speed drifts over minutes, so these ratios scatter less than the runs do
+        ratios = sorted(r["seconds"] / run[0]["seconds"] for r, run in zip(results, runs, strict=True))
+        row["paired_overhead"] = ratios[len(ratios) // 2] - 1
         rows.append(row)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -262,6 +266,7 @@ def main(argv=None) -> None:
                 "overhead_vs_plain",
                 "pipeline_overhead_vs_plain",
                 "median_overhead_vs_plain",
+                "paired_overhead",
                 "peak_gpu_gib",
                 "gpu_peak_over_one_layer_run",
                 "peak_rss_gib",

@@ -151,6 +151,8 @@ class Onloader:
         self._staged: dict[int, Future[_Staged | None]] = {}
         self._pending: list[Future[Any]] = []
         self._lock = threading.Lock()
+        if self.staging and self.targets:  # ready by the time the first target's turn comes
+            self._staged[0] = self._submit(self._stage, 0)
 
     def _cpu_tensors(self, index: int) -> list[torch.Tensor]:
         return [t for t in _own_tensors(self.targets[index].modules()) if _stageable(t)]

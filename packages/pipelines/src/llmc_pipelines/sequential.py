@@ -303,17 +303,17 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     transfers = Transfers(device, offload)
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
-        with (
-            lazily_onloaded(_shell(model, layers), device),
-            Capture(model, layers, device, transfers) as capture,
-        ):
-            for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
-                capture.batch(batch)
-        hidden, calls = capture.hidden, capture.calls
-        del capture
-        disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
-        onloader = Onloader([layer for _, layer in layers], device)
+        onloader = Onloader([layer for _, layer in layers], device)  # stages while capturing
         try:
+            with (
+                lazily_onloaded(_shell(model, layers), device),
+                Capture(model, layers, device, transfers) as capture,
+            ):
+                for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
+                    capture.batch(batch)
+            hidden, calls = capture.hidden, capture.calls
+            del capture
+            disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
             with disabled:
                 for index, (name, layer) in enumerate(
                     tqdm(layers, desc="Calibrating layers", unit="layer")

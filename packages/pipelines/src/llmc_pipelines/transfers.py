@@ -110,22 +110,21 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def same_tree(a: Any, b: Any) -> bool:
-    """Whether two nested argument structures hold the very same tensors (by identity)."""
-    if a is b:  # models pass every layer the same objects: no need to walk them
+    """Whether two nested argument structures hold the very same tensors (by identity).
+
+    Called for every target of every captured batch: identical members are checked
+    before any recursion, since models pass every layer the same objects."""
+    if a is b:
         return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return a is b
+    if type(a) is not type(b) or isinstance(a, torch.Tensor):
+        return False
     if isinstance(a, (tuple, list)):
-        return (
-            type(a) is type(b)
-            and len(a) == len(b)
-            and all(same_tree(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(
+            x is y or same_tree(x, y) for x, y in zip(a, b, strict=True)
         )
     if isinstance(a, dict):
-        return (
-            isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
-        )
-    return a is b or (type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b)
+        return a.keys() == b.keys() and all(a[k] is b[k] or same_tree(a[k], b[k]) for k in a)
+    return isinstance(a, (bool, int, float, str)) and a == b
 
 
 def _resolved(device: torch.device) -> torch.device:
