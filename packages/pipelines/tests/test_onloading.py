@@ -33,7 +33,9 @@ def test_onloader_moves_one_block_at_a_time_and_keeps_every_edit():
     original = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     expected = [dict(state) for state in original]  # what each block holds when its turn comes
     params = [list(b.parameters()) for b in blocks]
-    onloader = Onloader(blocks, torch.device("cuda"))
+    onloader = Onloader(blocks, torch.device("cuda"))  # stages the first block at once
+    blocks[0][1].bias.data = torch.full((40,), 5.0, dtype=torch.bfloat16)  # replaced since
+    expected[0]["1.bias"] = blocks[0][1].bias.data.clone()
     for index, block in enumerate(blocks):
         with onloader.onloaded(index):
             on_device = [any(t.is_cuda for t in b.state_dict().values()) for b in blocks]

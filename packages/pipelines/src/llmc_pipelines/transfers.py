@@ -275,25 +275,13 @@ class Transfers:
         buffers when they fit. On CUDA with a CPU cache, the next chunk loads and the
         last chunk's outputs return on copy streams while ``fn`` computes.
         """
-        if self.loads is None:
-            return self._forward(hidden, calls, fn, store, None)
-        compute = torch.cuda.current_stream(self.device)
-        if self._offloaded:  # captured inputs may still be arriving
-            self.loads.wait_stream(self.stores)
-            self._offloaded = False
-        return self._forward(hidden, calls, fn, store, compute)
-
-    def _forward(
-        self,
-        hidden: Sequence[Chunk],
-        calls: Sequence[Any],
-        fn: Callable[[int, torch.Tensor, Any], torch.Tensor],
-        store: bool,
-        compute: torch.cuda.Stream | None,
-    ) -> list[Chunk] | None:
         starts = list(itertools.accumulate((len(chunk) for chunk in hidden), initial=0))
         if len(calls) != starts[-1]:
             raise ValueError(f"{len(calls)} calls for {starts[-1]} batches of hidden states")
+        compute = torch.cuda.current_stream(self.device) if self.loads is not None else None
+        if self.loads is not None and self._offloaded:  # captured inputs may still be arriving
+            self.loads.wait_stream(self.stores)
+            self._offloaded = False
         outputs: list[Chunk] | None = [] if store else None
         on_device: dict[int, Any] = {}  # calls on the execution device, by id of the offloaded call
         memo: dict[int, torch.Tensor] = {}
