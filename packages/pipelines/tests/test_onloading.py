@@ -33,6 +33,7 @@ def test_onloader_moves_one_block_at_a_time_and_keeps_every_edit():
     original = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     expected = [dict(state) for state in original]  # what each block holds when its turn comes
     params = [list(b.parameters()) for b in blocks]
+    homes = [{k: v.data_ptr() for k, v in b.state_dict().items()} for b in blocks]
     onloader = Onloader(blocks, torch.device("cuda"))  # stages the first block at once
     blocks[0][1].bias.data = torch.full((40,), 5.0, dtype=torch.bfloat16)  # replaced since
     expected[0]["1.bias"] = blocks[0][1].bias.data.clone()
@@ -54,6 +55,8 @@ def test_onloader_moves_one_block_at_a_time_and_keeps_every_edit():
         assert list(block.parameters()) == params[index]  # the same Parameter objects
         state = block.state_dict()
         assert not any(t.is_cuda for t in state.values())
+        for key in ("0.weight", "steps", "mask"):  # written back where they came from
+            assert state[key].data_ptr() == homes[index][key], (index, key)
         assert torch.equal(state["0.weight"], original[index]["0.weight"] * 2)
         assert state["0.bias"].dtype == torch.float64
         assert torch.equal(state["0.bias"], original[index]["0.bias"].double())

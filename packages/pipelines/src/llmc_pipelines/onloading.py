@@ -8,7 +8,8 @@ memory to CUDA a synchronous copy from pageable memory blocks the thread that
 launches the kernels for milliseconds per layer, so a worker thread copies the
 next target's tensors into pinned staging memory while the current target runs
 (plain CPU copies, which release the GIL; the worker makes no CUDA call but
-waiting on an event), and the main thread moves a whole target in one
+waiting on an event) and, after the target's turn, back from it into the CPU
+memory they came from; the main thread moves a whole target in one
 asynchronous copy each way, each on its own copy stream. The device buffer comes
 from the load stream's own pool of the caching allocator, which no kernel reads,
 so the load starts at once, while the device still runs the last target's queued
@@ -113,6 +114,7 @@ class _Staged:
             size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
         self.size = size
         self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.homes: list[torch.Tensor] = []  # the CPU tensors, while the target is onloaded
 
     def view(self, flat: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tensor:
         """Bytes of tensor ``index`` in ``flat`` (pinned buffer or device copy), shaped ``like``."""
@@ -122,6 +124,9 @@ class _Staged:
             .view(like.dtype)
             .view(like.shape)
         )
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [self.view(flat, i, t) for i, t in enumerate(self.tensors)]
 
     def replaced(self) -> bool:
         return any(_signature(t) != s for t, s in zip(self.tensors, self.signatures, strict=True))
@@ -170,8 +175,9 @@ class Onloader:
             return None
         layout = _Staged(tensors)
         layout.buffer = self._buffer(index % 2, layout.size)
-        for i, tensor in enumerate(tensors):
-            layout.view(layout.buffer, i, tensor).copy_(tensor.data)
+        # one call: each op called from this thread hands the GIL back and forth with
+        # the thread launching the kernels
+        torch._foreach_copy_(layout.views(layout.buffer), [t.data for t in tensors])
         return layout
 
     def _submit(self, fn: Any, *args: Any) -> Future[Any]:
@@ -206,11 +212,10 @@ class Onloader:
                 flat.copy_(layout.buffer[: layout.size], non_blocking=True)
             compute.wait_stream(self._loads)
             flat.record_stream(compute)
-            homes = [t.data for t in layout.tensors]
+            layout.homes = [t.data for t in layout.tensors]  # where they go back after
             for i, tensor in enumerate(layout.tensors):
                 tensor.data = layout.view(flat, i, tensor)
             layout.signatures = [_signature(t) for t in layout.tensors]
-            self._submit(homes.clear)  # freeing large CPU tensors costs page unmapping: not here
         try:
             # tensors that live neither on the CPU nor on this device move directly
             with onloaded(self.targets[index].modules(), self.device):
@@ -222,30 +227,34 @@ class Onloader:
                 self._send_home(layout, flat)
 
     def _send_home(self, layout: _Staged, flat: torch.Tensor) -> None:
-        """Copy the target back through its pinned buffer; fresh CPU tensors fill in the background."""
-        kept = []
-        for i, (tensor, onloaded_as) in enumerate(
-            zip(layout.tensors, layout.signatures, strict=True)
+        """Copy the target back through its pinned buffer into the CPU memory it came from,
+        in the background.
+
+        Writing back in place, as offloading frameworks update offloaded weights, spares
+        allocating and freeing a layer's worth of CPU memory per target: page faults and
+        unmapping, the latter while holding the GIL the launching thread needs.
+        """
+        homes, views = [], []
+        for i, (tensor, onloaded_as, home) in enumerate(
+            zip(layout.tensors, layout.signatures, layout.homes, strict=True)
         ):
             if _signature(tensor) == onloaded_as:
-                kept.append(i)
+                tensor.data = home
+                homes.append(home)
+                views.append(layout.view(layout.buffer, i, home))
             else:  # replaced during the block (e.g. compressed): moves on its own
                 tensor.data = tensor.data.to("cpu")
+        layout.homes = []
         self._stores.wait_stream(torch.cuda.current_stream(self.device))  # edits included
         with torch.cuda.stream(self._stores):
             layout.buffer[: layout.size].copy_(flat, non_blocking=True)
         flat.record_stream(self._stores)
         done = self._stores.record_event()
-        homes = [
-            (torch.empty(layout.tensors[i].shape, dtype=layout.tensors[i].dtype), i) for i in kept
-        ]
-        for home, i in homes:
-            layout.tensors[i].data = home
 
         def fill() -> None:
             done.synchronize()
-            for home, i in homes:
-                home.copy_(layout.view(layout.buffer, i, home))
+            if homes:
+                torch._foreach_copy_(homes, views)
 
         self._submit(fill)
 
