@@ -207,11 +207,13 @@ def test_last_layer_runs_once_and_kept_inputs_stay_intact(llama_path, qac):
     oneshot(model=str(llama_path), recipe=[watcher], quantization_aware_calibration=qac, **DATA)
     batches = -(-DATA["num_calibration_samples"] // DATA["batch_size"])
     last = max(watcher.calls)
-    # one recorded call per batch while capturing, one calibrating, and with quantization-aware
-    # calibration one more to feed the next layer, except for the last layer
-    runs = {i: batches * (3 if qac and i < last else 2) for i in range(last + 1)}
+    # while capturing, every layer is called on the first batch and the first layer on every
+    # batch (the layers share their arguments); then one call calibrating, and with
+    # quantization-aware calibration one more to feed the next layer, except for the last layer
+    capture = {i: batches if i == 0 else 1 for i in range(last + 1)}
+    runs = {i: capture[i] + batches * (2 if qac and i < last else 1) for i in range(last + 1)}
     assert watcher.calls == runs
-    assert len(watcher.kept) == 2 * batches * (last + 1)  # capturing and calibrating
+    assert len(watcher.kept) == sum(capture.values()) + batches * (last + 1)
     for hidden, copy in watcher.kept:  # the pipeline never reuses the memory a layer was given
         assert torch.equal(hidden, copy)
 
@@ -377,3 +379,45 @@ def test_an_operation_between_layers_is_refused(llama_path):
     model.config.num_hidden_layers = 3
     with pytest.raises(ValueError, match=r"between model\.layers\.0 and model\.layers\.2"):
         oneshot(model=model, recipe=[GramModifier()], pipeline="sequential", **DATA)
+
+
+def _capture(model, data):
+    from llmc_pipelines.sequential import Capture, sequential_targets
+    from llmc_pipelines.transfers import Transfers
+
+    layers = sequential_targets(model, None)
+    cpu = torch.device("cpu")
+    with torch.no_grad(), Capture(model, layers, cpu, Transfers(cpu, cpu)) as capture:
+        for batch in data:
+            capture.batch(batch)
+    return capture
+
+
+def test_capture_stops_at_the_first_layer_only_when_every_layer_shares_its_arguments():
+    from llmc import tiny
+
+    data = [{"input_ids": torch.randint(4, 2048, (1, 24))} for _ in range(3)]
+    mixed = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    for arch, config, shared in [("llama", {}, True), ("qwen3", mixed, False)]:
+        model = tiny.build_model(tiny.build_config(arch, num_hidden_layers=3, **config))
+        calls = []
+        for layer in model.model.layers:  # counts the recorders' calls too
+            layer.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(m))
+        capture = _capture(model, data)
+        assert len(capture.calls) == 3 and all(len(c) == 3 for c in capture.calls)
+        for batch_calls in capture.calls:
+            assert all(c is batch_calls[0] for c in batch_calls) == shared, arch
+        assert len(calls) == (3 + 1 + 1 if shared else 9), arch  # later batches stop early
+
+
+def test_layers_with_their_own_masks_calibrate_like_basic(tmp_path):
+    from llmc import tiny
+
+    path = tiny.save_tiny(  # full attention in layer 0, a sliding window in layer 1
+        tmp_path, arch="qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
+    basic = _grams(path, "basic", qac=True, quantize=True)
+    sequential = _grams(path, "sequential", qac=True, quantize=True)
+    assert basic.keys() == sequential.keys() and len(basic) == 14
+    for name in basic:
+        torch.testing.assert_close(sequential[name], basic[name], rtol=1e-6, atol=1e-6)

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
-    """Stops the capture forward once the last target has been recorded."""
+    """Stops the capture forward once every target's call is known."""
 
 
 class _NotAStack(ValueError):
@@ -135,7 +135,9 @@ class Capture:
     The recorders are installed once for all batches (on entry) and removed on exit;
     :meth:`batch` runs the model on one batch, appends the first target's input to
     :attr:`hidden` and every target's call to :attr:`calls`. Arguments equal to the
-    previous batch's are stored once.
+    previous batch's are stored once. When the first batch gave every target the
+    very same arguments (no per-layer masks), later batches stop at the first target:
+    which layer gets which argument is the model's structure, not the data's.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class Capture:
         self._memo: dict[int, torch.Tensor] = {}
         self._last_arguments: tuple[tuple, dict] | None = None
         self._handed_back: torch.Tensor | None = None
+        self._shared = False  # every target of the first batch got the same arguments
 
     def __enter__(self) -> Capture:
         for _, layer in self.layers:
@@ -197,6 +200,9 @@ class Capture:
             calls.append(call)
             if last:
                 raise _Captured
+            if self._shared:
+                calls.extend([call] * (len(self.layers) - 1))
+                raise _Captured
             self._handed_back = hidden
             return hidden  # the real outputs are computed layer by layer later
 
@@ -230,6 +236,8 @@ class Capture:
                 "forward pass; the sequential pipeline needs each target called exactly once. "
                 "Pass sequential_targets= naming the repeated block (e.g. the decoder layer class)."
             )
+        if not self.calls:
+            self._shared = all(call is calls[0] for call in calls)
         self.calls.append(calls)
 
 
