@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -37,6 +38,7 @@ def load_old(source: str) -> Callable:
     """
     import llmc_pipelines.sequential  # noqa: F401  (this tree's, before the swap)
 
+    source = os.path.abspath(source)
     saved = _ours()
     for name in saved:
         del sys.modules[name]
