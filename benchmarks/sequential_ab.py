@@ -58,16 +58,10 @@ def load_old(source: str) -> Callable:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="directory holding the older llmc_pipelines")
-    parser.add_argument("--batches", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=24)
+    throughput.model_and_data_arguments(parser)
     parser.add_argument("--repeats", type=int, default=13)
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device")
     args = parser.parse_args(argv)
-    args.heads, args.kv_heads, args.vocab = 16, 8, 32000
 
     import llmc_pipelines.sequential as sequential
 

@@ -167,8 +167,8 @@ def sequential(model, data, device, qac: bool, offload: str, resident: bool = Fa
     return {"mode": mode, "seconds": seconds, "pipeline_seconds": pipeline, **peak_memory()}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's shape and the batches: what :func:`build` and :func:`batches` read."""
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=24)
@@ -178,6 +178,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_and_data_arguments(parser)
     parser.add_argument(
         "--repeats",
         type=int,
