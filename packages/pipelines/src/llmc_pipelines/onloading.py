@@ -213,8 +213,8 @@ class Onloader:
             compute.wait_stream(self._loads)
             flat.record_stream(compute)
             layout.homes = [t.data for t in layout.tensors]  # where they go back after
-            for i, tensor in enumerate(layout.tensors):
-                tensor.data = layout.view(flat, i, tensor)
+            for tensor, view in zip(layout.tensors, layout.views(flat), strict=True):
+                tensor.data = view
             layout.signatures = [_signature(t) for t in layout.tensors]
         try:
             # tensors that live neither on the CPU nor on this device move directly
