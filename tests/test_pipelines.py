@@ -175,6 +175,39 @@ def test_cuda_holds_one_layer_and_matches_basic(tmp_path, qac):
 
 
 @attrs.define(kw_only=True)
+class HalveDownProj(Modifier):
+    """Edits each layer's weights in place at its layer end, as a compressing modifier would."""
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+    def on_sequential_layer_end(self, state, layer_name, layer) -> None:
+        layer.mlp.down_proj.weight.data.mul_(0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="onloading to an accelerator needs one")
+def test_weights_edited_on_cuda_come_home_and_the_checkpoint_is_untouched(tmp_path):
+    """Onloaded weights go back into the CPU memory they came from, which from_pretrained may
+    map from the checkpoint's files: the edits reach the model, never the files."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM
+
+    from llmc import tiny
+
+    path = tiny.save_tiny(tmp_path, num_hidden_layers=3)
+    files = sorted(path.glob("*.safetensors"))
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    before = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
+    oneshot(model=model, recipe=[HalveDownProj()], pipeline="sequential", device="cuda", **DATA)
+    for layer, weight in zip(model.model.layers, before, strict=True):
+        assert not layer.mlp.down_proj.weight.is_cuda
+        torch.testing.assert_close(layer.mlp.down_proj.weight.detach(), weight * 0.5)
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == digests
+
+
+@attrs.define(kw_only=True)
 class LayerWatcher(Modifier):
     """Counts each decoder layer's calls and keeps (without copying) the inputs it observed."""
 
