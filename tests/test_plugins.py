@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -127,3 +128,36 @@ def test_without_the_plugin_the_recipe_names_it_unknown(llama_path, tmp_path):
 
     with pytest.raises(RecipeError, match="Unknown modifier 'ScaleWeightsModifier'.*Installed modifiers"):
         oneshot(model=str(llama_path), recipe="s:\n  m_modifiers:\n    ScaleWeightsModifier: {}\n")
+
+
+def test_logs_of_every_plugin_package_are_configured():
+    from llmc import logs
+    from llmc.hookspecs import hookimpl
+    from llmc.modifiers import Modifier
+    from llmc.plugins import registered_modifiers
+
+    class Late:
+        @hookimpl
+        def llmc_register_pipelines(self, register):
+            pass
+
+    # a stage's modifier, from a package that is no plugin
+    Elsewhere = type("Elsewhere", (Modifier,), {"__module__": "elsewhere.modifiers"})
+    assert {"llmc", "llmc_pipelines", "llmc_gptq"} <= set(logs.logger_names())
+    pm = get_plugin_manager()
+    late, names = Late(), []
+    pm.register(late, name="late")
+    try:
+        with registered_modifiers([Elsewhere()]):
+            names = logs.logger_names()
+        assert __name__.split(".")[0] in names  # a plugin registered at run time, by its package
+        assert "elsewhere" not in names
+        logs.configure()
+        for name in names:
+            assert any(getattr(h, "_llmc_console", False) for h in logging.getLogger(name).handlers)
+    finally:
+        pm.unregister(late)
+        for name in names:
+            logger = logging.getLogger(name)
+            for handler in [h for h in logger.handlers if getattr(h, "_llmc_console", False)]:
+                logger.removeHandler(handler)

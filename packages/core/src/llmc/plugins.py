@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -93,6 +94,17 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
+
+
+def plugin_packages() -> set[str]:
+    """The top-level package of every plugin (modifiers registered for a stage aside)."""
+    packages = set()
+    for name, plugin in get_plugin_manager().list_name_plugin():
+        if name.startswith(_MODIFIER_PREFIX):
+            continue
+        module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+        packages.add(module.split(".")[0])
+    return packages
 
 
 def _distribution_of(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
