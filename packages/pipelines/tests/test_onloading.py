@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc_pipelines.onloading import Onloader
+from llmc_pipelines.onloading import Onloader, lazily_onloaded
 from llmc_pipelines.transfers import Chunk, Transfers, batches
 
 cuda = pytest.mark.skipif(
@@ -62,6 +62,23 @@ def test_onloader_moves_one_block_at_a_time_and_keeps_every_edit():
         assert torch.equal(state["0.bias"], original[index]["0.bias"].double())
         for key in ("1.weight", "1.bias", "steps", "mask"):
             assert torch.equal(state[key], expected[index][key]), (index, key)
+
+
+@cuda
+def test_modules_run_around_the_layers_get_their_own_memory_back():
+    torch.manual_seed(0)
+    first, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    before = {name: (t.data_ptr(), t.clone()) for name, t in [*first.named_parameters(), ("head", head.weight)]}
+    device = torch.device("cuda")
+    with lazily_onloaded([first, head], device):
+        assert first.weight.device.type == "cpu"  # until it runs
+        first(torch.zeros(2, 4, device=device))
+        assert first.weight.is_cuda and not head.weight.is_cuda  # only what ran moved
+        first.bias.data = torch.ones(4, device=device)  # replaced meanwhile: moves home
+    assert first.bias.device.type == "cpu" and torch.equal(first.bias, torch.ones(4))
+    for name, tensor in [("weight", first.weight), ("head", head.weight)]:
+        assert tensor.device.type == "cpu" and tensor.data_ptr() == before[name][0]
+        assert torch.equal(tensor, before[name][1])
 
 
 @cuda

@@ -72,14 +72,23 @@ def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) ->
 
     Used for the modules around the layers during capture: the input embeddings
     come to the execution device, the output head (never reached) stays put.
+    They only run there, and no lifecycle event lets a modifier change them, so
+    on exit each tensor gets back the very memory it had and the device copy is
+    dropped: no copy home (a synchronous one, for an embedding tens of
+    milliseconds, and a device sync before the first layer). A tensor replaced
+    meanwhile keeps its replacement, moved home.
     """
-    moved: list[tuple[torch.Tensor, torch.device]] = []
+    homes: list[tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]] = []
     done: set[int] = set()
 
     def onload(module: torch.nn.Module, *_: Any) -> None:
         if id(module) not in done:
             done.add(id(module))
-            _move_own_tensors(module, device, moved)
+            for tensor in _own_tensors([module]):
+                if tensor.device != device:
+                    home = tensor.data
+                    tensor.data = home.to(device)
+                    homes.append((tensor, home, _signature(tensor)))
 
     handles = [m.register_forward_pre_hook(onload) for m in modules]
     try:
@@ -87,7 +96,8 @@ def lazily_onloaded(modules: Sequence[torch.nn.Module], device: torch.device) ->
     finally:
         for handle in handles:
             handle.remove()
-        _move_back(moved)
+        for tensor, home, onloaded_as in homes:
+            tensor.data = home if _signature(tensor) == onloaded_as else tensor.data.to(home.device)
 
 
 def _signature(tensor: torch.Tensor) -> tuple[Any, ...]:
