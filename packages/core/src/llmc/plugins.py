@@ -96,12 +96,15 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _plugins(pm: pluggy.PluginManager) -> list[tuple[str, Any]]:
+    """(name, plugin) of every plugin, the modifiers registered for a running stage aside."""
+    return [(n, p) for n, p in pm.list_name_plugin() if not n.startswith(_MODIFIER_PREFIX)]
+
+
 def plugin_packages() -> set[str]:
-    """The top-level package of every plugin (modifiers registered for a stage aside)."""
+    """The top-level package of every plugin."""
     packages = set()
-    for name, plugin in get_plugin_manager().list_name_plugin():
-        if name.startswith(_MODIFIER_PREFIX):
-            continue
+    for _, plugin in _plugins(get_plugin_manager()):
         module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
         packages.add(module.split(".")[0])
     return packages
@@ -152,9 +155,7 @@ def _sink(
 
 
 def _collect(pm: pluggy.PluginManager) -> Registry:
-    plugins = [
-        p for name, p in pm.list_name_plugin() if not name.startswith(_MODIFIER_PREFIX)
-    ]
+    plugins = [p for _, p in _plugins(pm)]
     dists = _distribution_of(pm)
     entries: list[Registration] = []
     for plugin in plugins:
@@ -180,9 +181,7 @@ def get_registry() -> Registry:
     of the cache key.
     """
     pm = get_plugin_manager()
-    names = tuple(
-        name for name, _ in pm.list_name_plugin() if not name.startswith(_MODIFIER_PREFIX)
-    )
+    names = tuple(name for name, _ in _plugins(pm))
     return _registry_for(id(pm), names)
 
 
