@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -31,12 +31,12 @@ def _ours() -> dict[str, object]:
     return {name: m for name, m in sys.modules.items() if name.split(".")[0] == PACKAGE}
 
 
-def load_old(source: str) -> Callable:
-    """``run_sequential`` of the package under ``source``, imported beside this tree's.
+def load_old(source: str, module: str = "sequential") -> ModuleType:
+    """``llmc_pipelines.<module>`` of the package under ``source``, imported beside this tree's.
 
     Its modules keep their own globals; this tree's modules are back in place after.
     """
-    import llmc_pipelines.sequential  # noqa: F401  (this tree's, before the swap)
+    importlib.import_module(f"{PACKAGE}.{module}")  # this tree's, before the swap
 
     source = os.path.abspath(source)
     saved = _ours()
@@ -44,10 +44,10 @@ def load_old(source: str) -> Callable:
         del sys.modules[name]
     sys.path.insert(0, source)
     try:
-        old = importlib.import_module(f"{PACKAGE}.sequential")
+        old = importlib.import_module(f"{PACKAGE}.{module}")
         if not old.__file__.startswith(source):
             raise SystemExit(f"--old {source}: no {PACKAGE} package there")
-        return old.run_sequential
+        return old
     finally:
         sys.path.remove(source)
         for name in _ours():
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import llmc_pipelines.sequential as sequential
 
-    variants = {"old": load_old(args.old), "new": sequential.run_sequential}
+    variants = {"old": load_old(args.old).run_sequential, "new": sequential.run_sequential}
     new = variants["new"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = throughput.build(args)
