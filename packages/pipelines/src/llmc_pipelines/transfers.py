@@ -40,6 +40,7 @@ class Chunk:
         self.size = 0
         self.shape: torch.Size | None = None  # of every packed batch, while they share one
         self.stored: torch.cuda.Event | None = None  # ends the last copy into ``batches``
+        self.loaded: torch.cuda.Event | None = None  # ends the last copy to the execution device
 
     @classmethod
     def packed(
@@ -154,6 +155,9 @@ class Transfers:
         self.stores = torch.cuda.Stream(self.device) if overlap else None  # to the offload device
         self.loads = torch.cuda.Stream(self.device) if overlap else None  # to the execution device
         self._offloaded = False  # stores queued outside forward (capture) since the last forward
+        # re-recorded for every wait on the compute stream: creating an event costs the
+        # launching thread as much as recording it
+        self._mark = torch.cuda.Event() if overlap else None
 
     def to_offload(self, value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
         """Send ``value`` (tensors, nested) to the offload device; returns immediately on CUDA.
@@ -218,18 +222,19 @@ class Transfers:
         sources: list[torch.Tensor],
         compute: torch.cuda.Stream | None = None,
         record: bool = True,
-    ) -> torch.cuda.Event | None:
+        event: torch.cuda.Event | None = None,
+    ) -> None:
         """Copy ``sources`` (execution device) into ``targets`` (offload device); on CUDA
         queued on the store stream behind the kernels that compute them (on ``compute``,
-        the current stream by default), returning the event that ends the copies.
+        the current stream by default), recording ``event`` where the copies end.
         Without ``record`` the caller keeps ``sources`` alive until ``compute`` waited for
         that event; with it, the caching allocator does."""
         if self.stores is None:
             _copy(targets, sources, non_blocking=False)
-            return None
+            return
         if compute is None:
             compute = torch.cuda.current_stream(self.device)
-        self.stores.wait_stream(compute)
+        self._behind(self.stores, compute)
         torch.cuda.set_stream(self.stores)
         try:
             _copy(targets, sources, non_blocking=True)
@@ -239,7 +244,14 @@ class Transfers:
             for source in sources:
                 if source.is_cuda:
                     source.record_stream(self.stores)
-        return self.stores.record_event()
+        if event is not None:
+            event.record(self.stores)
+
+    def _behind(self, stream: torch.cuda.Stream, compute: torch.cuda.Stream) -> None:
+        """``stream`` waits for the kernels queued on ``compute`` so far (a wait binds to the
+        event's last record, so one event serves every wait)."""
+        self._mark.record(compute)
+        stream.wait_event(self._mark)
 
     def _bring(
         self,
@@ -293,7 +305,7 @@ class Transfers:
                     self.loads.wait_event(chunk.stored)
                 # behind the kernels launched so far: memory freed after they were queued
                 # (the load stream's pool hands it out again) is theirs until they ran
-                self.loads.wait_stream(compute)
+                self._behind(self.loads, compute)
                 torch.cuda.set_stream(self.loads)  # device buffers from the load stream's pool
             try:
                 for call in calls[starts[index] : starts[index + 1]]:
@@ -309,7 +321,10 @@ class Transfers:
             finally:
                 if compute is not None:
                     torch.cuda.set_stream(compute)
-            return inputs, self.loads.record_event()
+            if chunk.loaded is None:
+                chunk.loaded = torch.cuda.Event()
+            chunk.loaded.record(self.loads)
+            return inputs, chunk.loaded
 
         # the last chunk's outputs, which its store reads until the compute stream waits for it
         sending: tuple[list[torch.Tensor], torch.cuda.Event] | None = None
@@ -360,7 +375,9 @@ class Transfers:
             kept = Chunk(
                 [torch.empty_like(o, device=self.offload, pin_memory=pinned) for o in outs]
             )
-        kept.stored = self._send(kept.batches, outs, compute, record=False)
+        if self.stores is not None and kept.stored is None:
+            kept.stored = torch.cuda.Event()
+        self._send(kept.batches, outs, compute, record=False, event=kept.stored)
         return kept
 
     def synchronize(self) -> None:
