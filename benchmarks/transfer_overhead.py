@@ -24,11 +24,7 @@ import torch
 
 from benchmarks.common import table, write_json
 from benchmarks.sequential_ab import load_old
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from benchmarks.sequential_throughput import sync
 
 
 class Cache:
