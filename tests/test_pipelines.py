@@ -5,10 +5,13 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from transformers import AutoConfig
 
 from llmc import oneshot
+from llmc.hookspecs import hookimpl
 from llmc.modifiers import Modifier
 from llmc.modifiers.quantization import QuantizationModifier
+from llmc.plugins import get_plugin_manager
 
 DATA = dict(
     dataset="llmc-docs",
@@ -249,6 +252,41 @@ def test_last_layer_runs_once_and_kept_inputs_stay_intact(llama_path, qac):
     assert len(watcher.kept) == sum(capture.values()) + batches * (last + 1)
     for hidden, copy in watcher.kept:  # the pipeline never reuses the memory a layer was given
         assert torch.equal(hidden, copy)
+
+
+class BatchCounter:
+    """A plugin (no modifier) that counts batch-end events."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    @hookimpl
+    def llmc_batch_end(self, state, batch_index) -> None:
+        self.batches.append(batch_index)
+
+
+@pytest.mark.parametrize("qac", [True, False])
+def test_batch_end_fires_per_layer_and_batch_only_when_something_handles_it(llama_path, qac):
+    """Unhandled, the per-batch event is skipped; a plugin or modifier that handles it gets
+    every batch of every layer's calibration pass (not the passes that only propagate)."""
+    batches = -(-DATA["num_calibration_samples"] // DATA["batch_size"])
+    layers = AutoConfig.from_pretrained(llama_path).num_hidden_layers
+    counter, pm = BatchCounter(), get_plugin_manager()
+    pm.register(counter, name="batch-counter")
+    try:
+        oneshot(model=str(llama_path), recipe=[LayerWatcher()], quantization_aware_calibration=qac, **DATA)
+    finally:
+        pm.unregister(counter)
+    assert counter.batches == list(range(batches)) * layers
+    gram = GramModifier()
+    oneshot(
+        model=str(llama_path),
+        recipe=[gram],
+        pipeline="sequential",
+        quantization_aware_calibration=qac,
+        **DATA,
+    )
+    assert gram.batches == batches * layers
 
 
 def test_bad_sequential_targets_name_the_classes(llama_path):

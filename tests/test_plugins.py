@@ -161,3 +161,27 @@ def test_logs_of_every_plugin_package_are_configured():
             logger = logging.getLogger(name)
             for handler in [h for h in logger.handlers if getattr(h, "_llmc_console", False)]:
                 logger.removeHandler(handler)
+
+
+def test_a_modifier_is_registered_only_for_the_hooks_it_acts_on():
+    from llmc.hookspecs import hookimpl
+    from llmc.modifiers import Modifier
+    from llmc.plugins import registered_modifiers
+
+    class Counting(Modifier):
+        def on_batch_end(self, state, batch_index) -> None: ...
+
+    class Direct(Modifier):  # implements the hook itself rather than its on_* method
+        @hookimpl
+        def llmc_batch_end(self, state, batch_index) -> None: ...
+
+    idle, counting, direct = Modifier(), Counting(), Direct()
+    with registered_modifiers([idle, counting, direct]) as hook:
+        assert get_plugin_manager().is_registered(idle)
+
+        def receivers(caller) -> set[int]:
+            return {id(impl.plugin) for impl in caller.get_hookimpls()}
+
+        assert receivers(hook.llmc_batch_end) == {id(counting), id(direct)}
+        assert receivers(hook.llmc_calibration_start) == set()
+    assert not hook.llmc_batch_end.get_hookimpls()

@@ -19,6 +19,7 @@ import attrs
 import pluggy
 
 from llmc import hookspecs
+from llmc.modifiers.base import Modifier
 
 ENTRY_POINT_GROUP = "llmc"
 
@@ -87,10 +88,20 @@ class Registry:
         return msg
 
 
+class _PluginManager(pluggy.PluginManager):
+    """Registers of a modifier only the hooks it acts on (:meth:`Modifier.handles`)."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> pluggy.HookimplOpts | None:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None and isinstance(plugin, Modifier) and not plugin.handles(name):
+            return None
+        return opts
+
+
 @functools.cache
 def get_plugin_manager() -> pluggy.PluginManager:
     """The one plugin manager, loaded from the ``llmc`` entry-point group."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm

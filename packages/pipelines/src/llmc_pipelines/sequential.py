@@ -311,6 +311,8 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     transfers = Transfers(device, offload)
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
+        # skipped when nobody handles it: a call per batch and layer costs the launching thread
+        batch_end_handled = bool(hook.llmc_batch_end.get_hookimpls())
         onloader = Onloader([layer for _, layer in layers], device)  # stages while capturing
         try:
             with (
@@ -337,12 +339,20 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         hook.llmc_batch_end(state=state, batch_index=b)
                         return out
 
+                    def propagate(
+                        b: int, h: torch.Tensor, call: LayerCall, layer=layer
+                    ) -> torch.Tensor:
+                        return run_layer(layer, h, call)
+
                     with onloader.onloaded(index):
                         state.observing = True
                         # without quantization-aware calibration the next layer sees these
                         # uncompressed outputs
                         outputs = transfers.forward(
-                            hidden, layer_calls, calibrate, store=not qac and not last
+                            hidden,
+                            layer_calls,
+                            calibrate if batch_end_handled else propagate,
+                            store=not qac and not last,
                         )
                         clock.mark("calibration")
                         onloader.settle()  # other layers' weights are home before modifiers look
@@ -350,12 +360,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         clock.mark("compression")
                         if qac and not last:  # the next layer sees the outputs after compression
                             state.observing = False
-                            outputs = transfers.forward(
-                                hidden,
-                                layer_calls,
-                                lambda b, h, call, layer=layer: run_layer(layer, h, call),
-                                store=True,
-                            )
+                            outputs = transfers.forward(hidden, layer_calls, propagate, store=True)
                             state.observing = True
                         clock.mark("propagation")
                     logger.debug("%s: %s", name, clock)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from llmc.hookspecs import hookimpl
+from llmc.hookspecs import PROJECT, hookimpl
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +42,18 @@ class Modifier:
     def on_calibration_end(self, state: State) -> None: ...
 
     def on_finalize(self, state: State) -> None: ...
+
+    def handles(self, hook_name: str) -> bool:
+        """Whether this modifier acts on hook ``hook_name``: whether its class overrides it, or
+        the ``on_*`` method it forwards to.
+
+        Only these hooks are registered for its stage, so a pipeline can skip an event
+        nobody handles: a per-batch hook call costs the thread that launches the kernels
+        about as much as launching one.
+        """
+        forwarded = "on_" + hook_name.removeprefix(f"{PROJECT}_")
+        cls = type(self)
+        return any(getattr(cls, n, None) is not getattr(Modifier, n, None) for n in (hook_name, forwarded))
 
     # --- hook implementations ----------------------------------------------
     @hookimpl
