@@ -177,6 +177,19 @@ def test_cuda_holds_one_layer_and_matches_basic(tmp_path, qac):
         torch.testing.assert_close(gram.grams[name].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="onloading to an accelerator needs one")
+def test_repeated_runs_leave_no_device_memory_reserved(tmp_path):
+    """Each run's copy streams are new: what their pools cached is released, not kept for them."""
+    from llmc import tiny
+
+    path = tiny.save_tiny(tmp_path, num_hidden_layers=2)
+    reserved = []
+    for _ in range(3):
+        oneshot(model=str(path), recipe=[GramModifier()], pipeline="sequential", device="cuda", **DATA)
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[2] <= reserved[0], reserved
+
+
 @attrs.define(kw_only=True)
 class HalveDownProj(Modifier):
     """Edits each layer's weights in place at its layer end, as a compressing modifier would."""
