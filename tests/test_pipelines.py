@@ -284,21 +284,16 @@ def test_batch_end_fires_per_layer_and_batch_only_when_something_handles_it(llam
     every batch of every layer's calibration pass (not the passes that only propagate)."""
     batches = -(-DATA["num_calibration_samples"] // DATA["batch_size"])
     layers = AutoConfig.from_pretrained(llama_path).num_hidden_layers
+    run = dict(model=str(llama_path), pipeline="sequential", quantization_aware_calibration=qac)
     counter, pm = BatchCounter(), get_plugin_manager()
     pm.register(counter, name="batch-counter")
     try:
-        oneshot(model=str(llama_path), recipe=[LayerWatcher()], quantization_aware_calibration=qac, **DATA)
+        oneshot(recipe=[LayerWatcher()], **run, **DATA)
     finally:
         pm.unregister(counter)
     assert counter.batches == list(range(batches)) * layers
     gram = GramModifier()
-    oneshot(
-        model=str(llama_path),
-        recipe=[gram],
-        pipeline="sequential",
-        quantization_aware_calibration=qac,
-        **DATA,
-    )
+    oneshot(recipe=[gram], **run, **DATA)
     assert gram.batches == batches * layers
 
 
