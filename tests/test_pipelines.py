@@ -279,9 +279,10 @@ class BatchCounter:
 
 
 @pytest.mark.parametrize("qac", [True, False])
-def test_batch_end_fires_per_layer_and_batch_only_when_something_handles_it(llama_path, qac):
-    """Unhandled, the per-batch event is skipped; a plugin or modifier that handles it gets
-    every batch of every layer's calibration pass (not the passes that only propagate)."""
+def test_batch_end_reaches_plugins_and_modifiers_for_every_layer_and_batch(llama_path, qac):
+    """The pipeline calls the per-batch event only when something implements it: a plugin that
+    is no modifier, or a modifier, gets every batch of every layer's calibration pass (not the
+    passes that only propagate)."""
     batches = -(-DATA["num_calibration_samples"] // DATA["batch_size"])
     layers = AutoConfig.from_pretrained(llama_path).num_hidden_layers
     run = dict(model=str(llama_path), pipeline="sequential", quantization_aware_calibration=qac)
