@@ -6,14 +6,27 @@ and the same batches go (a) through the whole model on the execution device, and
 pipeline's own cost is measured: capture, onloading one layer at a time,
 activation offloading, and (with quantization-aware calibration) the second pass.
 
+The default batches are oneshot's default calibration set (512 samples of 384
+tokens, one per batch): what a user calibrates when they set nothing.
+
     python -m benchmarks.sequential_throughput                 # GPU machine
+    python -m benchmarks.sequential_throughput --batches 64 --seq 2048   # [--batch-size 4]
     python -m benchmarks.sequential_throughput --hidden 256 --layers 4 --batches 4 --seq 128   # CPU smoke
+
+``--peer-path`` adds llm-compressor's sequential pipeline on the same model and batches,
+in its own process (:mod:`benchmarks.sequential_peer`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import attrs
 import torch
@@ -164,7 +177,59 @@ def sequential(model, data, device, qac: bool, offload: str, resident: bool = Fa
     model.to("cpu")
     mode = f"sequential (qac={qac}, offload={offload}{', weights resident' if resident else ''})"
     pipeline = idle.ended - idle.started
-    return {"mode": mode, "seconds": seconds, "pipeline_seconds": pipeline, **peak_memory()}
+    return {
+        "mode": mode,
+        "qac": qac,
+        "seconds": seconds,
+        "pipeline_seconds": pipeline,
+        **peak_memory(),
+    }
+
+
+def peer(model, data, args) -> list[dict]:
+    """llm-compressor's rows: its sequential pipeline on this model (saved) and these batches,
+    in a process of its own with ``args.peer_path`` first on the path."""
+    from llmc import tiny
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tiny.build_tokenizer().save_pretrained(tmp)  # its oneshot loads a processor; ids are given
+        ids = Path(tmp) / "ids.pt"
+        torch.save(torch.cat([batch["input_ids"] for batch in data]), ids)
+        payload = {"path": tmp, "ids": str(ids), "dtype": dtype, "batch_size": args.batch_size}
+        payload["repeats"] = args.repeats
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([args.peer_path, env.get("PYTHONPATH", "")])
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.sequential_peer", json.dumps(payload)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT")), None)
+    if line is None:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
+        return [{"mode": "llm-compressor sequential", "error": proc.stderr[-500:]}]
+    result = json.loads(line.split(" ", 1)[1])
+    own_plain = min(result["plain_seconds"])
+    rows = []
+    for propagate_error, runs in result["runs"].items():
+        seconds = sorted(seconds for seconds, _ in runs)
+        rows.append(
+            {
+                "mode": f"llm-compressor sequential (propagate_error={propagate_error}, offload=cpu)",
+                "qac": propagate_error == "True",
+                "seconds": seconds[0],
+                "median_seconds": seconds[len(seconds) // 2],
+                "runs_seconds": [seconds for seconds, _ in runs],
+                "own_plain_seconds": own_plain,
+                "overhead_vs_own_plain": seconds[0] / own_plain - 1,
+                "peak_gpu_gib": max((p for _, p in runs if p is not None), default=None),
+                "peak_rss_gib": None,  # one process for both of its modes and the plain forward
+            }
+        )
+    return rows
 
 
 def model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +248,7 @@ def model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_and_data_arguments(parser)
+    parser.set_defaults(batches=512, seq=384)  # oneshot's num_calibration_samples, max_seq_length
     parser.add_argument(
         "--repeats",
         type=int,
@@ -197,6 +263,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--profile", action="store_true", help="print where the sequential pipeline spends CPU time"
+    )
+    parser.add_argument(
+        "--peer-path",
+        default=None,
+        help="site directory holding llmcompressor: adds its sequential pipeline's rows",
     )
     args = parser.parse_args(argv)
 
@@ -234,6 +305,8 @@ def main(argv=None) -> None:
         ratios = sorted(r["seconds"] / run[0]["seconds"] for r, run in zip(results, runs, strict=True))
         row["paired_overhead"] = ratios[len(ratios) // 2] - 1
         rows.append(row)
+    if args.peer_path:
+        rows += peer(model, data, args)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -248,13 +321,19 @@ def main(argv=None) -> None:
     one_layer_gib = layer_bytes(model) / 2**30
     floor = one_layer_peak_gib(model, args, device)
     for row in rows:
+        if "seconds" not in row:  # the peer failed; its error is in the row
+            continue
         row["tokens_per_second"] = tokens / row["seconds"]
         row["overhead_vs_plain"] = row["seconds"] / base - 1
         row["median_overhead_vs_plain"] = row["median_seconds"] / rows[0]["median_seconds"] - 1
         if "pipeline_seconds" in row:  # calibration alone, without oneshot's set-up and wrap-up
             row["pipeline_overhead_vs_plain"] = row["pipeline_seconds"] / base - 1
-        if row["peak_gpu_gib"] is not None and floor:
+        if row.get("peak_gpu_gib") is not None and floor:
             row["gpu_peak_over_one_layer_run"] = row["peak_gpu_gib"] / floor
+        if row["mode"].startswith("llm-compressor"):  # against llmc's mode with its passes
+            ours = [r for r in rows if r["mode"] == f"sequential (qac={row['qac']}, offload=cpu)"]
+            if ours:
+                row["llmc_speedup"] = row["seconds"] / ours[0]["seconds"]
     print(
         f"model: {params / 1e6:.0f} M parameters, {args.layers} layers; {tokens} tokens; "
         f"one layer's weights {one_layer_gib:.3f} GiB; one layer running one batch peaks at {floor} GiB; "
@@ -272,6 +351,8 @@ def main(argv=None) -> None:
                 "pipeline_overhead_vs_plain",
                 "median_overhead_vs_plain",
                 "paired_overhead",
+                "overhead_vs_own_plain",
+                "llmc_speedup",
                 "peak_gpu_gib",
                 "gpu_peak_over_one_layer_run",
                 "peak_rss_gib",
