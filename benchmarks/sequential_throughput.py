@@ -197,8 +197,8 @@ def peer(model, data, args) -> list[dict]:
         tiny.build_tokenizer().save_pretrained(tmp)  # its oneshot loads a processor; ids are given
         ids = Path(tmp) / "ids.pt"
         torch.save(torch.cat([batch["input_ids"] for batch in data]), ids)
-        payload = {"path": tmp, "ids": str(ids), "dtype": dtype, "batch_size": args.batch_size}
-        payload["repeats"] = args.repeats
+        payload = {"path": tmp, "ids": str(ids), "dtype": dtype}
+        payload |= {"batch_size": args.batch_size, "repeats": args.repeats}
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([args.peer_path, env.get("PYTHONPATH", "")])
         proc = subprocess.run(
@@ -270,6 +270,9 @@ def main(argv=None) -> None:
         help="site directory holding llmcompressor: adds its sequential pipeline's rows",
     )
     args = parser.parse_args(argv)
+    missing = [p for p in (args.peer_path or "").split(os.pathsep) if p and not Path(p).is_dir()]
+    if missing:  # found out only after every llmc run otherwise
+        parser.error(f"--peer-path: no directory {', '.join(missing)} (pip install --target it)")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # modes are checked before the model is built; they run on the model and data made below
