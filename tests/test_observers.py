@@ -86,3 +86,35 @@ def test_nvfp4_fused_layers_share_global_scale():
     assert scales[attn + "o_proj"] != scales[attn + "k_proj"]  # o_proj is not fused
     mlp = "model.layers.0.mlp."
     assert scales[mlp + "gate_proj"] == scales[mlp + "up_proj"]
+
+
+def _fp8_static_linear() -> torch.nn.Linear:
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_module_for_quantization,
+    )
+
+    module = torch.nn.Linear(16, 8, bias=False)
+    initialize_module_for_quantization(module, preset_name_to_scheme("FP8", ["Linear"]))
+    module.input_scale.data.fill_(float("nan"))  # what uninitialised memory may hold
+    return module
+
+
+def test_an_expert_that_saw_no_data_takes_its_siblings_range():
+    """An MoE expert no token was routed to: the widest range its siblings saw, never NaN."""
+    from llmc.quantization.calibrate import ActivationObservers
+
+    names = ["model.layers.0.mlp.experts.0.up_proj", "model.layers.0.mlp.experts.1.up_proj",
+             "model.layers.1.mlp.experts.0.up_proj", "model.layers.0.self_attn.o_proj"]
+    modules = {name: _fp8_static_linear() for name in names}
+    observers = ActivationObservers()
+    for name, module in modules.items():
+        observers.attach(module, name=name)
+    with torch.no_grad():
+        modules[names[0]](torch.full((4, 16), -3.0))
+        modules[names[2]](torch.full((4, 16), 5.0))
+    observers.detach()
+    seen = [modules[n].input_scale for n in names[:3]]
+    torch.testing.assert_close(seen[1], torch.tensor([5.0 / 448]))  # max |x| over its role's siblings
+    assert torch.equal(seen[0], torch.tensor([3.0 / 448]))  # observed modules keep their own
+    fallback = modules[names[3]].input_scale  # nothing in its role saw data
+    assert torch.isfinite(fallback).all() and (fallback > 0).all()

@@ -121,20 +121,6 @@ ARCH_CASES = {
     "qwen3": (transformers.Qwen3Config(**SMALL), 2, ("q_proj", "k_proj", "v_proj")),
     "gemma": (transformers.GemmaConfig(**SMALL, head_dim=8), 2, ("q_proj", "k_proj", "v_proj")),
     "phi3": (transformers.Phi3Config(**SMALL), 2, ("qkv_proj",)),
-    "mixtral": (transformers.MixtralConfig(**SMALL, num_local_experts=4), 1, ("q_proj", "k_proj", "v_proj")),
-    "qwen3_moe": (
-        transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=32),
-        1,
-        ("q_proj", "k_proj", "v_proj"),
-    ),
-    "deepseek_v3": (
-        transformers.DeepseekV3Config(
-            **SMALL, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-            n_routed_experts=4, moe_intermediate_size=32, first_k_dense_replace=1,
-        ),
-        1,
-        ("q_a_proj", "kv_a_proj_with_mqa"),
-    ),
 }
 
 

@@ -50,6 +50,7 @@ class ModelArguments:
     trust_remote_code_model: bool = attrs.field(default=False, metadata=_help("Allow custom model code from the repository"))
     save_compressed: bool = attrs.field(default=True, metadata=_help("Save weights in compressed format (False: dense fake-quantized weights)"))
     model_revision: str = attrs.field(default="main", metadata=_help("Model version: branch, tag or commit"))
+    allow_unquantized_fused_weights: bool = attrs.field(default=False, metadata=_help("Proceed when fused 3-D weights (MoE experts) that no installed patch linearizes would stay unquantized"))
 
     @model.validator
     def _check_model(self, attribute: attrs.Attribute, value: Any) -> None:

@@ -11,7 +11,7 @@ pass their own in llm-compressor's shape: ``[[balance regexes...], smooth regex]
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -121,13 +121,33 @@ def resolve_mappings(
                     f"{algorithm} mapping {mapping.balance_layers} finds no balance layer for "
                     f"{smooth_name!r}. Check the regexes against model.named_modules()."
                 )
-            balance = [n for n in balance if not _ignored(n, ignore)]
-            if not balance or _ignored(smooth_name, ignore):
+            # ignored balance layers are still scaled (or the function would change), only
+            # not quantized; a mapping whose every layer is ignored is left alone
+            if _ignored(smooth_name, ignore) or all(_ignored(n, ignore) for n in balance):
                 continue
             resolved.append(
                 ResolvedMapping(smooth_name, modules[smooth_name], tuple(balance), tuple(modules[n] for n in balance))
             )
     return resolved
+
+
+def observe_balance_inputs(
+    mapping: ResolvedMapping, observe: Callable[[torch.Tensor], None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Call ``observe`` with every tensor the mapping's balance layers read.
+
+    A norm's output is exactly that, for every token, even when a balance layer
+    sees only some tokens (an MoE expert its router did not choose); a linear smooth
+    layer's output is not (attention lies between ``v_proj`` and ``o_proj``), so there
+    the first balance layer's input is observed.
+    """
+    if isinstance(mapping.smooth, torch.nn.Linear):
+        return mapping.balance[0].register_forward_pre_hook(lambda module, args: observe(args[0]))
+
+    def output(module: torch.nn.Module, args: tuple, out: Any) -> None:
+        observe(out[0] if isinstance(out, (tuple, list)) else out)
+
+    return mapping.smooth.register_forward_hook(output)
 
 
 def fold_scales(mapping: ResolvedMapping, scales: torch.Tensor) -> None:
@@ -180,9 +200,9 @@ def _awq_dense(mlp: str = "mlp") -> list[Mapping]:
 
 
 def builtin_mappings() -> dict[str, ArchitectureMappings]:
-    """Defaults for the architectures llmc knows; model plugins add more through the hook."""
+    """Defaults for the dense architectures; model plugins add more through the hook (llmc-moe:
+    the MoE families)."""
     dense = ArchitectureMappings(_dense(), _awq_dense())
-    attention_only = ArchitectureMappings([_attention()], [_attention(), Mapping("re:.*v_proj", ["re:.*o_proj"])])
     phi3 = ArchitectureMappings(
         [
             Mapping("re:.*input_layernorm", ["re:.*qkv_proj"]),
@@ -194,16 +214,6 @@ def builtin_mappings() -> dict[str, ArchitectureMappings]:
             Mapping("re:.*gate_up_proj", ["re:.*down_proj"]),
         ],
     )
-    deepseek = ArchitectureMappings(
-        [
-            Mapping("re:.*input_layernorm", ["re:.*(q_proj|q_a_proj|kv_a_proj_with_mqa)"]),
-        ],
-        [
-            Mapping("re:.*input_layernorm", ["re:.*(q_proj|q_a_proj|kv_a_proj_with_mqa)"]),
-            Mapping("re:.*q_a_layernorm", ["re:.*q_b_proj"]),
-            Mapping("re:.*kv_a_layernorm", ["re:.*kv_b_proj"]),
-        ],
-    )
     table = {
         "LlamaForCausalLM": dense,
         "MistralForCausalLM": dense,
@@ -212,10 +222,5 @@ def builtin_mappings() -> dict[str, ArchitectureMappings]:
         "GemmaForCausalLM": dense,
         "Gemma2ForCausalLM": dense,
         "Phi3ForCausalLM": phi3,
-        "MixtralForCausalLM": attention_only,
-        "Qwen2MoeForCausalLM": attention_only,
-        "Qwen3MoeForCausalLM": attention_only,
-        "DeepseekV2ForCausalLM": deepseek,
-        "DeepseekV3ForCausalLM": deepseek,
     }
     return table

@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from llmc.lifecycle import State
-from llmc.mappings import ResolvedMapping, fold_scales, resolve_mappings
+from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weights
 from llmc_awq.search import search_scales
@@ -35,12 +35,18 @@ def _parent_name(names: tuple[str, ...]) -> str:
     return ".".join(common)
 
 
+def _quantized(module: torch.nn.Module) -> bool:
+    scheme = getattr(module, "quantization_scheme", None)
+    return scheme is not None and scheme.weights is not None
+
+
 def _usable(mapping: ResolvedMapping) -> bool:
-    """A mapping AWQ can scale: every balance layer quantized, and its inputs the smooth outputs."""
+    """A mapping AWQ can scale: a quantized balance layer, and every balance layer's inputs the
+    smooth outputs. Balance layers left unquantized (an MoE router) are scaled with the others,
+    so the function is unchanged, but take no part in the search."""
     name, channels = mapping.smooth_name, mapping.smooth.weight.shape[0]
-    schemes = [getattr(b, "quantization_scheme", None) for b in mapping.balance]
-    if any(s is None or s.weights is None for s in schemes):
-        logger.info("AWQ %s: a balance layer is not quantized; skipped.", name)
+    if not any(_quantized(b) for b in mapping.balance):
+        logger.info("AWQ %s: no balance layer is quantized; skipped.", name)
         return False
     if any(b.weight.shape[1] != channels for b in mapping.balance):
         logger.info("AWQ %s: balance layers' inputs do not match its %d outputs; skipped.", name, channels)
@@ -98,14 +104,14 @@ class AWQModifier(QuantizationModifier):
                 self._handles.append(modules[parent].register_forward_pre_hook(keep, with_kwargs=True))
             name = mapping.smooth_name
 
-            def mean(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+            def mean(x: torch.Tensor, name: str = name) -> None:
                 if state.observing and not self._searching:
-                    x = args[0].detach()
+                    x = x.detach()
                     total = x.abs().reshape(-1, x.shape[-1]).float().sum(dim=0)
                     self._x_sum[name] = self._x_sum[name] + total if name in self._x_sum else total
                     self._x_count[name] = self._x_count.get(name, 0) + x.numel() // x.shape[-1]
 
-            self._handles.append(mapping.balance[0].register_forward_pre_hook(mean))
+            self._handles.append(observe_balance_inputs(mapping, mean))
         self._modules_by_name = modules
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
@@ -158,11 +164,12 @@ class AWQModifier(QuantizationModifier):
 
         self._searching = True
         try:
+            quantized = [b for b in mapping.balance if _quantized(b)]
             result = search_scales(
                 run_parent,
-                mapping.balance,
+                quantized,
                 x_mean,
-                mapping.balance[0].quantization_scheme.weights,
+                quantized[0].quantization_scheme.weights,
                 self.n_grid,
                 self.duo_scaling,
             )

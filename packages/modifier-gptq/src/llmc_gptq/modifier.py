@@ -86,8 +86,8 @@ class GPTQModifier(QuantizationModifier):
             # Unsolved weights have no scales yet: run them unquantized until solved.
             module.quantization_enabled = False
         # activation observers (static input scales), if the scheme has any
-        for _, module in self._modules:
-            self._observers.attach(module, lambda: state.observing)
+        for name, module in self._modules:
+            self._observers.attach(module, lambda: state.observing, name)
 
     def on_batch_end(self, state: State, batch_index: int) -> None:
         if self._hessians is not None:

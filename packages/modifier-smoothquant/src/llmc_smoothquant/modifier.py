@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from llmc.lifecycle import State
-from llmc.mappings import ResolvedMapping, fold_scales, resolve_mappings
+from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
 from llmc.modifiers.base import Modifier
 
 logger = logging.getLogger(__name__)
@@ -59,17 +59,17 @@ class SmoothQuantModifier(Modifier):
         for mapping in self._resolved:
             name = mapping.smooth_name
 
-            def record(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+            def record(x: torch.Tensor, name: str = name) -> None:
                 if not state.observing or (
                     self.num_calibration_steps is not None and self._batches >= self.num_calibration_steps
                 ):
                     return
-                x = args[0].detach()
+                x = x.detach()
                 current = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
                 previous = self._max.get(name)
                 self._max[name] = current if previous is None else torch.maximum(previous, current)
 
-            self._handles.append(mapping.balance[0].register_forward_pre_hook(record))
+            self._handles.append(observe_balance_inputs(mapping, record))
 
     def on_batch_end(self, state: State, batch_index: int) -> None:
         self._batches += 1

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from llmc import logs
 from llmc.args import OneshotArguments, parse_oneshot_args
 from llmc.data import build_calibration_dataloader
+from llmc.fused_weights import check_fused_weights
 from llmc.lifecycle import State
 from llmc.model_loading import check_model_source, preprocess
 from llmc.patches import matching_patches
@@ -75,6 +76,8 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
     check_model_source(args.model.model)
 
     model, processor = preprocess(args.model)
+    modifiers = [m for stage in recipe.stages for m in stage.modifiers]
+    check_fused_weights(model, modifiers, args.model.allow_unquantized_fused_weights)
     dataloader = build_calibration_dataloader(args.dataset, processor) if has_data else None
     device = _execution_device(args.pipeline.device)
 

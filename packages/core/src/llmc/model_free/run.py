@@ -38,6 +38,7 @@ from llmc.model_free.shards import (
     read_tensors,
     write_tensors_atomically,
 )
+from llmc.patches import checkpoint_converters
 from llmc.quantization.config import as_list, build_config, resolve_config_groups, scheme_needs_data
 
 logger = logging.getLogger(__name__)
@@ -298,6 +299,8 @@ def process_checkpoint(
     out = _check_output(root, save_directory)
     exec_device = _resolve_device(device)
     checkpoint = open_checkpoint(root)
+    if config is not None:  # what oneshot's model patches change (fused MoE experts, say)
+        converters = [*converters, *checkpoint_converters(root)]
     jobs = plan.plan_jobs(checkpoint, _partners(converters, checkpoint, group_fused))
 
     groups = dict(config.config_groups) if config is not None else {}

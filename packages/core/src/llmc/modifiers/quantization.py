@@ -79,8 +79,8 @@ class QuantizationModifier(Modifier):
 
     def on_calibration_start(self, state: State) -> None:
         calibrate_weights(self._modules, state.device)
-        for _, module in self._modules:
-            self._observers.attach(module, lambda: state.observing)
+        for name, module in self._modules:
+            self._observers.attach(module, lambda: state.observing, name)
 
     def on_calibration_end(self, state: State) -> None:
         self._observers.detach()

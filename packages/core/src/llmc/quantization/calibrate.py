@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from compressed_tensors.quantization import QuantizationStatus, QuantizationStrategy
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationStatus,
+    QuantizationStrategy,
+)
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from llmc.quantization.observers import MinMaxObserver, global_scale, weight_qparams
+
+logger = logging.getLogger(__name__)
 
 # Layers that inference engines fuse into one matmul must share a global scale.
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -113,17 +121,43 @@ def quantization_disabled(model: torch.nn.Module) -> Iterator[None]:
             m.quantization_enabled = enabled
 
 
+def _write_activation_qparams(
+    module: torch.nn.Module, base: str, args: QuantizationArgs, lo: torch.Tensor, hi: torch.Tensor
+) -> None:
+    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
+        _copy(module, f"{base}_global_scale", generate_gparam(lo, hi))
+    else:
+        scale, zp = calculate_qparams(lo.reshape(1), hi.reshape(1), args)
+        _copy(module, f"{base}_scale", scale)
+        _copy(module, f"{base}_zero_point", zp)
+
+
+def sibling_key(name: str) -> str:
+    """``model.layers.3.mlp.experts.17.up_proj`` -> ``model.layers.*.mlp.experts.*.up_proj``:
+    the modules that play one role in a stack of layers or experts."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
 class ActivationObservers:
     """Forward hooks that keep static activation scales current during calibration.
 
     The running min/max is written into the module's qparams after every batch
-    so that quantization-aware forward passes use the estimate so far.
+    so that quantization-aware forward passes use the estimate so far. A module
+    that saw no data at all (an MoE expert no token was routed to) gets, on
+    :meth:`detach`, the range its siblings saw (the same role in the other
+    experts or layers), never the uninitialised values compressed-tensors left.
     """
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._observed: list[tuple[str, torch.nn.Module, str, QuantizationArgs, MinMaxObserver]] = []
 
-    def attach(self, module: torch.nn.Module, observing: Callable[[], bool] = lambda: True) -> None:
+    def attach(
+        self,
+        module: torch.nn.Module,
+        observing: Callable[[], bool] = lambda: True,
+        name: str | None = None,
+    ) -> None:
         scheme = module.quantization_scheme
         for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
             if args is None or args.dynamic is True:
@@ -134,17 +168,13 @@ class ActivationObservers:
                     "not supported; use 'tensor', 'tensor_group', or dynamic activations."
                 )
             observer = MinMaxObserver()
+            self._observed.append((name or f"<module {id(module)}>", module, base, args, observer))
 
             def record(mod: torch.nn.Module, value: torch.Tensor, base=base, args=args, observer=observer) -> None:
                 if not observing():
                     return
                 observer.update(value)
-                if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-                    _copy(mod, f"{base}_global_scale", generate_gparam(observer.min, observer.max))
-                else:
-                    scale, zp = calculate_qparams(observer.min.reshape(1), observer.max.reshape(1), args)
-                    _copy(mod, f"{base}_scale", scale)
-                    _copy(mod, f"{base}_zero_point", zp)
+                _write_activation_qparams(mod, base, args, observer.min, observer.max)
 
             if base == "input":
                 handle = module.register_forward_pre_hook(lambda m, a, record=record: record(m, a[0]))
@@ -156,6 +186,35 @@ class ActivationObservers:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._fill_unobserved()
+        self._observed.clear()
+
+    def _fill_unobserved(self) -> None:
+        unseen = [entry for entry in self._observed if not entry[4].seen]
+        if not unseen:
+            return
+        ranges: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, _, base, _, observer in self._observed:
+            if observer.seen:
+                key = (sibling_key(name), base)
+                lo, hi = ranges.get(key, (observer.min, observer.max))
+                ranges[key] = (torch.minimum(lo, observer.min), torch.maximum(hi, observer.max))
+        for name, module, base, args, _ in unseen:
+            found = ranges.get((sibling_key(name), base))
+            if found is None:
+                logger.warning(
+                    "%s saw no calibration data and no module in its role did: its static %s "
+                    "scale is set for the range [-1, 1].", name, base
+                )
+                found = (torch.tensor(-1.0), torch.tensor(1.0))
+            else:
+                logger.warning(
+                    "%s saw no calibration data: its static %s scale takes the range its "
+                    "siblings (%s) saw.", name, base, sibling_key(name)
+                )
+            device = getattr(module, f"{base}_scale", getattr(module, f"{base}_global_scale", None))
+            lo, hi = (t.to(device.device) if device is not None else t for t in found)
+            _write_activation_qparams(module, base, args, lo, hi)
 
 
 def freeze(modules: Iterable[tuple[str, torch.nn.Module]]) -> None:

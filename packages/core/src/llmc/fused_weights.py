@@ -1,0 +1,103 @@
+"""Refuse to leave fused projection weights silently unquantized.
+
+Quantization schemes target modules (``Linear``). A model that holds projection
+weights as 3-D parameters of another module, as transformers holds the experts of
+its MoE models (``gate_up_proj`` of shape experts x 2·intermediate x hidden), has
+nothing there for a ``Linear`` target to match: without a patch that turns those
+tensors into ``Linear`` modules, the bulk of the model would be saved in full
+precision, with no error. This check runs after the model patches and before
+calibration, and says which modules, and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from compressed_tensors.utils import is_match
+
+# the distribution that linearizes transformers' fused MoE experts
+FUSED_WEIGHTS_PROVIDER = "llmc-moe"
+_SHOWN = 4
+
+
+class UnquantizedFusedWeightsError(ValueError):
+    """The recipe quantizes modules by class, and fused weights would be left out."""
+
+
+def _fused_parameters(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return []
+    return [
+        (name, tuple(p.shape))
+        for name, p in module.named_parameters(recurse=False)
+        if p.ndim >= 3 and p.is_floating_point()
+    ]
+
+
+def _quantization_targets(modifiers: Iterable[Any]) -> list[tuple[list[str], list[str]]]:
+    """(targets, ignore) of every modifier that applies a compressed-tensors config."""
+    found = []
+    for modifier in modifiers:
+        config = getattr(modifier, "config", None)
+        groups = getattr(config, "config_groups", None)
+        if not groups:
+            continue
+        targets = sorted({t for scheme in groups.values() for t in scheme.targets})
+        found.append((targets, list(config.ignore or [])))
+    return found
+
+
+def unquantized_fused_weights(
+    model: torch.nn.Module, modifiers: Iterable[Any]
+) -> list[tuple[str, torch.nn.Module, list[tuple[str, tuple[int, ...]]]]]:
+    """Modules holding 3-D (or larger) weights that a quantizing modifier targets by class
+    but cannot quantize: neither matched by its targets nor ignored."""
+    quantizing = _quantization_targets(modifiers)
+    if not quantizing:
+        return []
+    left = []
+    for name, module in model.named_modules():
+        params = _fused_parameters(module)
+        if not params:
+            continue
+        for targets, ignore in quantizing:
+            if is_match(name, module, ignore) or is_match(name, module, targets):
+                continue
+            left.append((name, module, params))
+            break
+    return left
+
+
+def check_fused_weights(model: torch.nn.Module, modifiers: Iterable[Any], allow: bool) -> None:
+    """Raise when the recipe would leave fused projection weights unquantized (see module doc)."""
+    left = unquantized_fused_weights(model, modifiers)
+    if not left or allow:
+        return
+    from llmc.plugins import plugin_packages
+
+    shown = "; ".join(
+        f"{name} ({type(module).__name__}: "
+        + ", ".join(f"{p} {tuple(shape)}" for p, shape in params)
+        + ")"
+        for name, module, params in left[:_SHOWN]
+    )
+    more = f" and {len(left) - _SHOWN} more" if len(left) > _SHOWN else ""
+    classes = sorted({type(module).__name__ for _, module, _ in left})
+    if "llmc_moe" in plugin_packages():
+        hint = (
+            f"The installed {FUSED_WEIGHTS_PROVIDER} does not linearize {', '.join(classes)}; "
+            "a model plugin can (see docs/writing-a-plugin.md)."
+        )
+    else:
+        hint = (
+            f"{FUSED_WEIGHTS_PROVIDER} turns the fused experts of transformers' MoE models into "
+            f"one Linear per expert and projection: pip install {FUSED_WEIGHTS_PROVIDER}."
+        )
+    raise UnquantizedFusedWeightsError(
+        f"{len(left)} modules hold fused projection weights that the recipe's targets cannot "
+        f"reach, so they would be saved unquantized: {shown}{more}. {hint} To keep them in full "
+        f"precision on purpose, add them to ignore (e.g. 're:.*experts$') or pass "
+        "allow_unquantized_fused_weights=True."
+    )

@@ -1,0 +1,157 @@
+"""Linearization: every MoE family of transformers keeps its function, under its checkpoint names."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+from llmc.args import DatasetArguments
+from llmc_moe import FusedLayout, LinearExperts, MoEPatch, linear_experts, linearize
+
+SMALL = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+)
+
+# family -> config (every MoE family of transformers whose experts are fused)
+FAMILIES = {
+    "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_local_experts=4),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **SMALL, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, moe_intermediate_size=16),
+    "qwen3_next": lambda: transformers.Qwen3NextConfig(
+        **SMALL, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["full_attention", "full_attention"],
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(**SMALL, num_experts=4),
+    "gpt_oss": lambda: transformers.GptOssConfig(**SMALL, num_local_experts=4, head_dim=8),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(
+        **SMALL, n_routed_experts=4, moe_intermediate_size=16, first_k_dense_replace=0
+    ),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(**SMALL, num_local_experts=4),
+    "phimoe": lambda: transformers.PhimoeConfig(**SMALL, num_local_experts=4),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**SMALL, "num_key_value_heads": 4}, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16,
+        first_k_dense_replace=1, n_group=2, topk_group=1,
+    ),
+    "llama4": lambda: transformers.Llama4TextConfig(**SMALL, num_local_experts=4, intermediate_size_mlp=64),
+}
+
+# family -> (experts module of layer 1, gate, up, down names of one expert's projections)
+CHECKPOINT_NAMES = {
+    "mixtral": ("model.layers.1.mlp.experts", "w1", "w3", "w2"),
+    "phimoe": ("model.layers.1.mlp.experts", "w1", "w3", "w2"),
+    "granitemoe": ("model.layers.1.block_sparse_moe.experts", "gate_proj", "up_proj", "down_proj"),
+    "llama4": ("model.layers.1.feed_forward.experts", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    for p in model.parameters():  # transformers leaves some fused experts at zero
+        if p.ndim == 3:
+            p.data.normal_(0, 0.2)
+    return model
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_linearized_model_has_the_fused_models_logits(family, ids):
+    model = build(family)
+    fused = {name: (type(m).__name__, FusedLayout.of(m)) for name, m in model.named_modules() if FusedLayout.of(m)}
+    assert fused, "the tiny config holds no fused experts"
+    reference = logits(model, ids)
+
+    assert sorted(linearize(model)) == sorted(fused)
+    assert not [n for n, p in model.named_parameters() if p.ndim >= 3]
+    torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)
+
+    # every token through every expert: the output stays the routed combination
+    for _, module in linear_experts(model):
+        module.all_experts = True
+    torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)
+
+    name, gate, up, down = CHECKPOINT_NAMES.get(family, (None, "gate_proj", "up_proj", "down_proj"))
+    experts_name = name or next(n for n in fused if ".1." in n or n.endswith("layers.1.mlp.experts"))
+    expert = model.get_submodule(f"{experts_name}.3")
+    assert {n for n, _ in expert.named_children()} == {gate, up, down}
+    assert all(isinstance(m, torch.nn.Linear) for m in expert.children())
+
+
+def test_expert_weights_are_the_fused_slices():
+    """gpt-oss: input-major, gate and up interleaved, biases; each Linear gets its exact slice."""
+    model = build("gpt_oss")
+    fused = model.model.layers[0].mlp.experts
+    gate_up, gate_up_bias = fused.gate_up_proj.detach().clone(), fused.gate_up_proj_bias.detach().clone()
+    down = fused.down_proj.detach().clone()
+    linearize(model)
+    expert = model.model.layers[0].mlp.experts[2]
+    assert torch.equal(expert.gate_proj.weight, gate_up[2][:, 0::2].t())
+    assert torch.equal(expert.up_proj.weight, gate_up[2][:, 1::2].t())
+    assert torch.equal(expert.up_proj.bias, gate_up_bias[2][1::2])
+    assert torch.equal(expert.down_proj.weight, down[2].t())
+    assert expert.gate_proj.weight.is_contiguous()
+
+
+def test_all_experts_context_counts_tokens_and_warns(ids, caplog):
+    model = build("qwen3_moe")
+    patch = MoEPatch()
+    assert patch.matches(model)
+    patch.apply(model)
+    assert patch.matches(model)  # still itself once linearized: its context must be entered
+    modules = linear_experts(model)
+    tokens = ids.numel()
+
+    with patch.calibration_context(model, DatasetArguments(moe_calibrate_all_experts=True, min_tokens_per_module=0.5)):
+        assert all(m.all_experts for _, m in modules)
+        logits(model, ids)
+    assert not any(m.all_experts for _, m in modules)
+    for _, module in modules:
+        assert module.tokens_total == tokens
+        assert module.tokens_seen == [tokens] * module.num_experts
+
+    caplog.set_level(logging.WARNING, logger="llmc_moe")
+    args = DatasetArguments(moe_calibrate_all_experts=False, min_tokens_per_module=0.6)
+    with patch.calibration_context(model, args):
+        logits(model, ids)
+    for _, module in modules:
+        assert sum(module.tokens_seen) == tokens * 2  # two experts per token
+    starved = [f"{n}.{e}" for n, m in modules for e, seen in enumerate(m.tokens_seen) if seen < 0.6 * tokens]
+    assert starved, "with 4 experts and top-2 routing some expert must see under 60 % of tokens"
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert all(f"{name} (" in message for name in starved)
+    assert "min_tokens_per_module" in message
+
+
+def test_routed_only_experts_see_only_their_tokens(ids):
+    model = build("qwen3_moe")
+    linearize(model)
+    experts: LinearExperts = model.model.layers[0].mlp.experts
+    seen: dict[int, int] = {}
+    handles = [
+        e.gate_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, seen.get(i, 0) + a[0].shape[0]))
+        for i, e in enumerate(experts)
+    ]
+    logits(model, ids)
+    assert sum(seen.values()) == ids.numel() * 2
+    experts.all_experts = True
+    seen.clear()
+    logits(model, ids)
+    assert seen == dict.fromkeys(range(4), ids.numel())
+    for h in handles:
+        h.remove()

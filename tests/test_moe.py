@@ -1,0 +1,180 @@
+"""MoE models end to end: every expert quantized by every modifier, saved under the checkpoint's
+names, reloaded; model_free_ptq writes what oneshot writes; fused weights are never silently kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from llmc import model_free_ptq, oneshot, tiny
+from llmc.fused_weights import UnquantizedFusedWeightsError
+from llmc.mappings import resolve_mappings
+from llmc_moe import linearize
+from tests.helpers import quant_recipe
+from tests.test_model_free import assert_same_tensors, load_all
+
+IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*mlp.router$"]
+EXPERTS, LAYERS = 4, 2
+
+
+def _save(model: torch.nn.Module, path: Path) -> Path:
+    for p in model.parameters():  # transformers leaves some fused experts at zero
+        if p.ndim == 3:
+            p.data.normal_(0, 0.05)
+    model.save_pretrained(path)
+    tiny.build_tokenizer(2048).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory) -> Path:
+    """Qwen3-MoE saved as transformers saves it: one tensor per expert and projection."""
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=EXPERTS,
+        num_experts_per_tok=2, moe_intermediate_size=128,
+    )
+    torch.manual_seed(0)
+    return _save(transformers.AutoModelForCausalLM.from_config(config), tmp_path_factory.mktemp("qwen3-moe"))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory) -> Path:
+    """gpt-oss, whose checkpoints hold fused 3-D experts (interleaved gate/up, biases)."""
+    config = transformers.GptOssConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=EXPERTS,
+        num_experts_per_tok=2, layer_types=["full_attention"] * LAYERS,
+    )
+    torch.manual_seed(0)
+    return _save(transformers.AutoModelForCausalLM.from_config(config), tmp_path_factory.mktemp("gpt-oss"))
+
+
+def keys(folder: Path) -> set[str]:
+    found: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as handle:
+            found.update(handle.keys())
+    return found
+
+
+def run(model: Path, out: Path, recipe, **kwargs) -> torch.nn.Module:
+    defaults = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
+    return oneshot(model=str(model), recipe=recipe, output_dir=str(out), **{**defaults, **kwargs})
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_gptq_quantizes_every_expert_and_reloads(qwen3_moe, tmp_path, sample_ids):
+    out = tmp_path / "gptq"
+    recipe = quant_recipe("W4A16", ignore=IGNORE, modifier="GPTQModifier")
+    model = run(qwen3_moe, out, recipe, pipeline="sequential")
+    saved = keys(out)
+    for layer in range(LAYERS):
+        for expert in range(EXPERTS):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                prefix = f"model.layers.{layer}.mlp.experts.{expert}.{proj}"
+                assert {f"{prefix}.weight_packed", f"{prefix}.weight_scale", f"{prefix}.weight_shape"} <= saved
+    assert not [k for k in saved if "experts" in k and k.endswith(".weight")]
+    assert "model.layers.0.mlp.gate.weight" in saved  # the router, ignored, stays dense
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert list(groups.values())[0]["weights"]["num_bits"] == 4
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_experts_are_refused_without_a_patch(qwen3_moe, tmp_path, monkeypatch):
+    """Core alone: a recipe targeting Linear on fused experts stops before calibration."""
+    monkeypatch.setattr("llmc.model_loading.matching_patches", lambda model: [])
+    monkeypatch.setattr("llmc.fused_weights.plugin_packages", lambda: {"llmc"}, raising=False)
+    monkeypatch.setattr("llmc.plugins.plugin_packages", lambda: {"llmc"})
+    calibrated = []
+    monkeypatch.setattr("llmc.entrypoints.oneshot.build_calibration_dataloader", lambda *a: calibrated.append(1))
+    with pytest.raises(UnquantizedFusedWeightsError) as info:
+        run(qwen3_moe, tmp_path / "refused", quant_recipe("W4A16", ignore=IGNORE))
+    message = str(info.value)
+    assert "model.layers.0.mlp.experts (Qwen3MoeExperts: gate_up_proj (4, 256, 128)" in message
+    assert "pip install llmc-moe" in message and "allow_unquantized_fused_weights=True" in message
+    assert not calibrated and not (tmp_path / "refused").exists()
+
+    out = tmp_path / "allowed"
+    run(qwen3_moe, out, quant_recipe("W4A16", ignore=IGNORE), allow_unquantized_fused_weights=True)
+    saved = keys(out)  # transformers writes the fused experts back per expert, dense
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in saved
+    assert not [k for k in saved if "experts" in k and k.endswith("weight_packed")]
+    # ignoring the experts on purpose is allowed too
+    run(qwen3_moe, tmp_path / "ignored", quant_recipe("W4A16", ignore=[*IGNORE, "re:.*experts$"]))
+
+
+def test_model_free_splits_fused_experts_as_oneshot_does(gpt_oss, tmp_path):
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys(gpt_oss)  # fused on disk
+    for scheme in ("W4A16", "NVFP4A16"):
+        a, b = tmp_path / f"oneshot-{scheme}", tmp_path / f"free-{scheme}"
+        oneshot(model=str(gpt_oss), recipe=quant_recipe(scheme, ignore=IGNORE), output_dir=str(a))
+        summary = model_free_ptq(gpt_oss, b, scheme, ignore=IGNORE)
+        assert summary.quantized == LAYERS * (4 + 3 * EXPERTS)
+        assert_same_tensors(a, b)
+    tensors = load_all(tmp_path / "free-NVFP4A16")
+    for expert in range(EXPERTS):
+        prefix = f"model.layers.1.mlp.experts.{expert}"
+        gate, up = tensors[f"{prefix}.gate_proj.weight_global_scale"], tensors[f"{prefix}.up_proj.weight_global_scale"]
+        assert torch.equal(gate, up)  # one fused gate/up matmul in the engine
+        assert f"{prefix}.up_proj.bias" in tensors
+
+
+def test_smoothquant_balances_experts_and_router_without_changing_the_function(qwen3_moe, tmp_path, sample_ids):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    recipe = {"smooth_stage": {"smooth_modifiers": {"SmoothQuantModifier": {"smoothing_strength": 0.8}}}}
+    model = run(qwen3_moe, tmp_path / "sq", recipe)
+    torch.testing.assert_close(logits(model, sample_ids), logits(reference, sample_ids), rtol=2e-3, atol=2e-3)
+    assert_router_sees_what_it_saw(model, reference)
+
+
+def test_awq_scales_and_quantizes_every_expert(qwen3_moe, tmp_path, sample_ids):
+    recipe = {"quant_stage": {"quant_modifiers": {"AWQModifier": {"targets": ["Linear"], "scheme": "W4A16_ASYM", "ignore": IGNORE, "n_grid": 4}}}}
+    reference = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    model = run(qwen3_moe, tmp_path / "awq", recipe, save_compressed=False)
+    expert = model.model.layers[1].mlp.experts[3]
+    assert expert.down_proj.quantization_scheme is not None
+    assert_router_sees_what_it_saw(model, reference, scaled=False)  # the search kept s = 1 here
+    # about as close to the original as round-to-nearest (AWQ optimises each layer's error, not
+    # the logits, on this random model)
+    rtn = run(qwen3_moe, tmp_path / "rtn", quant_recipe("W4A16_ASYM", ignore=IGNORE), save_compressed=False)
+    want = logits(reference, sample_ids)
+    awq_error = (logits(model, sample_ids) - want).pow(2).mean()
+    rtn_error = (logits(rtn, sample_ids) - want).pow(2).mean()
+    assert awq_error <= 1.25 * rtn_error, (awq_error, rtn_error)
+
+
+def assert_router_sees_what_it_saw(model: torch.nn.Module, reference: torch.nn.Module, scaled: bool = True) -> None:
+    """The norm's scales were folded into the router too: routing is unchanged."""
+    for new, old in zip(model.model.layers, reference.model.layers, strict=True):
+        before = old.mlp.gate.weight * old.post_attention_layernorm.weight
+        after = new.mlp.gate.weight * new.post_attention_layernorm.weight
+        assert torch.allclose(new.mlp.gate.weight, old.mlp.gate.weight) is not scaled
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq"])
+def test_moe_default_mappings_cover_experts_and_router(algorithm):
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    )
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    linearize(model)
+    resolved = {m.smooth_name: m.balance_names for m in resolve_mappings(model, None, algorithm, ignore=IGNORE)}
+    mlp = resolved["model.layers.0.post_attention_layernorm"]
+    assert "model.layers.0.mlp.gate" in mlp  # ignored for quantization, still scaled
+    assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj")} <= set(mlp)
+    if algorithm == "awq":
+        assert resolved["model.layers.0.mlp.experts.2.up_proj"] == ("model.layers.0.mlp.experts.2.down_proj",)
