@@ -124,3 +124,22 @@ def test_cuda_graph_solve_equals_eager(name):
     for _ in range(2):  # the second solve replays the captured graph
         graphed = gptq_quantize(w, hessian, args, actorder=True, graphs=graphs)
         torch.testing.assert_close(graphed.weight, eager.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["group-asym", "channel-int8", "block-fp8"])
+def test_a_batch_solves_each_matrix_as_alone(name):
+    """One solve of several matrices, each with its own Hessian, equals a solve of each."""
+    from llmc_gptq.solver import gptq_quantize_batch
+
+    args = ARGS[name]
+    problems = [_problem(10 + i, rows=128) for i in range(3)]
+    hessians = [x.T @ x for x, _ in problems]
+    hessians[1][7, :] = hessians[1][:, 7] = 0  # a dead channel in one of them only
+    weights = torch.stack([w for _, w in problems])
+    batch = gptq_quantize_batch(weights, torch.stack(hessians), args, block_size=64, actorder=True)
+    for (_, w), hessian, result in zip(problems, hessians, batch, strict=True):
+        alone = gptq_quantize(w, hessian, args, block_size=64, actorder=True)
+        torch.testing.assert_close(result.weight, alone.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result.scale, alone.scale)
+        assert result.relative_error == pytest.approx(alone.relative_error, rel=1e-4)
+    assert (batch[1].weight[:, 7] == 0).all() and not (batch[0].weight[:, 7] == 0).all()

@@ -155,3 +155,37 @@ def test_routed_only_experts_see_only_their_tokens(ids):
     assert seen == dict.fromkeys(range(4), ids.numel())
     for h in handles:
         h.remove()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "qwen2_moe"])
+def test_stacked_experts_call_every_hook_with_what_each_expert_sees(family, ids, monkeypatch):
+    """All experts on all tokens computed together: same logits, and every Linear's hooks get
+    the inputs and outputs that calling the experts one by one gives them."""
+    import llmc_moe.experts as experts_module
+
+    model = build(family)
+    linearize(model)
+    for _, module in linear_experts(model):
+        module.all_experts = True
+
+    def run() -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        seen: dict[str, list[torch.Tensor]] = {}
+        handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".experts." in name:
+                handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: seen.setdefault(n, []).append(a[0].clone())))
+                handles.append(m.register_forward_hook(lambda mod, a, o, n=name: seen.setdefault(n + ":out", []).append(o.clone())))
+        try:
+            return logits(model, ids), seen
+        finally:
+            for h in handles:
+                h.remove()
+
+    stacked_logits, stacked = run()
+    monkeypatch.setattr(experts_module, "_runs_own_forward", lambda module: True)
+    each_logits, each = run()
+    torch.testing.assert_close(stacked_logits, each_logits, rtol=1e-5, atol=1e-5)
+    assert stacked.keys() == each.keys() and stacked
+    for key in each:
+        for a, b in zip(stacked[key], each[key], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -13,8 +13,9 @@ from compressed_tensors.quantization import ActivationOrdering, QuantizationType
 from llmc.lifecycle import State
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weight
+from llmc_gptq.batching import plan_solves
 from llmc_gptq.hessian import HessianAccumulator
-from llmc_gptq.solver import BlockGraphs, gptq_quantize
+from llmc_gptq.solver import BlockGraphs, gptq_quantize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,9 @@ class GPTQModifier(QuantizationModifier):
         super().on_finalize(state)
 
     def _solve(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
+        """Solve ``modules``, as few solves as their Hessians allow (see :mod:`llmc_gptq.batching`)."""
         assert self._hessians is not None
+        pending: list[tuple[str, torch.nn.Module]] = []
         for name, module in modules:
             self._names.pop(module, None)
             scheme = module.quantization_scheme
@@ -119,35 +122,30 @@ class GPTQModifier(QuantizationModifier):
             # on every propagation forward would change nothing, so only activation
             # schemes re-enable quantization here.
             module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
-            args = scheme.weights
-            if args is None:
+            if scheme.weights is None:
                 continue
-            popped = self._hessians.pop(module)
-            if popped is None:
+            if self._hessians.owner.get(module) is None:
                 logger.warning("%s saw no calibration data; quantizing it round-to-nearest.", name)
                 calibrate_weight(module)
                 continue
+            pending.append((name, module))
+        for solve in plan_solves(pending, self._hessians):
             started = time.perf_counter()
-            hessian, owned = popped
-            hessian = hessian.to(module.weight.device)
-            # The last module to use a Hessian hands it over to be consumed in place.
-            given: torch.Tensor | list[torch.Tensor] = [hessian] if owned else hessian
-            del popped, hessian
-            weight = module.weight
-            result = gptq_quantize(
-                weight.data,
-                given,
-                args,
+            results = gptq_quantize_batch(
+                solve.weights(),
+                [solve.hessians()],
+                solve.args,
                 block_size=self.block_size,
                 dampening_frac=self.dampening_frac,
-                actorder=args.actorder is not None,
-                scale_dtype=module.weight_scale.dtype,
+                actorder=solve.args.actorder is not None,
+                scale_dtype=solve.scale_dtype,
                 graphs=self._graphs,
             )
-            weight.data.copy_(result.weight)
-            module.weight_scale.data.copy_(result.scale.reshape(module.weight_scale.shape))
-            if hasattr(module, "weight_zero_point"):
-                module.weight_zero_point.data.copy_(result.zero_point.reshape(module.weight_zero_point.shape))
+            solve.write_back(results)
             seconds = time.perf_counter() - started
             self.solve_seconds += seconds
-            logger.info("GPTQ %s: relative error %.3e, %.2f s", name, result.relative_error, seconds)
+            for matrix, result in zip(solve.matrices, results, strict=True):
+                logger.info(
+                    "GPTQ %s: relative error %.3e, %.2f s (%d matrices in one solve)",
+                    matrix.label, result.relative_error, seconds, len(solve.matrices),
+                )

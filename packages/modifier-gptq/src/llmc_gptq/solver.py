@@ -37,25 +37,28 @@ class GPTQResult:
 
 
 def _column_qparams(qparam: torch.Tensor, args: QuantizationArgs, rows: int, columns: torch.Tensor) -> torch.Tensor:
-    """The (rows, len(columns)) per-element view of a scale or zero point for the given
-    original column indices, laid out by ``args``' strategy. Built one block at a time so the
+    """The (batch, rows, len(columns)) per-element view of a batch of scales or zero points
+    (each shaped as ``weight_qparams`` returns it, stacked) for the given original column
+    indices (batch, k), laid out by ``args``' strategy. Built one block at a time so the
     solve never holds a full-size copy."""
     strategy = args.strategy
-    n = columns.numel()
+    batch, n = columns.shape
     if strategy == QuantizationStrategy.TENSOR:
-        return qparam.reshape(1, 1).expand(rows, n)
+        return qparam.reshape(batch, 1, 1).expand(batch, rows, n)
     if strategy == QuantizationStrategy.CHANNEL:
-        return qparam.reshape(rows, 1).expand(rows, n)
+        return qparam.reshape(batch, rows, 1).expand(batch, rows, n)
     if strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
-        return qparam[:, columns // args.group_size]
+        index = (columns // args.group_size)[:, None, :].expand(batch, rows, n)
+        return qparam.gather(2, index)
     if strategy == QuantizationStrategy.BLOCK:
         block_rows, block_cols = args.block_structure
-        return qparam.repeat_interleave(block_rows, dim=0)[:rows][:, columns // block_cols]
+        per_row = qparam.repeat_interleave(block_rows, dim=1)[:, :rows]
+        return per_row.gather(2, (columns // block_cols)[:, None, :].expand(batch, rows, n))
     raise ValueError(f"GPTQ does not support the {strategy!r} weight strategy.")
 
 
 class _ColumnQuantizer:
-    """Fake-quantizes single columns given that column's scale and zero point."""
+    """Fake-quantizes single columns (of every matrix of a batch) given their scales and zero points."""
 
     def __init__(self, args: QuantizationArgs, device: torch.device):
         self.args = args
@@ -71,7 +74,8 @@ class _ColumnQuantizer:
         if self.is_int:
             q = torch.clamp(torch.round(column / s) + z, self.lo, self.hi)
             return (q - z) * s
-        return fake_quantize(column[:, None], s[:, None], z[:, None], self.channel_args)[:, 0]
+        flat = fake_quantize(column.reshape(-1, 1), s.reshape(-1, 1), z.reshape(-1, 1), self.channel_args)
+        return flat.reshape(column.shape)
 
 
 def _column_loop(
@@ -83,14 +87,17 @@ def _column_loop(
     Q1: torch.Tensor,
     Err1: torch.Tensor,
 ) -> None:
-    """Quantize one block's columns in order, updating the rest of the block (in place)."""
-    for i in range(W1.shape[1]):
-        w = W1[:, i]
-        q = quantize_column(w, S1[:, i], Z1[:, i])
-        Q1[:, i] = q
-        err = (w - q) / Hinv1[i, i]
-        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-        Err1[:, i] = err
+    """Quantize one block's columns in order, updating the rest of the block (in place).
+
+    Every tensor has a leading batch dimension: one matrix and its inverse Hessian factor
+    per entry, all advanced by the same kernels."""
+    for i in range(W1.shape[2]):
+        w = W1[:, :, i]
+        q = quantize_column(w, S1[:, :, i], Z1[:, :, i])
+        Q1[:, :, i] = q
+        err = (w - q) / Hinv1[:, i, i, None]
+        W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, None, i, i:]
+        Err1[:, :, i] = err
 
 
 class BlockGraphs:
@@ -125,38 +132,53 @@ class BlockGraphs:
         return static[4], static[5]
 
 
-def _inverse_cholesky(holder: list[torch.Tensor], dampening_frac: float) -> tuple[torch.Tensor, float, float]:
-    """Upper Cholesky factor of H^-1, retrying with more dampening if H is not positive definite.
+def _inverse_cholesky(
+    holder: list[torch.Tensor], dampening_frac: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factors of a batch of H^-1, retrying with more dampening the Hessians
+    that are not positive definite.
 
-    Returns the factor, the dampening fraction used and the absolute amount added to the diagonal.
-
-    Takes H out of ``holder`` (so this frame owns the only reference), dampens it in place,
-    and frees it as soon as its factor exists: at most two matrices of its size are alive.
+    Returns the factors, the dampening fraction each used and the absolute amount added to
+    each diagonal. Takes H out of ``holder`` (so this frame owns the only reference),
+    dampens it in place, and frees it as soon as its factors exist: at most two batches of
+    its size are alive. One host sync per attempt.
     """
     H = holder.pop()
-    mean_diag = torch.mean(torch.diag(H)).item()
-    unit = mean_diag if mean_diag > 0 else 1.0
-    frac, added = dampening_frac, 0.0
+    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    mean_diag = diagonal.mean(dim=-1)
+    unit = torch.where(mean_diag > 0, mean_diag, torch.ones_like(mean_diag))
+    frac = torch.full_like(unit, dampening_frac)
+    added = torch.zeros_like(unit)
     for attempt in range(MAX_DAMPENING_RETRIES + 1):
-        H.diagonal().add_(frac * unit - added)
+        diagonal.add_((frac * unit - added)[:, None])
         added = frac * unit
         lower, info = torch.linalg.cholesky_ex(H)
-        if info.item() == 0:
+        failed = info != 0
+        if not bool(failed.any()):
             del H
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
-            if info.item() == 0 and torch.isfinite(upper).all():
+            if bool((info == 0).all() & torch.isfinite(upper).all()):
                 if attempt:
-                    logger.warning("Hessian was ill-conditioned; solved with dampening_frac=%g", frac)
+                    logger.warning(
+                        "Hessian was ill-conditioned; solved with dampening_frac=%g", float(frac.max())
+                    )
                 return upper, frac, added
             raise RuntimeError("The inverse Hessian has no Cholesky factor; the layer's inputs are degenerate.")
-        frac = max(frac, 1e-4) * 10
+        frac = torch.where(failed, frac.clamp(min=1e-4) * 10, frac)
     raise RuntimeError(
-        f"The Hessian stayed singular up to dampening_frac={frac / 10:g}; the layer saw no usable "
-        "calibration data. Use more calibration samples or ignore this module."
+        f"The Hessian stayed singular up to dampening_frac={float(frac.max()) / 10:g}; the layer saw "
+        "no usable calibration data. Use more calibration samples or ignore this module."
     )
+
+
+def _check_supported(args: QuantizationArgs) -> None:
+    if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
+        args.type == QuantizationType.FLOAT and args.num_bits != 8
+    ):
+        raise ValueError("GPTQ supports integer and FP8 weight schemes; use QuantizationModifier for FP4.")
 
 
 def gptq_quantize(
@@ -178,51 +200,81 @@ def gptq_quantize(
     factorised in place and freed as soon as possible (for a Hessian nobody else
     needs, this halves the solve's peak memory). A bare tensor is left untouched.
     """
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
-        args.type == QuantizationType.FLOAT and args.num_bits != 8
-    ):
-        raise ValueError("GPTQ supports integer and FP8 weight schemes; use QuantizationModifier for FP4.")
-    rows, cols = weight.shape
-    W = weight.detach().float().clone()
     if isinstance(hessian, list):
-        H = hessian.pop().detach().float()
+        batched: torch.Tensor | list[torch.Tensor] = [hessian.pop()[None]]
     else:
-        H = hessian.detach().float().clone()
-    if not torch.isfinite(H).all():
+        batched = hessian[None]
+    return gptq_quantize_batch(
+        weight[None], batched, args, block_size, dampening_frac, actorder, scale_dtype, graphs
+    )[0]
+
+
+def gptq_quantize_batch(
+    weights: torch.Tensor,
+    hessians: torch.Tensor | list[torch.Tensor],
+    args: QuantizationArgs,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    actorder: bool = False,
+    scale_dtype: torch.dtype | None = None,
+    graphs: BlockGraphs | None = None,
+) -> list[GPTQResult]:
+    """:func:`gptq_quantize` of a batch of same-shaped weights (batch, out, in), each with its
+    own Hessian (batch, in, in), in one solve: every kernel advances every matrix, so a
+    hundred MoE experts cost about what one does.
+
+    ``hessians`` inside a one-element list is consumed, as in :func:`gptq_quantize`.
+    """
+    _check_supported(args)
+    batch, rows, cols = weights.shape
+    W = weights.detach().float().clone()
+    if isinstance(hessians, list):
+        H = hessians.pop().detach().float()
+    else:
+        H = hessians.detach().float().clone()
+    if not bool(torch.isfinite(H).all()):
         raise ValueError("The Hessian holds NaN or infinite values; check the calibration data.")
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    dead = diagonal == 0
+    diagonal.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead[:, None, :], 0.0)
 
-    scale, zero_point = weight_qparams(W, args)
+    if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL):
+        # rows are independent: one call for the whole batch
+        scale, zero_point = weight_qparams(W.reshape(batch * rows, cols), args)
+        scale, zero_point = scale.reshape(batch, rows, -1), zero_point.reshape(batch, rows, -1)
+    else:
+        pairs = [weight_qparams(W[b], args) for b in range(batch)]
+        scale, zero_point = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     if scale_dtype is not None:
         scale = scale.to(scale_dtype)
     scale_f, zero_f = scale.float(), zero_point.float()
 
-    order = torch.arange(cols, device=W.device)
+    order = torch.arange(cols, device=W.device).expand(batch, cols)
     if actorder:
-        order = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, order], H[order][:, order]
+        order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
+        W = W.gather(2, order[:, None, :].expand(batch, rows, cols))
+        H = H.gather(1, order[:, :, None].expand(batch, cols, cols)).gather(2, order[:, None, :].expand(batch, cols, cols))
     quantize_column = _ColumnQuantizer(args, W.device)
 
     W_original = W.clone()
     # ||X W||^2 now; ||X (W - Q)||^2 comes out of the solve itself (see below), so the raw
     # Hessian need not outlive its factorisation.
-    denominator = torch.sum((W @ H) * W).item()
+    denominator = torch.sum(torch.bmm(W, H) * W, dim=(1, 2))
     holder = [H]
     del H
     Hinv, used_frac, damp = _inverse_cholesky(holder, dampening_frac)
     # Graphs replay fixed kernels: only for the integer path, whose kernels are all on-device.
     use_graphs = graphs is not None and W.is_cuda and quantize_column.is_int and not graphs.disabled
 
-    damped_error = 0.0  # sum of squared scaled errors = ||X (W - Q)||^2 under the dampened H
+    damped_error = torch.zeros(batch, device=W.device)  # sum of squared scaled errors, per matrix
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        S1 = _column_qparams(scale_f, args, rows, order[i1:i2])
-        Z1 = _column_qparams(zero_f, args, rows, order[i1:i2])
-        W1 = W[:, i1:i2]
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        S1 = _column_qparams(scale_f, args, rows, order[:, i1:i2])
+        Z1 = _column_qparams(zero_f, args, rows, order[:, i1:i2])
+        W1 = W[:, :, i1:i2]
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
         if use_graphs:
             try:
                 Q1, Err1 = graphs.run(quantize_column, W1, S1, Z1, Hinv1)
@@ -233,25 +285,30 @@ def gptq_quantize(
             W1 = W1.clone()
             Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
             _column_loop(quantize_column, W1, S1, Z1, Hinv1, Q1, Err1)
-        W[:, i1:i2] = Q1
-        damped_error += torch.sum(Err1 * Err1).item()
+        W[:, :, i1:i2] = Q1
+        damped_error += torch.sum(Err1 * Err1, dim=(1, 2))
         if i2 < cols:
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
     del Hinv
 
     if actorder:
-        inverse_order = torch.argsort(order)
-        W, W_original = W[:, inverse_order], W_original[:, inverse_order]
+        inverse_order = torch.argsort(order, dim=-1)[:, None, :].expand(batch, rows, cols)
+        W, W_original = W.gather(2, inverse_order), W_original.gather(2, inverse_order)
     # Each column's scaled error err = (w - q) / U_ii adds err^2 to ||X (W - Q)||^2 under the
     # dampened Hessian H + damp I; removing damp * ||W - Q||^2 gives the error under H itself.
-    numerator = damped_error - damp * torch.sum((W_original - W) ** 2).item()
-    relative = max(numerator, 0.0) / denominator if denominator > 0 else 0.0
-    if not torch.isfinite(W).all() or math.isnan(relative):
+    numerator = damped_error - damp * torch.sum((W_original - W) ** 2, dim=(1, 2))
+    relative = torch.where(denominator > 0, numerator.clamp(min=0) / denominator, torch.zeros_like(numerator))
+    relative_list, frac_list = relative.tolist(), used_frac.tolist()
+    if not bool(torch.isfinite(W).all()) or any(math.isnan(r) for r in relative_list):
         raise RuntimeError("GPTQ produced non-finite weights.")
-    return GPTQResult(
-        weight=W.to(weight.dtype),
-        scale=scale,
-        zero_point=zero_point,
-        relative_error=relative,
-        dampening=used_frac,
-    )
+    W = W.to(weights.dtype)
+    return [
+        GPTQResult(
+            weight=W[b],
+            scale=scale[b],
+            zero_point=zero_point[b],
+            relative_error=relative_list[b],
+            dampening=frac_list[b],
+        )
+        for b in range(batch)
+    ]
