@@ -43,3 +43,29 @@ def test_observing_flag_skips_propagation_passes():
     observing[0] = False
     lin(torch.randn(4, 8) * 100)
     torch.testing.assert_close(acc.pop(lin)[0], x.T @ x)
+
+
+def test_slices_of_one_batched_input_accumulate_as_separate_inputs():
+    """Each expert's down projection reads its row of one stacked tensor: the deferred batched
+    product equals each module's own X^T X, and sharing by identity still works beside it."""
+    experts = [torch.nn.Linear(8, 4) for _ in range(3)]
+    shared = [torch.nn.Linear(8, 4) for _ in range(2)]
+    acc = HessianAccumulator(lambda: True)
+    for m in [*experts, *shared]:
+        acc.attach(m)
+    seen: dict[int, torch.Tensor] = {}
+    for _ in range(2):
+        stacked = torch.randn(3, 5, 8)
+        for i, m in enumerate(experts):
+            m(stacked[i])
+            seen[i] = seen.get(i, torch.zeros(8, 8)) + stacked[i].T @ stacked[i]
+        x = torch.randn(5, 8)
+        shared[0](x), shared[1](x)
+        seen[3] = seen.get(3, torch.zeros(8, 8)) + x.T @ x
+        acc.end_batch()
+    for i, m in enumerate(experts):
+        hessian, last = acc.pop(m)
+        assert last
+        torch.testing.assert_close(hessian, seen[i])
+    torch.testing.assert_close(acc.pop(shared[0])[0], seen[3])
+    assert acc.pop(shared[1])[1]

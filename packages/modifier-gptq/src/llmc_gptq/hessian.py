@@ -2,6 +2,9 @@
 
 Modules that receive the very same input tensor in a row — q/k/v, gate/up —
 share one Hessian instead of accumulating the same product several times.
+Inputs that are slices of one batched tensor (each MoE expert's down projection
+reading its row of the experts' stacked activations) are multiplied in one
+batched product when the batch ends, not one small product each.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.t() @ x
 
 
+def batched_gram(xs: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`gram` of each of several same-shaped inputs, (len(xs), in, in), in one product
+    (upcast first: products of half-precision values are exact in float32, as in :func:`gram`)."""
+    x = torch.stack([t.reshape(-1, t.shape[-1]) for t in xs]).float()
+    return torch.bmm(x.transpose(1, 2), x)
+
+
+def _slice_of_batch(x: torch.Tensor) -> bool:
+    """An input that is one entry of a batched tensor (``stacked[i]``)."""
+    base = x._base
+    return base is not None and base.ndim == x.ndim + 1 and base.shape[1:] == x.shape
+
+
 class HessianAccumulator:
     """Forward pre-hooks that sum X^T X per distinct input, shared by modules that see it."""
 
@@ -35,6 +51,7 @@ class HessianAccumulator:
         self.tokens: dict[int, int] = {}
         self.owner: dict[torch.nn.Module, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # slices of one batched tensor, deferred
         self._last_input: torch.Tensor | None = None
         self._last_key: int | None = None
 
@@ -49,20 +66,37 @@ class HessianAccumulator:
             key = self._last_key  # same tensor as the module just before: share
         else:
             key = self.owner.get(module, id(module))
-            product = gram(x)
-            if self.offload:
-                product = product.cpu()
-            if key in self.hessians:
-                self.hessians[key] += product
+            if _slice_of_batch(x):
+                if self._pending and self._pending[0][1]._base is not x._base:
+                    self._flush()
+                self._pending.append((key, x))
             else:
-                self.hessians[key] = product
+                self._add(key, gram(x))
             self.tokens[key] = self.tokens.get(key, 0) + x.numel() // x.shape[-1]
             self._last_input, self._last_key = x, key
         previous = self.owner.setdefault(module, key)
         if previous != key:
             raise RuntimeError("A module's input sharing changed between batches; cannot share Hessians.")
 
+    def _add(self, key: int, product: torch.Tensor) -> None:
+        if self.offload:
+            product = product.cpu()
+        if key in self.hessians:
+            self.hessians[key] += product
+        else:
+            self.hessians[key] = product
+
+    def _flush(self) -> None:
+        """Accumulate the deferred slices of one batched tensor in one product."""
+        pending, self._pending = self._pending, []
+        if len(pending) == 1:
+            self._add(pending[0][0], gram(pending[0][1]))
+        elif pending:
+            for (key, _), product in zip(pending, batched_gram([x for _, x in pending]), strict=True):
+                self._add(key, product.clone() if key not in self.hessians else product)
+
     def end_batch(self) -> None:
+        self._flush()
         self._last_input = self._last_key = None
 
     def pop(self, module: torch.nn.Module) -> tuple[torch.Tensor, bool] | None:
@@ -70,6 +104,7 @@ class HessianAccumulator:
 
         The last one owns it (the accumulator forgets it), so the solve may consume it.
         """
+        self._flush()
         key = self.owner.pop(module, None)
         if key is None:
             return None
