@@ -180,3 +180,32 @@ def test_moe_default_mappings_cover_experts_and_router(algorithm):
     assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj")} <= set(mlp)
     if algorithm == "awq":
         assert resolved["model.layers.0.mlp.experts.2.up_proj"] == ("model.layers.0.mlp.experts.2.down_proj",)
+
+
+def test_fused_family_checkpoint_reloads_through_the_decompressor(gpt_oss, tmp_path, sample_ids, caplog):
+    """gpt-oss: transformers cannot put per-expert tensors back into fused experts; the
+    decompressor path rebuilds the linearized model and gives the fake-quantized logits."""
+    from llmc.evaluation import load_decompressed
+
+    out = tmp_path / "gpt-oss-w4a16"
+    with caplog.at_level("WARNING", logger="llmc_moe"):
+        model = run(gpt_oss, out, quant_recipe("W4A16", ignore=IGNORE))
+    assert "will not reload through AutoModelForCausalLM" in caplog.text
+    reloaded = load_decompressed(out, torch.float32)
+    torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_mixtral_saves_under_its_original_checkpoint_names_and_reloads(tmp_path, sample_ids):
+    config = transformers.MixtralConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    src = _save(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "mixtral")
+    out = tmp_path / "mixtral-w4a16"
+    model = run(src, out, quant_recipe("W4A16", ignore=IGNORE))
+    saved = keys(out)
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight_packed" in saved  # Mixtral's own names
+    assert not [k for k in saved if ".mlp." in k]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)

@@ -39,6 +39,11 @@ FAMILIES = {
         qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16,
         first_k_dense_replace=1, n_group=2, topk_group=1,
     ),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **{**SMALL, "num_key_value_heads": 4}, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16,
+        first_k_dense_replace=1, n_group=2, topk_group=1, n_shared_experts=1,
+    ),
     "llama4": lambda: transformers.Llama4TextConfig(**SMALL, num_local_experts=4, intermediate_size_mlp=64),
 }
 
@@ -161,7 +166,7 @@ def test_routed_only_experts_see_only_their_tokens(ids):
 def test_stacked_experts_call_every_hook_with_what_each_expert_sees(family, ids, monkeypatch):
     """All experts on all tokens computed together: same logits, and every Linear's hooks get
     the inputs and outputs that calling the experts one by one gives them."""
-    import llmc_moe.experts as experts_module
+    from llmc_moe import stacked as stacking
 
     model = build(family)
     linearize(model)
@@ -182,10 +187,56 @@ def test_stacked_experts_call_every_hook_with_what_each_expert_sees(family, ids,
                 h.remove()
 
     stacked_logits, stacked = run()
-    monkeypatch.setattr(experts_module, "_runs_own_forward", lambda module: True)
+    monkeypatch.setattr(stacking, "stackable", lambda module: False)
     each_logits, each = run()
     torch.testing.assert_close(stacked_logits, each_logits, rtol=1e-5, atol=1e-5)
     assert stacked.keys() == each.keys() and stacked
     for key in each:
         for a, b in zip(stacked[key], each[key], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4", "W8A8", "FP8"])
+def test_stacked_experts_fake_quantize_as_each_expert_does(scheme, ids, monkeypatch):
+    """With compressed-tensors' quantized forward on every expert projection (weights, static
+    or dynamic inputs) and observers writing scales batch after batch, the stacked path gives
+    the logits and the scales that calling each expert gives."""
+    from compressed_tensors.quantization import apply_quantization_config
+
+    from llmc.quantization.calibrate import (
+        ActivationObservers,
+        calibrate_weights,
+        initialized_modules,
+    )
+    from llmc.quantization.config import build_config, resolve_config_groups
+    from llmc_moe import stacked as stacking
+
+    def quantized_model() -> tuple[torch.nn.Module, ActivationObservers]:
+        model = build("qwen3_moe")
+        linearize(model)
+        config = build_config(resolve_config_groups(scheme, None, ["Linear"]), ["lm_head", "re:.*mlp.gate$"])
+        apply_quantization_config(model, config)
+        modules = initialized_modules(model)
+        calibrate_weights(modules)
+        observers = ActivationObservers()
+        for name, module in modules:
+            observers.attach(module, name=name)
+        for _, module in linear_experts(model):
+            module.all_experts = True
+        return model, observers
+
+    def run() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        model, observers = quantized_model()
+        outputs = [logits(model, ids), logits(model, ids.flip(0))]  # scales change between batches
+        observers.detach()
+        scales = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("input_scale", "input_global_scale"))}
+        return outputs, scales
+
+    stacked_outputs, stacked_scales = run()
+    monkeypatch.setattr(stacking, "stackable", lambda module: False)
+    each_outputs, each_scales = run()
+    for a, b in zip(stacked_outputs, each_outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert stacked_scales.keys() == each_scales.keys()
+    for name in each_scales:
+        torch.testing.assert_close(stacked_scales[name], each_scales[name], rtol=1e-5, atol=1e-6)

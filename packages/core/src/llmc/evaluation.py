@@ -63,8 +63,11 @@ def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
     """A compressed-tensors checkpoint as a dense model, decompressed by compressed-tensors itself.
 
     transformers' own loader is tried first; some versions cannot reload asymmetric
-    pack-quantized checkpoints (zero points), so on failure each quantized module's
-    tensors go through the format's decompressor into a model built from the config.
+    pack-quantized checkpoints (zero points), and none reloads per-expert tensors into
+    experts it holds fused without a conversion for them (gpt-oss, Llama 4): on failure,
+    or when it leaves any tensor unused or unloaded, each quantized module's tensors go
+    through the format's decompressor into a model built from the config, with the
+    installed model patches applied as ``oneshot`` applies them (linearized experts).
     """
     import json
 
@@ -74,8 +77,12 @@ def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmc.patches import matching_patches
+
     try:
-        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, output_loading_info=True)
+        if not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+            return model.eval()
     except RuntimeError:
         pass
     checkpoint = Path(checkpoint)
@@ -84,6 +91,8 @@ def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
     model_config = AutoConfig.from_pretrained(checkpoint)
     del model_config.quantization_config
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+    for patch in matching_patches(model):
+        patch.apply(model)
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(checkpoint.glob("*.safetensors")):
         tensors.update(load_file(shard))
@@ -93,6 +102,8 @@ def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
             prefix = name + "."
             state = {k.removeprefix(prefix): tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             tensors[prefix + "weight"] = compressor.decompress(state, scheme)["weight"]
+            if "bias" in state:  # stored as is
+                tensors[prefix + "bias"] = state["bias"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise ValueError(f"{checkpoint}: could not map tensors: missing {missing}, unexpected {unexpected}.")

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from llmc_moe import stacked
 from llmc_moe.layout import DOWN, GATE, UP, FusedLayout, ProjectionNames
 
 Gate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -87,53 +87,8 @@ def gate_function(fused: nn.Module, layout: FusedLayout) -> Gate | None:
     return lambda gate, up: apply(fused, torch.stack([gate, up], dim=-1).flatten(-2))
 
 
-# elements of one chunk's stacked expert outputs (tokens x hidden x experts) in the stacked path
+# elements of one chunk's stacked inputs or outputs (modules x tokens x hidden) in the stacked path
 _STACK_ELEMENTS = 2**28
-
-
-def _runs_own_forward(module: nn.Module) -> bool:
-    """Whether the module's call does more than ``F.linear`` around its hooks: compressed-tensors'
-    fake quantization when enabled, or any other replaced forward. Such modules are called one
-    by one; the others may be computed together."""
-    forward = module.__dict__.get("forward")
-    if forward is None:
-        return False
-    enabled = getattr(module, "quantization_enabled", True)
-    quantizes = getattr(module, "quantization_scheme", None) is not None and getattr(module, "quantization_status", None) is not None
-    return not (quantizes and not enabled)
-
-
-def _pre_hooks(module: nn.Module, args: tuple) -> None:
-    for key, hook in list(module._forward_pre_hooks.items()):
-        if key in module._forward_pre_hooks_with_kwargs:
-            result = hook(module, args, {})
-        else:
-            result = hook(module, args)
-        if result is not None:
-            raise RuntimeError(
-                f"A forward pre-hook on an expert projection ({hook!r}) replaced its input; "
-                "stacked expert calibration cannot honour that. Return None from the hook."
-            )
-
-
-def _post_hooks(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    for key, hook in list(module._forward_hooks.items()):
-        if key in module._forward_hooks_with_kwargs:
-            result = hook(module, args, {}, output)
-        else:
-            result = hook(module, args, output)
-        if result is not None:
-            raise RuntimeError(
-                f"A forward hook on an expert projection ({hook!r}) replaced its output; "
-                "stacked expert calibration cannot honour that. Return None from the hook."
-            )
-
-
-def _cat_bias(modules: list[nn.Linear]) -> torch.Tensor | None:
-    biases = [m.bias for m in modules]
-    if all(b is None for b in biases):
-        return None
-    return torch.cat([b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(modules, biases, strict=True)])
 
 
 class LinearExperts(nn.ModuleList):
@@ -159,6 +114,7 @@ class LinearExperts(nn.ModuleList):
         self.scale_inputs = scale_inputs
         self.source = source  # the class it replaced, for messages
         self.all_experts = False
+        self._stacks = stacked.WeightStacks()
         self.reset_counts()
 
     @classmethod
@@ -184,7 +140,7 @@ class LinearExperts(nn.ModuleList):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.all_experts and not self.scale_inputs and not any(_runs_own_forward(m) for m in self._linears()):
+        if self.all_experts and not self.scale_inputs and all(stacked.stackable(m) for m in self._linears()):
             return self._forward_stacked(hidden_states, top_k_index, top_k_weights)
         return self._forward_each(hidden_states, top_k_index, top_k_weights)
 
@@ -192,57 +148,68 @@ class LinearExperts(nn.ModuleList):
         for expert in self:
             yield from expert.children()
 
+    def clear_stacks(self) -> None:
+        """Drop the stacked weights kept between calls (see :class:`stacked.WeightStacks`)."""
+        self._stacks.clear()
+
     def _forward_stacked(
         self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """All experts on all tokens in a few batched matmuls, each Linear's hooks called with
-        exactly the tensors its own forward would have seen (see :func:`_runs_own_forward`).
-
-        Per expert and batch the loop of :meth:`_forward_each` launches a dozen kernels for
-        a few microseconds of work each; a hundred experts make that the layer's time."""
+        """All experts on all tokens in batched matmuls (see :mod:`llmc_moe.stacked`)."""
         out = torch.zeros_like(x)
-        tokens, top_k = top_k_index.shape
-        first = next(iter(self))
-        gated = GATE in first._roles
-        chunk = max(1, _STACK_ELEMENTS // max(1, tokens * x.shape[-1]))
+        tokens = x.shape[0]
+        experts = list(self)
+        gated = GATE in experts[0]._roles
+        chunk = max(1, _STACK_ELEMENTS // max(1, 2 * tokens * x.shape[-1]))
         for start in range(0, self.num_experts, chunk):
-            experts = list(self)[start : start + chunk]
-            ups = [e.projection(UP) for e in experts]
-            gates = [e.projection(GATE) for e in experts] if gated else []
+            part = experts[start : start + chunk]
+            ups = [e.projection(UP) for e in part]
+            gates = [e.projection(GATE) for e in part] if gated else []
             for i, up in enumerate(ups):  # the order ExpertMLP.forward calls them in
-                _pre_hooks(up, (x,))
+                stacked.pre_hooks(up, (x,))
                 if gated:
-                    _pre_hooks(gates[i], (x,))
-            inputs = gates + ups  # one matmul for every gate and up projection
-            stacked = torch.cat([m.weight for m in inputs])
-            projected = F.linear(x, stacked, _cat_bias(inputs)).unflatten(-1, (len(inputs), -1)).transpose(0, 1)
-            gate_out, up_out = (projected[: len(experts)], projected[len(experts) :]) if gated else (None, projected)
+                    stacked.pre_hooks(gates[i], (x,))
+            first = gates + ups
+            projected = self._project(first, x, (start, "first"), shared=True)
+            gate_out, up_out = (projected[: len(part)], projected[len(part) :]) if gated else (None, projected)
             for i, up in enumerate(ups):
-                _post_hooks(up, (x,), up_out[i])
+                stacked.post_hooks(up, (x,), up_out[i])
                 if gated:
-                    _post_hooks(gates[i], (x,), gate_out[i])
-            hidden = first._gate(gate_out, up_out) if gated else first._act(up_out)
-            downs = [e.projection(DOWN) for e in experts]
+                    stacked.post_hooks(gates[i], (x,), gate_out[i])
+            hidden = part[0]._gate(gate_out, up_out) if gated else part[0]._act(up_out)
+            downs = [e.projection(DOWN) for e in part]
             for i, down in enumerate(downs):
-                _pre_hooks(down, (hidden[i],))
-            y = torch.bmm(hidden, torch.stack([m.weight for m in downs]).transpose(1, 2))
-            bias = _cat_bias(downs)
-            if bias is not None:
-                y = y + bias.view(len(downs), 1, -1)
+                stacked.pre_hooks(down, (hidden[i],))
+            y = self._project(downs, hidden, (start, "down"), shared=False)
             for i, down in enumerate(downs):
-                _post_hooks(down, (hidden[i],), y[i])
+                stacked.post_hooks(down, (hidden[i],), y[i])
             norm = getattr(self, "post_expert_norm", None)
             if norm is not None:
                 y = norm(y)
             # the routed (token, slot) pairs whose expert is in this chunk
             local = top_k_index - start
-            chosen = (local >= 0) & (local < len(experts))
+            chosen = (local >= 0) & (local < len(part))
             token_idx, slot = chosen.nonzero(as_tuple=True)
             picked = y[local[token_idx, slot], token_idx] * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, picked.to(out.dtype))
         self.tokens_seen = [seen + tokens for seen in self.tokens_seen]
         self.tokens_total += tokens
         return out
+
+    def _project(
+        self, modules: list[nn.Linear], x: torch.Tensor, key: tuple[int, str], shared: bool
+    ) -> torch.Tensor:
+        """(modules, tokens, out): ``x`` (shared, or one input per module) through each module
+        as its forward would compute it, fake quantization included."""
+        weights = self._stacks.get(key, modules)
+        inputs: torch.Tensor | list[torch.Tensor] = x
+        if any(stacked.quantizes_input(m) for m in modules):
+            inputs = [stacked.quantized(m, x if shared else x[i], "input") for i, m in enumerate(modules)]
+            shared = False
+        y = stacked.project(inputs, weights, stacked.bias(modules), shared)
+        if any(stacked.quantizes_output(m) for m in modules):
+            y = torch.stack([stacked.quantized(m, y[i], "output") for i, m in enumerate(modules)])
+        return y
 
     def _forward_each(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -122,6 +122,8 @@ class ProjectionNames:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    # whether transformers converts these names into its fused experts when it loads them
+    reloadable: bool = attrs.field(default=False, eq=False)
 
     def of(self, role: str) -> str:
         return {GATE: self.gate, UP: self.up, DOWN: self.down}[role]
@@ -161,4 +163,4 @@ def projection_names(model: torch.nn.Module) -> ProjectionNames:
             found.setdefault(UP, leaves[0])
         elif targets[0].endswith("experts.down_proj") and len(leaves) == 1:
             found.setdefault(DOWN, leaves[0])
-    return ProjectionNames(**found)
+    return ProjectionNames(**found, reloadable=bool(found))

@@ -89,6 +89,14 @@ def linearize(model: nn.Module) -> list[str]:
         names.up,
         names.down,
     )
+    if not names.reloadable:
+        logger.warning(
+            "%s checkpoints hold their experts fused, and transformers has no conversion that "
+            "loads per-expert tensors into them: the checkpoint saved from this model (one "
+            "tensor per expert, as vLLM reads it) will not reload through "
+            "AutoModelForCausalLM.from_pretrained. llmc.evaluation.load_decompressed reloads it.",
+            type(model).__name__,
+        )
     return [name for name, _, _ in found]
 
 

@@ -52,6 +52,7 @@ class MoEPatch(ModelPatch):
         finally:
             for _, module in modules:
                 module.all_experts = False
+                module.clear_stacks()
         warn_starved_experts(modules, dataset_args.min_tokens_per_module)
 
     def checkpoint_converter(self, checkpoint: Path) -> Any | None:

@@ -1,4 +1,5 @@
-"""Entry-point plugin: the MoE model patch and the MoE families' default mappings."""
+"""Entry-point plugin: the MoE model patch, the MoE families' default mappings, and the
+lifecycle events that release the stacked expert weights kept during a layer's passes."""
 
 from __future__ import annotations
 
@@ -18,3 +19,22 @@ def llmc_register_mappings(register):
 
     for architecture, mappings in builtin_moe_mappings().items():
         register(architecture, mappings)
+
+
+def _clear_stacks(model) -> None:
+    from llmc_moe.linearize import linear_experts
+
+    for _, module in linear_experts(model):
+        module.clear_stacks()
+
+
+@hookimpl
+def llmc_sequential_layer_end(state, layer_name, layer):
+    """Stacked expert weights kept for a layer's pass are stale once its modifiers edit it, and
+    its layer is done: at most one layer's copy stays on the device."""
+    _clear_stacks(state.model)
+
+
+@hookimpl
+def llmc_calibration_end(state):
+    _clear_stacks(state.model)

@@ -151,6 +151,9 @@ class ActivationObservers:
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._observed: list[tuple[str, torch.nn.Module, str, QuantizationArgs, MinMaxObserver]] = []
+        self._last_value: torch.Tensor | None = None
+        self._last_version = 0
+        self._last_range: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(
         self,
@@ -173,7 +176,7 @@ class ActivationObservers:
             def record(mod: torch.nn.Module, value: torch.Tensor, base=base, args=args, observer=observer) -> None:
                 if not observing():
                     return
-                observer.update(value)
+                observer.update_range(*self._range(value))
                 _write_activation_qparams(mod, base, args, observer.min, observer.max)
 
             if base == "input":
@@ -182,10 +185,19 @@ class ActivationObservers:
                 handle = module.register_forward_hook(lambda m, a, out, record=record: record(m, out))
             self._handles.append(handle)
 
+    def _range(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of ``value``, computed once for modules fed the very same tensor in a
+        row (q/k/v, gate/up, every expert when all see every token)."""
+        if value is not self._last_value or value._version != self._last_version:
+            self._last_value, self._last_version = value, value._version
+            self._last_range = torch.aminmax(value.detach().float())
+        return self._last_range
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._last_value = None
         self._fill_unobserved()
         self._observed.clear()
 

@@ -75,7 +75,9 @@ class MinMaxObserver:
         self.max: torch.Tensor | None = None
 
     def update(self, value: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(value.detach().float())
+        self.update_range(*torch.aminmax(value.detach().float()))
+
+    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 

@@ -1,0 +1,155 @@
+"""Every expert of a layer on every token in a few batched matmuls, hooks and quantization kept.
+
+Called one by one, a hundred experts launch a dozen kernels each per batch for a few
+microseconds of work: the layer's time is their launch count. When all experts see
+the same tokens (all-experts calibration), their gate and up projections are one
+matmul and their down projections one batched matmul. What each ``Linear``'s own call
+would do is done for it, in its order: its forward pre-hooks with its input, the fake
+quantization compressed-tensors applies in its forward (input, weight, output, from the
+module's own parameters, through compressed-tensors' ``forward_quantize``), and its
+forward hooks with its output. A module whose forward was replaced by anything else
+makes the layer fall back to calling each expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_QUANTIZED_FORWARD_FILE: str | None = None
+
+
+def _compressed_tensors_forward_file() -> str:
+    global _QUANTIZED_FORWARD_FILE
+    if _QUANTIZED_FORWARD_FILE is None:
+        from compressed_tensors.quantization.lifecycle import forward
+
+        _QUANTIZED_FORWARD_FILE = forward.__file__
+    return _QUANTIZED_FORWARD_FILE
+
+
+def stackable(module: nn.Module) -> bool:
+    """Whether the module's call is ``F.linear`` around its hooks, or compressed-tensors'
+    quantized forward (which :func:`quantized` reproduces)."""
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return True
+    code = getattr(getattr(forward, "__func__", None), "__code__", None)
+    return code is not None and code.co_filename == _compressed_tensors_forward_file()
+
+
+def _quantization(module: nn.Module) -> tuple[Any, bool]:
+    scheme = getattr(module, "quantization_scheme", None)
+    enabled = (
+        getattr(module, "quantization_enabled", True)
+        and scheme is not None
+        and getattr(module, "quantization_status", None) is not None
+        and "forward" in module.__dict__
+    )
+    return scheme, enabled
+
+
+def quantized(module: nn.Module, value: torch.Tensor, base: str) -> torch.Tensor:
+    """``value`` as the module's quantized forward sees it (``base``: input, weight, output)."""
+    scheme, enabled = _quantization(module)
+    if not enabled:
+        return value
+    args = getattr(scheme, {"input": "input_activations", "weight": "weights", "output": "output_activations"}[base])
+    if args is None:
+        return value
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    if base == "weight" and module.quantization_status >= QuantizationStatus.COMPRESSED:
+        return value
+    return forward_quantize(module, value, base, args)
+
+
+def quantizes_input(module: nn.Module) -> bool:
+    scheme, enabled = _quantization(module)
+    return enabled and scheme.input_activations is not None
+
+
+def quantizes_output(module: nn.Module) -> bool:
+    scheme, enabled = _quantization(module)
+    return enabled and scheme.output_activations is not None
+
+
+def pre_hooks(module: nn.Module, args: tuple) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        result = hook(module, args, {}) if key in module._forward_pre_hooks_with_kwargs else hook(module, args)
+        if result is not None:
+            raise RuntimeError(
+                f"A forward pre-hook on an expert projection ({hook!r}) replaced its input; "
+                "stacked expert calibration cannot honour that. Return None from the hook."
+            )
+
+
+def post_hooks(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    for key, hook in list(module._forward_hooks.items()):
+        if key in module._forward_hooks_with_kwargs:
+            result = hook(module, args, {}, output)
+        else:
+            result = hook(module, args, output)
+        if result is not None:
+            raise RuntimeError(
+                f"A forward hook on an expert projection ({hook!r}) replaced its output; "
+                "stacked expert calibration cannot honour that. Return None from the hook."
+            )
+
+
+def _signature(modules: Sequence[nn.Module]) -> tuple:
+    """What the stacked (fake-quantized) weights of ``modules`` depend on: every parameter's
+    memory and version (an in-place edit, a solve or a search, bumps the version)."""
+    return tuple(
+        (p.data_ptr(), p._version) for m in modules for p in m._parameters.values() if p is not None
+    )
+
+
+class WeightStacks:
+    """The stacked weights (as each module's forward would use them) of a layer's experts,
+    kept while nothing they depend on changes: a pass over the calibration batches stacks
+    and fake-quantizes them once, not once per batch. :meth:`clear` drops them; the plugin
+    does at every layer end and at calibration end, so one layer's copy at most stays on the
+    device."""
+
+    def __init__(self) -> None:
+        self._stacks: dict[tuple[int, str], tuple[tuple, torch.Tensor]] = {}
+
+    def get(self, key: tuple[int, str], modules: Sequence[nn.Linear]) -> torch.Tensor:
+        signature = _signature(modules)
+        found = self._stacks.get(key)
+        if found is not None and found[0] == signature:
+            return found[1]
+        stacked = torch.stack([quantized(m, m.weight, "weight") for m in modules])
+        self._stacks[key] = (signature, stacked)
+        return stacked
+
+    def clear(self) -> None:
+        self._stacks.clear()
+
+
+def bias(modules: Sequence[nn.Linear]) -> torch.Tensor | None:
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return None
+    return torch.stack(
+        [b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(modules, biases, strict=True)]
+    )
+
+
+def project(
+    x: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, biases: torch.Tensor | None, shared: bool
+) -> torch.Tensor:
+    """(modules, tokens, out): one ``shared`` input through every module's weight in one matmul,
+    or one input per module (a (modules, tokens, in) tensor or a list) in one batched matmul."""
+    if shared:
+        assert isinstance(x, torch.Tensor)
+        out = F.linear(x, weights.flatten(0, 1)).unflatten(-1, (weights.shape[0], -1)).transpose(0, 1)
+    else:
+        out = torch.bmm(x if isinstance(x, torch.Tensor) else torch.stack(x), weights.transpose(1, 2))
+    return out if biases is None else out + biases[:, None, :]
