@@ -47,6 +47,21 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def run_peer_script(script: str, payload: dict[str, Any], peer_path: str) -> dict[str, Any]:
+    """Run ``script`` (Python source) in its own process with ``peer_path`` as its only
+    PYTHONPATH and ``payload`` as JSON in argv[1]; its ``PEER_RESULT {json}`` line, or the
+    error it printed instead."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=peer_path)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(payload)], env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT")), None)
+    if line is None:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
+        return {"error": proc.stderr[-500:]}
+    return json.loads(line.split(" ", 1)[1])
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

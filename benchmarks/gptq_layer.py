@@ -13,17 +13,13 @@ through llm-compressor in a separate process (its own site directory, given by
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import LayerTimer, peak_memory, table, write_json
+from benchmarks.common import LayerTimer, peak_memory, run_peer_script, table, write_json
 
 
 def build(path: Path, args: argparse.Namespace) -> None:
@@ -109,14 +105,9 @@ print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.c
 def run_peer(path: Path, args: argparse.Namespace) -> dict | None:
     if not args.peer_path:
         return None
-    env = dict(os.environ, PYTHONPATH=args.peer_path)
-    payload = json.dumps({"path": str(path), "samples": args.samples, "seq": args.seq})
-    proc = subprocess.run([sys.executable, "-c", PEER, payload], env=env, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT")), None)
-    if line is None:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
-        return {"tool": "llm-compressor", "error": proc.stderr[-500:]}
-    result = json.loads(line.split(" ", 1)[1])
+    result = run_peer_script(PEER, {"path": str(path), "samples": args.samples, "seq": args.seq}, args.peer_path)
+    if "error" in result:
+        return {"tool": "llm-compressor", **result}
     return {"tool": "llm-compressor", **result, "seconds_per_layer": result["seconds_total"] / args.layers}
 
 

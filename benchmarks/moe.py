@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import LayerTimer, peak_memory, table, write_json
+from benchmarks.common import LayerTimer, peak_memory, run_peer_script, table, write_json
 
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
 
@@ -140,16 +136,12 @@ print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.c
 def run_peer(path: Path, out: Path, name: str, args: argparse.Namespace) -> dict | None:
     if not args.peer_path:
         return None
-    env = dict(os.environ, PYTHONPATH=args.peer_path)
-    payload = json.dumps({"path": str(path), "out": str(out), "recipe": name, "samples": args.samples,
-                          "seq": args.seq, "ignore": IGNORE})
-    proc = subprocess.run([sys.executable, "-c", PEER, payload], env=env, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("PEER_RESULT")), None)
-    if line is None:
-        print(proc.stdout[-2000:], proc.stderr[-5000:], sep="\n")
-        return {"tool": "llm-compressor", "recipe": name, "error": proc.stderr[-500:]}
-    result = json.loads(line.split(" ", 1)[1])
-    return {"tool": "llm-compressor", "recipe": name, **result, "seconds_per_layer": result["seconds_total"] / args.layers}
+    payload = {"path": str(path), "out": str(out), "recipe": name, "samples": args.samples, "seq": args.seq, "ignore": IGNORE}
+    result = run_peer_script(PEER, payload, args.peer_path)
+    row = {"tool": "llm-compressor", "recipe": name, **result}
+    if "seconds_total" in result:
+        row["seconds_per_layer"] = result["seconds_total"] / args.layers
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,7 +76,8 @@ def _cmd_plugins(ns: argparse.Namespace) -> int:
         dist, version = dists.get(id(plugin), ("-", "-"))
         provided = [e for e in registry.entries if e.plugin == name]
         what = "; ".join(
-            f"{kind}s: {', '.join(e.name for e in provided if e.kind == kind)}"
+            f"{kind.replace('_', ' ')}{'es' if kind.endswith('h') else 's'}: "
+            f"{', '.join(e.name for e in provided if e.kind == kind)}"
             for kind in dict.fromkeys(e.kind for e in provided)
         )
         rows.append((name, dist, version, what or "(lifecycle hooks only)"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import attrs
 import torch
@@ -182,31 +183,17 @@ def _check_supported(args: QuantizationArgs) -> None:
 
 
 def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor | list[torch.Tensor],
-    args: QuantizationArgs,
-    block_size: int = 128,
-    dampening_frac: float = 0.01,
-    actorder: bool = False,
-    scale_dtype: torch.dtype | None = None,
-    graphs: BlockGraphs | None = None,
+    weight: torch.Tensor, hessian: torch.Tensor | list[torch.Tensor], args: QuantizationArgs, **options: Any
 ) -> GPTQResult:
-    """Quantize ``weight`` (out, in) minimising ||X W^T - X Q^T|| for inputs with Gram ``hessian``.
-
-    ``scale_dtype`` is the dtype the scale is stored in: the solve uses the stored
-    (rounded) scale so that packing the result reproduces exactly its choices.
+    """Quantize ``weight`` (out, in) minimising ||X W^T - X Q^T|| for inputs with Gram ``hessian``:
+    :func:`gptq_quantize_batch` of one matrix, with the same ``options``.
 
     ``hessian`` given inside a one-element list is consumed: it is dampened and
     factorised in place and freed as soon as possible (for a Hessian nobody else
     needs, this halves the solve's peak memory). A bare tensor is left untouched.
     """
-    if isinstance(hessian, list):
-        batched: torch.Tensor | list[torch.Tensor] = [hessian.pop()[None]]
-    else:
-        batched = hessian[None]
-    return gptq_quantize_batch(
-        weight[None], batched, args, block_size, dampening_frac, actorder, scale_dtype, graphs
-    )[0]
+    batched = [hessian.pop()[None]] if isinstance(hessian, list) else hessian[None]
+    return gptq_quantize_batch(weight[None], batched, args, **options)[0]
 
 
 def gptq_quantize_batch(
@@ -219,10 +206,12 @@ def gptq_quantize_batch(
     scale_dtype: torch.dtype | None = None,
     graphs: BlockGraphs | None = None,
 ) -> list[GPTQResult]:
-    """:func:`gptq_quantize` of a batch of same-shaped weights (batch, out, in), each with its
-    own Hessian (batch, in, in), in one solve: every kernel advances every matrix, so a
-    hundred MoE experts cost about what one does.
+    """GPTQ of a batch of same-shaped weights (batch, out, in), each with its own Hessian
+    (batch, in, in), in one solve: every kernel advances every matrix, so a hundred MoE
+    experts cost about what one does.
 
+    ``scale_dtype`` is the dtype the scale is stored in: the solve uses the stored
+    (rounded) scale so that packing the result reproduces exactly its choices.
     ``hessians`` inside a one-element list is consumed, as in :func:`gptq_quantize`.
     """
     _check_supported(args)
