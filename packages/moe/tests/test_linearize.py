@@ -240,3 +240,25 @@ def test_stacked_experts_fake_quantize_as_each_expert_does(scheme, ids, monkeypa
     assert stacked_scales.keys() == each_scales.keys()
     for name in each_scales:
         torch.testing.assert_close(stacked_scales[name], each_scales[name], rtol=1e-5, atol=1e-6)
+
+
+def test_one_layers_stacked_weights_at_a_time(ids):
+    """The basic pipeline runs every layer per batch: the model's one store keeps only the
+    running layer's stacked weights, and an edited weight is stacked again."""
+    model = build("qwen3_moe")
+    linearize(model)
+    layers = [m for _, m in linear_experts(model)]
+    assert layers[0]._stacks is layers[1]._stacks
+    store = layers[0]._stacks
+    for module in layers:
+        module.all_experts = True
+    logits(model, ids)
+    assert store._owner == id(layers[1]) and store._stacks  # layer 0's were evicted
+    before = {k: v[1] for k, v in store._stacks.items()}
+    with torch.no_grad():
+        layers[1][0].down_proj.weight.mul_(2)
+    reference = logits(model, ids)
+    assert not torch.equal(store._stacks[(0, "down")][1], before[(0, "down")])
+    for module in layers:
+        module.clear_stacks()
+    torch.testing.assert_close(logits(model, ids), reference)

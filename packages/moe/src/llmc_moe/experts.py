@@ -106,6 +106,7 @@ class LinearExperts(nn.ModuleList):
         post_norm: nn.Module | None = None,
         scale_inputs: bool = False,
         source: str = "",
+        stacks: stacked.WeightStacks | None = None,
     ) -> None:
         super().__init__(experts)
         self.num_experts = len(experts)
@@ -114,12 +115,17 @@ class LinearExperts(nn.ModuleList):
         self.scale_inputs = scale_inputs
         self.source = source  # the class it replaced, for messages
         self.all_experts = False
-        self._stacks = stacked.WeightStacks()
+        self._stacks = stacks if stacks is not None else stacked.WeightStacks()
         self.reset_counts()
 
     @classmethod
     def from_fused(
-        cls, fused: nn.Module, layout: FusedLayout, names: ProjectionNames, scale_inputs: bool = False
+        cls,
+        fused: nn.Module,
+        layout: FusedLayout,
+        names: ProjectionNames,
+        scale_inputs: bool = False,
+        stacks: stacked.WeightStacks | None = None,
     ) -> LinearExperts:
         params = {n: p.data for n, p in fused.named_parameters(recurse=False)}
         gate = gate_function(fused, layout)
@@ -131,7 +137,9 @@ class LinearExperts(nn.ModuleList):
             }
             experts.append(ExpertMLP(names, projections, gate, act))
         post_norm = fused.post_expert_norm if getattr(fused, "has_post_expert_norm", False) else None
-        return cls(experts, post_norm=post_norm, scale_inputs=scale_inputs, source=type(fused).__name__)
+        return cls(
+            experts, post_norm=post_norm, scale_inputs=scale_inputs, source=type(fused).__name__, stacks=stacks
+        )
 
     def reset_counts(self) -> None:
         self.tokens_seen = [0] * self.num_experts
@@ -201,7 +209,7 @@ class LinearExperts(nn.ModuleList):
     ) -> torch.Tensor:
         """(modules, tokens, out): ``x`` (shared, or one input per module) through each module
         as its forward would compute it, fake quantization included."""
-        weights = self._stacks.get(key, modules)
+        weights = self._stacks.get(self, key, modules)
         inputs: torch.Tensor | list[torch.Tensor] = x
         if any(stacked.quantizes_input(m) for m in modules):
             inputs = [stacked.quantized(m, x if shared else x[i], "input") for i, m in enumerate(modules)]

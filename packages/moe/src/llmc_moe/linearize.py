@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from llmc_moe.experts import LinearExperts
 from llmc_moe.layout import BIAS_SUFFIX, FUSED_NAMES, FusedLayout, projection_names
 from llmc_moe.llama4 import adapt_llama4_block
+from llmc_moe.stacked import WeightStacks
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,12 @@ def linearize(model: nn.Module) -> list[str]:
         return []
     names = projection_names(model)
     modules = dict(model.named_modules())
+    stacks = WeightStacks()  # one store for the model: one layer's stacked weights at a time
     for name, fused, layout in tqdm(found, desc="Linearizing experts", unit="layer"):
         adapter = ADAPTERS.get(type(fused).__name__)
         with torch.no_grad():
             linear = LinearExperts.from_fused(
-                fused, layout, names, scale_inputs=adapter is not None and adapter.scale_inputs
+                fused, layout, names, scale_inputs=adapter is not None and adapter.scale_inputs, stacks=stacks
             )
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model

@@ -111,16 +111,21 @@ def _signature(modules: Sequence[nn.Module]) -> tuple:
 
 
 class WeightStacks:
-    """The stacked weights (as each module's forward would use them) of a layer's experts,
+    """The stacked weights (as each module's forward would use them) of one layer's experts,
     kept while nothing they depend on changes: a pass over the calibration batches stacks
-    and fake-quantizes them once, not once per batch. :meth:`clear` drops them; the plugin
-    does at every layer end and at calibration end, so one layer's copy at most stays on the
-    device."""
+    and fake-quantizes them once, not once per batch. One store serves every experts module
+    of a model and holds one module's stacks at a time (the basic pipeline runs every layer
+    per batch: each evicts the last), so at most one layer's copy is on the device; the plugin
+    also clears it at every layer end and at calibration end."""
 
     def __init__(self) -> None:
+        self._owner: int | None = None
         self._stacks: dict[tuple[int, str], tuple[tuple, torch.Tensor]] = {}
 
-    def get(self, key: tuple[int, str], modules: Sequence[nn.Linear]) -> torch.Tensor:
+    def get(self, owner: nn.Module, key: tuple[int, str], modules: Sequence[nn.Linear]) -> torch.Tensor:
+        if self._owner != id(owner):
+            self._stacks.clear()
+            self._owner = id(owner)
         signature = _signature(modules)
         found = self._stacks.get(key)
         if found is not None and found[0] == signature:
@@ -131,6 +136,7 @@ class WeightStacks:
 
     def clear(self) -> None:
         self._stacks.clear()
+        self._owner = None
 
 
 def bias(modules: Sequence[nn.Linear]) -> torch.Tensor | None:
