@@ -196,7 +196,7 @@ def test_stacked_experts_call_every_hook_with_what_each_expert_sees(family, ids,
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheme", ["NVFP4", "W8A8", "FP8"])
+@pytest.mark.parametrize("scheme", ["NVFP4", "W8A8", "FP8", "FP8_DYNAMIC"])
 def test_stacked_experts_fake_quantize_as_each_expert_does(scheme, ids, monkeypatch):
     """With compressed-tensors' quantized forward on every expert projection (weights, static
     or dynamic inputs) and observers writing scales batch after batch, the stacked path gives
@@ -262,3 +262,21 @@ def test_one_layers_stacked_weights_at_a_time(ids):
     for module in layers:
         module.clear_stacks()
     torch.testing.assert_close(logits(model, ids), reference)
+
+
+def test_input_quantization_is_shared_only_when_scales_agree():
+    from compressed_tensors.quantization import apply_quantization_config
+
+    from llmc.quantization.config import build_config, resolve_config_groups
+    from llmc_moe.stacked import same_input_quantization
+
+    model = build("qwen3_moe")
+    linearize(model)
+    apply_quantization_config(model, build_config(resolve_config_groups("NVFP4", None, ["Linear"]), ["lm_head"]))
+    experts = model.model.layers[0].mlp.experts
+    modules = [e.up_proj for e in experts] + [e.gate_proj for e in experts]
+    for m in modules:
+        m.input_global_scale.data.fill_(3.0)
+    assert same_input_quantization(modules)
+    modules[5].input_global_scale.data.fill_(2.0)
+    assert not same_input_quantization(modules)

@@ -212,8 +212,14 @@ class LinearExperts(nn.ModuleList):
         weights = self._stacks.get(self, key, modules)
         inputs: torch.Tensor | list[torch.Tensor] = x
         if any(stacked.quantizes_input(m) for m in modules):
-            inputs = [stacked.quantized(m, x if shared else x[i], "input") for i, m in enumerate(modules)]
-            shared = False
+            every = all(stacked.quantizes_input(m) for m in modules)
+            if shared and every and stacked.same_input_quantization(modules):
+                inputs = stacked.quantized(modules[0], x, "input")
+            elif not shared and every:
+                inputs = stacked.quantized_inputs(modules, x)
+            else:
+                inputs = [stacked.quantized(m, x if shared else x[i], "input") for i, m in enumerate(modules)]
+                shared = False
         y = stacked.project(inputs, weights, stacked.bias(modules), shared)
         if any(stacked.quantizes_output(m) for m in modules):
             y = torch.stack([stacked.quantized(m, y[i], "output") for i, m in enumerate(modules)])

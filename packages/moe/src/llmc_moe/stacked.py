@@ -74,6 +74,68 @@ def quantizes_input(module: nn.Module) -> bool:
     return enabled and scheme.input_activations is not None
 
 
+_INPUT_QPARAMS = ("input_scale", "input_zero_point", "input_global_scale")
+
+
+def same_input_quantization(modules: Sequence[nn.Module]) -> bool:
+    """Whether every module quantizes its input exactly as the first does (same arguments and
+    equal scales): fed one tensor, they all see one quantized tensor. All experts calibrated on
+    every token observe the same ranges, so their gate and up projections qualify, and one
+    quantization replaces hundreds (one host sync to compare the scales)."""
+    first = modules[0]
+    args = first.quantization_scheme.input_activations
+    names = [n for n in _INPUT_QPARAMS if getattr(first, n, None) is not None]
+    if any(m.quantization_scheme.input_activations != args for m in modules[1:]):
+        return False
+    for name in names:
+        values = [getattr(m, name, None) for m in modules]
+        if any(v is None or v.shape != values[0].shape for v in values):
+            return False
+    if not names:
+        return True
+    stacked = torch.stack([torch.cat([getattr(m, n).reshape(-1).float() for n in names]) for m in modules])
+    return bool((stacked == stacked[:1]).all())
+
+
+def quantized_inputs(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``x[i]`` as module ``i``'s quantized forward sees it, for a (modules, tokens, in) ``x``,
+    in one call: compressed-tensors' own arithmetic (``forward_quantize``'s steps) with every
+    module's input scales stacked along the first dimension, where they broadcast like a batch
+    dimension of activations. Modules with different input arguments go one by one."""
+    first = modules[0]
+    args = first.quantization_scheme.input_activations
+    names = [n for n in _INPUT_QPARAMS if getattr(first, n, None) is not None]
+    uniform = all(
+        m.quantization_scheme.input_activations == args
+        and all(getattr(m, n, None) is not None and getattr(m, n).numel() == 1 for n in names)
+        for m in modules
+    )
+    from compressed_tensors.quantization import DynamicType, QuantizationStrategy
+
+    dynamic = args.dynamic in (True, DynamicType.LOCAL)
+    grouped = args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
+    # a dynamic per-tensor or per-token range would span every module's rows (compressed-tensors
+    # takes a 2-D input's per-token range over the whole tensor): those go one by one
+    if not uniform or x.numel() == 0 or (dynamic and not grouped):
+        return torch.stack([quantized(m, x[i], "input") for i, m in enumerate(modules)])
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    def stack(name: str, ndim: int) -> torch.Tensor | None:
+        if name not in names:
+            return None
+        return torch.stack([getattr(m, name).reshape(()) for m in modules]).view(-1, *([1] * (ndim - 1)))
+
+    global_scale = stack("input_global_scale", x.ndim)
+    if dynamic:
+        scale, zero_point = compute_dynamic_scales_and_zp(x, args, first, global_scale=global_scale)
+    else:
+        scale, zero_point = stack("input_scale", x.ndim), stack("input_zero_point", x.ndim)
+    if global_scale is not None and grouped:
+        global_scale = global_scale.unsqueeze(-1)  # the group dimension the scales gain there
+    return fake_quantize(x=x, scale=scale, zero_point=zero_point, args=args, global_scale=global_scale)
+
+
 def quantizes_output(module: nn.Module) -> bool:
     scheme, enabled = _quantization(module)
     return enabled and scheme.output_activations is not None
