@@ -209,3 +209,40 @@ def test_mixtral_saves_under_its_original_checkpoint_names_and_reloads(tmp_path,
     assert not [k for k in saved if ".mlp." in k]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("all_experts", [True, False])
+def test_nvfp4_static_inputs_on_every_expert(qwen3_moe, tmp_path, all_experts, caplog):
+    """NVFP4 with observed input global scales: every expert gets finite, positive scales (an
+    expert no token reached takes its siblings' range), an expert's gate and up share their
+    weight global scale, and the checkpoint decompresses to the fake-quantized expert weights."""
+    out = tmp_path / "nvfp4"
+    args = dict(
+        recipe=quant_recipe("NVFP4", ignore=IGNORE), dataset="llmc-docs", num_calibration_samples=8,
+        max_seq_length=32, moe_calibrate_all_experts=all_experts, pipeline="sequential", precision="bfloat16",
+    )
+    fake_quant = oneshot(model=str(qwen3_moe), **args)  # the in-memory reference (saving compresses it)
+    with caplog.at_level("WARNING", logger="llmc_moe"):
+        oneshot(model=str(qwen3_moe), output_dir=str(out), **args)
+    tensors = load_all(out)
+    for layer in range(LAYERS):
+        for expert in range(EXPERTS):
+            prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+            assert torch.equal(tensors[f"{prefix}.gate_proj.weight_global_scale"], tensors[f"{prefix}.up_proj.weight_global_scale"])
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                scale = tensors[f"{prefix}.{proj}.input_global_scale"].float()
+                assert torch.isfinite(scale).all() and (scale > 0).all(), (prefix, proj, scale)
+    # the stored experts decompress (compressed-tensors, into the linearized model) to the
+    # fake-quantized expert weights. transformers 5.24 reloads NVFP4 experts into its fused
+    # ones wrongly (dense layers and W4A16 experts reload exactly): the saved model says so.
+    from llmc.evaluation import load_decompressed
+    from llmc_moe.stacked import quantized
+
+    assert "NVFP4" in caplog.text and "load_decompressed" in caplog.text
+    dense = load_decompressed(out, torch.bfloat16, via_transformers=False)
+    for layer in range(LAYERS):
+        for expert in range(EXPERTS):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                module = getattr(fake_quant.model.layers[layer].mlp.experts[expert], proj)
+                stored = getattr(dense.model.layers[layer].mlp.experts[expert], proj).weight
+                torch.testing.assert_close(stored, quantized(module, module.weight, "weight").to(stored.dtype))

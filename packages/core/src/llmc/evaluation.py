@@ -59,7 +59,9 @@ def weights_size(checkpoint) -> int:
     return sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
 
 
-def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def load_decompressed(
+    checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16, via_transformers: bool = True
+) -> torch.nn.Module:
     """A compressed-tensors checkpoint as a dense model, decompressed by compressed-tensors itself.
 
     transformers' own loader is tried first; some versions cannot reload asymmetric
@@ -68,6 +70,7 @@ def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
     or when it leaves any tensor unused or unloaded, each quantized module's tensors go
     through the format's decompressor into a model built from the config, with the
     installed model patches applied as ``oneshot`` applies them (linearized experts).
+    ``via_transformers=False`` goes straight to the decompressor.
     """
     import json
 
@@ -79,12 +82,13 @@ def load_decompressed(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat1
 
     from llmc.patches import matching_patches
 
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, output_loading_info=True)
-        if not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
-            return model.eval()
-    except RuntimeError:
-        pass
+    if via_transformers:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, output_loading_info=True)
+            if not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+                return model.eval()
+        except RuntimeError:
+            pass
     checkpoint = Path(checkpoint)
     raw = json.loads((checkpoint / "config.json").read_text())
     config = QuantizationConfig.model_validate(raw["quantization_config"])

@@ -38,3 +38,11 @@ def llmc_sequential_layer_end(state, layer_name, layer):
 @hookimpl
 def llmc_calibration_end(state):
     _clear_stacks(state.model)
+
+
+@hookimpl
+def llmc_finalize(state):
+    """Say, before the checkpoint is written, what will not reload it."""
+    from llmc_moe.reloading import warn_unreloadable
+
+    warn_unreloadable(state.model)
