@@ -185,3 +185,21 @@ def test_a_modifier_is_registered_only_for_the_hooks_it_acts_on():
         assert receivers(hook.llmc_batch_end) == {id(counting), id(direct)}
         assert receivers(hook.llmc_calibration_start) == set()
     assert not hook.llmc_batch_end.get_hookimpls()
+
+
+def test_llm_compressor_import_paths_resolve_through_the_registry():
+    from llmc.modifiers import AWQModifier, GPTQModifier, QuantizationModifier, SmoothQuantModifier
+    from llmc.modifiers.awq import AWQModifier as awq
+    from llmc.modifiers.gptq import GPTQModifier as gptq
+    from llmc.modifiers.quantization import GPTQModifier as gptq_there
+    from llmc.modifiers.quantization import QuantizationModifier as quant
+    from llmc.modifiers.smoothquant import SmoothQuantModifier as smooth
+
+    assert (awq, gptq, gptq_there, quant, smooth) == (
+        AWQModifier, GPTQModifier, GPTQModifier, QuantizationModifier, SmoothQuantModifier
+    )
+
+
+def test_a_missing_modifier_under_an_llm_compressor_path_names_its_package(fancy_provider):
+    with pytest.raises(ImportError, match="pip install llmc-fancy"):
+        from llmc.modifiers.awq import FancyModifier  # noqa: F401

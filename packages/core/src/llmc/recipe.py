@@ -142,6 +142,16 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """The safe loader, plus the ``!!python/tuple`` tag that llm-compressor's recipe.yaml
+    writes for SmoothQuant mappings: read as a plain list, nothing is executed."""
+
+
+_RecipeLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node, deep=True)
+)
+
+
 def _read_yaml(source: str | os.PathLike) -> dict[str, Any]:
     text = str(source)
     path = Path(text)
@@ -151,7 +161,7 @@ def _read_yaml(source: str | os.PathLike) -> dict[str, Any]:
             raise RecipeError(f"Recipe file not found: {text}")
         text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise RecipeError(f"Malformed recipe YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -85,9 +85,10 @@ def _row_independent(args: QuantizationArgs) -> bool:
 
 
 def _matrices(
-    modules: list[tuple[str, torch.nn.Module]], hessians: HessianAccumulator
+    modules: list[tuple[str, torch.nn.Module]], hessians: HessianAccumulator, stack: bool
 ) -> Iterator[Matrix]:
-    """Pop every module's Hessian; stack the modules that share one when their rows may."""
+    """Pop every module's Hessian; stack the modules that share one when their rows may
+    (and ``stack``)."""
     by_key: dict[int, list[tuple[str, torch.nn.Module]]] = defaultdict(list)
     for name, module in modules:
         by_key[hessians.owner[module]].append((name, module))
@@ -95,7 +96,7 @@ def _matrices(
         popped = [hessians.pop(m) for _, m in members]
         hessian, owned = popped[-1][0], popped[-1][1]  # the last pop learns whether it was the last user
         first = members[0][1].quantization_scheme.weights
-        stackable = _row_independent(first) and all(
+        stackable = stack and _row_independent(first) and all(
             m.quantization_scheme.weights == first
             and m.weight.shape[1] == members[0][1].weight.shape[1]
             and m.weight.dtype == members[0][1].weight.dtype
@@ -109,11 +110,15 @@ def _matrices(
 
 
 def plan_solves(
-    modules: list[tuple[str, torch.nn.Module]], hessians: HessianAccumulator
+    modules: list[tuple[str, torch.nn.Module]], hessians: HessianAccumulator, batched: bool = True
 ) -> list[Solve]:
-    """The solves for ``modules`` (each has a Hessian in ``hessians``), batched by shape and scheme."""
+    """The solves for ``modules`` (each has a Hessian in ``hessians``), batched by shape and
+    scheme; ``batched=False``: one solve per module."""
+    if not batched:
+        return [Solve([m], m.members[0][1].quantization_scheme.weights, m.members[0][1].weight_scale.dtype)
+                for m in _matrices(modules, hessians, stack=False)]
     groups: dict[tuple, list[Matrix]] = defaultdict(list)
-    for matrix in _matrices(modules, hessians):
+    for matrix in _matrices(modules, hessians, stack=True):
         module = matrix.members[0][1]
         args = module.quantization_scheme.weights
         key = (

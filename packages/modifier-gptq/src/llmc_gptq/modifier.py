@@ -51,6 +51,9 @@ class GPTQModifier(QuantizationModifier):
     dampening_frac: float = attrs.field(default=0.01, validator=_positive)
     actorder: str | None = attrs.field(default="static", validator=_check_actorder)
     offload_hessians: bool = False
+    # llm-compressor's name: "auto" (or True) solves modules that share a Hessian as one matrix
+    # and same-shaped matrices as one batch (see llmc_gptq.batching); False, one by one
+    batched_quantization: bool | str = attrs.field(default="auto", validator=attrs.validators.in_([True, False, "auto"]))
     sequential_targets: list[str] | None = None
 
     _hessians: HessianAccumulator | None = attrs.field(default=None, init=False, repr=False)
@@ -129,7 +132,7 @@ class GPTQModifier(QuantizationModifier):
                 calibrate_weight(module)
                 continue
             pending.append((name, module))
-        for solve in plan_solves(pending, self._hessians):
+        for solve in plan_solves(pending, self._hessians, batched=self.batched_quantization is not False):
             started = time.perf_counter()
             results = gptq_quantize_batch(
                 solve.weights(),

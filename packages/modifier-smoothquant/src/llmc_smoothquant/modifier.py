@@ -42,6 +42,8 @@ class SmoothQuantModifier(Modifier):
     mappings: list[Any] | None = None
     ignore: list[str] = attrs.field(factory=list)
     num_calibration_steps: int | None = None
+    # llm-compressor writes the algorithm it smoothed with into its recipe.yaml
+    algorithm: str = attrs.field(default="smoothquant", validator=attrs.validators.in_(["smoothquant"]))
 
     _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
     _max: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)

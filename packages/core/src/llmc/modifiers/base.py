@@ -26,6 +26,18 @@ class Modifier:
     runs; they only forward to ``on_*``.
     """
 
+    # Fields llm-compressor's Modifier carries and writes into the recipe.yaml it saves: its
+    # training schedule (start/end/update, in epochs), a recipe's ordering (index, group), and
+    # whether a modifier needs data. oneshot has no epochs, and llmc reads the order from the
+    # recipe and the need for data from the pipeline: accepted so those recipes run unchanged,
+    # and without effect.
+    index: int | None = None
+    group: str | None = None
+    start: float | None = None
+    end: float | None = None
+    update: float | None = None
+    requires_calibration_data: bool | None = None
+
     def pipeline(self) -> str:
         """Name of the calibration pipeline this modifier needs under ``independent``."""
         return "basic"

@@ -44,6 +44,9 @@ class QuantizationModifier(Modifier):
     scheme: str | dict[str, Any] | None = None
     config_groups: dict[str, Any] | None = None
     kv_cache_scheme: dict[str, Any] | None = None
+    # llm-compressor's name: skip the check that every targeted weight splits into whole
+    # groups (a weight that does not is then left to compressed-tensors to refuse)
+    bypass_divisibility_checks: bool = False
 
     _config: QuantizationConfig | None = attrs.field(default=None, init=False, repr=False)
     _observers: ActivationObservers = attrs.field(factory=ActivationObservers, init=False, repr=False)
@@ -70,7 +73,8 @@ class QuantizationModifier(Modifier):
     def on_initialize(self, state: State) -> None:
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
         warn_unmatched(state.model, targets, self.config.ignore)
-        validate_shapes(state.model, self.config)
+        if not self.bypass_divisibility_checks:
+            validate_shapes(state.model, self.config)
         apply_quantization_config(state.model, self.config, show_progress=False)
         # Modules frozen by an earlier stage keep their parameters.
         self._modules = initialized_modules(state.model)
@@ -87,3 +91,11 @@ class QuantizationModifier(Modifier):
 
     def on_finalize(self, state: State) -> None:
         freeze(self._modules)
+
+
+def __getattr__(name: str) -> Any:
+    """llm-compressor's import path: ``from llmcompressor.modifiers.quantization import
+    GPTQModifier`` works there, so other modifiers resolve here through the registry too."""
+    from llmc.modifiers import __getattr__ as resolve
+
+    return resolve(name)
