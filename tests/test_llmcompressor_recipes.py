@@ -95,3 +95,65 @@ def test_gptq_solved_one_by_one_matches_batched(llama_path):
         differ = (w != together[name]).float().mean().item()
         assert differ < 0.01, (name, differ)
         torch.testing.assert_close(w, together[name], rtol=0, atol=float(w.abs().max()) / 64)
+
+
+# --- llm-compressor 0.14's remaining oneshot arguments ----------------------------------------
+
+
+def test_propagate_error_is_quantization_aware_calibration():
+    from llmc.args import parse_oneshot_args
+
+    assert parse_oneshot_args(model="m", propagate_error=False).pipeline.quantization_aware_calibration is False
+    assert parse_oneshot_args(model="m").pipeline.quantization_aware_calibration is True
+    noop = parse_oneshot_args(model="m", tracing_ignore=["_update_causal_mask"], sequential_targets_per_subgraph=2,
+                              clear_sparse_session=True, overwrite_cache=True)
+    assert noop.pipeline.tracing_ignore == ["_update_causal_mask"]
+
+
+def test_tie_word_embeddings_keeps_ties_unless_lm_head_is_quantized(checkpoint_factory, tmp_path, sample_ids):
+    from llmc.modifiers import QuantizationModifier
+
+    gemma = checkpoint_factory("gemma")  # ties its embeddings
+    kept = oneshot(model=str(gemma), recipe=QuantizationModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"]),
+                   tie_word_embeddings=True, output_dir=str(tmp_path / "tied"))
+    assert kept.lm_head.weight is kept.model.embed_tokens.weight
+    with safe_open(tmp_path / "tied" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    untied = oneshot(model=str(gemma), recipe=QuantizationModifier(targets="Linear", scheme="W8A16"),
+                     tie_word_embeddings=True)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight  # lm_head is quantized
+    default = oneshot(model=str(gemma), recipe=QuantizationModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"]))
+    assert default.lm_head.weight is not default.model.embed_tokens.weight
+
+
+def test_quantization_format_overrides_the_inferred_one(llama_path, tmp_path):
+    import json
+
+    out = tmp_path / "naive"
+    oneshot(model=str(llama_path), recipe=QUANT_W4A16, quantization_format="naive-quantized", output_dir=str(out))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "naive-quantized"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.int8  # unpacked
+
+
+QUANT_W4A16 = {"stage": {"quant_modifiers": {"QuantizationModifier": {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head"]}}}}
+
+
+def test_preprocessing_func_and_remove_columns_shape_the_calibration_rows(tokenizer):
+    import datasets
+
+    from llmc.args import DatasetArguments
+    from llmc.data import build_calibration_dataloader
+
+    data = datasets.Dataset.from_dict({"question": ["What is two?", "Why?"], "answer": ["Two.", "Because."]})
+    args = DatasetArguments(
+        dataset=data, preprocessing_func=lambda row: {"text": f"Q: {row['question']} A: {row['answer']}"},
+        remove_columns=["question", "answer"], shuffle_calibration_samples=False, num_calibration_samples=2,
+        pad_to_max_length=False, data_collator="padding",
+    )
+    batches = list(build_calibration_dataloader(args, tokenizer))
+    texts = [tokenizer.decode(ids[mask.bool()]) for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    assert texts == ["Q: What is two? A: Two.", "Q: Why? A: Because."]
+    with pytest.raises(ValueError, match="remove_columns names columns the dataset does not have"):
+        build_calibration_dataloader(DatasetArguments(dataset=data, remove_columns=["nope"]), tokenizer)

@@ -50,6 +50,7 @@ class ModelArguments:
     trust_remote_code_model: bool = attrs.field(default=False, metadata=_help("Allow custom model code from the repository"))
     save_compressed: bool = attrs.field(default=True, metadata=_help("Save weights in compressed format (False: dense fake-quantized weights)"))
     model_revision: str = attrs.field(default="main", metadata=_help("Model version: branch, tag or commit"))
+    tie_word_embeddings: bool = attrs.field(default=False, metadata=_help("Keep tied input and output embeddings tied when the recipe leaves lm_head unquantized (False: always untie)"))
     allow_unquantized_fused_weights: bool = attrs.field(default=False, metadata=_help("Proceed when fused 3-D weights (MoE experts) that no installed patch linearizes would stay unquantized"))
 
     @model.validator
@@ -93,6 +94,9 @@ class DatasetArguments:
     dataloader_num_workers: int = attrs.field(default=0, metadata=_help("Workers for the calibration DataLoader"))
     pad_to_max_length: bool = attrs.field(default=True, metadata=_help("Pad every sample to max_seq_length"))
     moe_calibrate_all_experts: bool = attrs.field(default=True, metadata=_help("Route all tokens through all MoE experts during calibration"))
+    preprocessing_func: Callable[..., Any] | None = attrs.field(default=None, validator=v.optional(v.is_callable()), metadata=_help("Function applied to every dataset row (datasets.map) before tokenization"))
+    remove_columns: list[str] | None = attrs.field(default=None, converter=_str_list, metadata=_help("Dataset columns to drop after preprocessing"))
+    overwrite_cache: bool = attrs.field(default=False, metadata=_help("Accepted for llm-compressor scripts; llmc keeps no dataset cache of its own"))
     min_tokens_per_module: float | None = attrs.field(default=None, metadata=_help("Warn when a module receives less than this fraction of tokens"))
 
 
@@ -102,8 +106,15 @@ class PipelineArguments:
     sequential_targets: list[str] | None = attrs.field(default=None, converter=_str_list, metadata=_help("Module classes or names calibrated one at a time by the sequential pipeline"))
     sequential_offload_device: str = attrs.field(default="cpu", metadata=_help("Where cached activations live between sequential layers"))
     quantization_aware_calibration: bool = attrs.field(default=True, metadata=_help("Feed quantized layer outputs to the next layer in the sequential pipeline"))
+    propagate_error: bool | None = attrs.field(default=None, metadata=_help("llm-compressor's name for quantization_aware_calibration; overrides it when given"))
+    tracing_ignore: list[str] | None = attrs.field(default=None, converter=_str_list, metadata=_help("Accepted for llm-compressor scripts; llmc's sequential pipeline traces nothing"))
+    sequential_targets_per_subgraph: int = attrs.field(default=1, validator=_positive, metadata=_help("Accepted for llm-compressor scripts; llmc calibrates one target at a time"))
     sequential_prefetch: bool = attrs.field(default=False, metadata=_help("Prefetch the next batch in a background thread"))
     device: str | None = attrs.field(default=None, metadata=_help("Execution device (default: cuda if available, else cpu)"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.propagate_error is not None:
+            self.quantization_aware_calibration = self.propagate_error
 
 
 @attrs.define(kw_only=True)
@@ -112,6 +123,8 @@ class OutputArguments:
     log_dir: str | None = attrs.field(default=None, metadata=_help("Directory for timestamped log files"))
     overwrite_output_dir: bool = attrs.field(default=False, metadata=_help("Replace a non-empty output_dir"))
     saver: str = attrs.field(default="compressed-tensors", metadata=_help("Registered saver that writes the checkpoint"))
+    quantization_format: str | None = attrs.field(default=None, metadata=_help("compressed-tensors format for every quantized module (default: inferred per scheme)"))
+    clear_sparse_session: bool = attrs.field(default=False, metadata=_help("Accepted for llm-compressor scripts; llmc keeps no session between calls"))
 
 
 GROUPS: tuple[type, ...] = (

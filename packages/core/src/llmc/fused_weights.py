@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from compressed_tensors.utils import is_match
 
+from llmc.quantization.targets import quantization_targets
+
 # the distribution that linearizes transformers' fused MoE experts
 FUSED_WEIGHTS_PROVIDER = "llmc-moe"
 _SHOWN = 4
@@ -36,25 +38,12 @@ def _fused_parameters(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...
     ]
 
 
-def _quantization_targets(modifiers: Iterable[Any]) -> list[tuple[list[str], list[str]]]:
-    """(targets, ignore) of every modifier that applies a compressed-tensors config."""
-    found = []
-    for modifier in modifiers:
-        config = getattr(modifier, "config", None)
-        groups = getattr(config, "config_groups", None)
-        if not groups:
-            continue
-        targets = sorted({t for scheme in groups.values() for t in scheme.targets})
-        found.append((targets, list(config.ignore or [])))
-    return found
-
-
 def unquantized_fused_weights(
     model: torch.nn.Module, modifiers: Iterable[Any]
 ) -> list[tuple[str, torch.nn.Module, list[tuple[str, tuple[int, ...]]]]]:
     """Modules holding 3-D (or larger) weights that a quantizing modifier targets by class
     but cannot quantize: neither matched by its targets nor ignored."""
-    quantizing = _quantization_targets(modifiers)
+    quantizing = quantization_targets(modifiers)
     if not quantizing:
         return []
     left = []

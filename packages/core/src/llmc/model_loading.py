@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,19 @@ def untie_word_embeddings(model: PreTrainedModel) -> None:
             config.tie_word_embeddings = False
 
 
-def preprocess(args: ModelArguments) -> tuple[PreTrainedModel, Any]:
+def preprocess(
+    args: ModelArguments, quantizes_output_embeddings: Callable[[PreTrainedModel], bool] = lambda model: True
+) -> tuple[PreTrainedModel, Any]:
+    """Load the model and its processor, untie its embeddings (unless ``tie_word_embeddings``
+    and the recipe leaves the output embeddings unquantized: then a tie stays), apply patches."""
     model = load_model(args)
     processor = load_processor(args, model)
     model.eval()
-    untie_word_embeddings(model)
+    if not args.tie_word_embeddings:
+        untie_word_embeddings(model)
+    elif quantizes_output_embeddings(model):
+        logger.info("tie_word_embeddings: the recipe quantizes the output embeddings, so they are untied.")
+        untie_word_embeddings(model)
     for patch in matching_patches(model):
         logger.info("Applying model patch %s", patch.name)
         patch.apply(model)

@@ -76,15 +76,17 @@ def save_compressed_tensors(
     processor: Any = None,
     recipe_yaml: str | None = None,
     save_compressed: bool = True,
+    quantization_format: str | None = None,
     **save_kwargs: Any,
 ) -> None:
     """Save ``model`` in compressed-tensors format into the (empty) ``output_dir``.
 
     ``save_compressed=False`` stores dense, fake-quantized weights with the same
-    quantization config (format ``dense``). ``save_kwargs`` (e.g. ``max_shard_size``)
-    go to transformers' ``save_pretrained``.
+    quantization config (format ``dense``); ``quantization_format`` forces one
+    compressed-tensors format on every quantized module. ``save_kwargs`` (e.g.
+    ``max_shard_size``) go to transformers' ``save_pretrained``.
     """
-    fmt = None if save_compressed else CompressionFormat.dense.value
+    fmt = quantization_format if save_compressed else CompressionFormat.dense.value
     with eager_kernels():
         if not save_compressed:
             _fake_quantize_weights(model)

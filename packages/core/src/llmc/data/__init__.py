@@ -205,10 +205,23 @@ def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[list
     return collate
 
 
+def _preprocess(data: Any, args: DatasetArguments) -> Any:
+    """``preprocessing_func`` on every row, then ``remove_columns`` dropped."""
+    if args.preprocessing_func is not None:
+        data = data.map(args.preprocessing_func)
+    if args.remove_columns:
+        missing = [c for c in args.remove_columns if c not in (data.column_names or [])]
+        if missing:
+            raise ValueError(f"remove_columns names columns the dataset does not have: {missing} (columns: {data.column_names}).")
+        data = data.remove_columns(args.remove_columns)
+    return data
+
+
 def build_calibration_dataloader(args: DatasetArguments, processor: Any) -> DataLoader:
     raw = load_raw_dataset(args)
     if isinstance(raw, DataLoader):
         return raw
+    raw = _preprocess(raw, args)
     count = args.num_calibration_samples
     if args.concatenate_data:
         rows = tokenize(_select(raw, args, len(raw) if hasattr(raw, "__len__") else count * 4), args, processor)[:count]

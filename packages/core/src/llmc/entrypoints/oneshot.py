@@ -23,6 +23,7 @@ from llmc.model_loading import check_model_source, preprocess
 from llmc.patches import matching_patches
 from llmc.pipelines import resolve_pipelines, run_pipeline
 from llmc.plugins import PluginNotFoundError, Registry, get_registry
+from llmc.quantization.targets import quantizes_output_embeddings
 from llmc.recipe import Recipe
 from llmc.saving import atomic_directory, check_output_dir, patch_save_pretrained
 
@@ -75,8 +76,8 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
     check_output_dir(args.output.output_dir, args.output.overwrite_output_dir)
     check_model_source(args.model.model)
 
-    model, processor = preprocess(args.model)
     modifiers = [m for stage in recipe.stages for m in stage.modifiers]
+    model, processor = preprocess(args.model, lambda model: quantizes_output_embeddings(model, modifiers))
     check_fused_weights(model, modifiers, args.model.allow_unquantized_fused_weights)
     dataloader = build_calibration_dataloader(args.dataset, processor) if has_data else None
     device = _execution_device(args.pipeline.device)
@@ -99,6 +100,8 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
 
     if args.output.output_dir is not None:
         save = registry.get("saver", args.output.saver)
+        # a saver that predates quantization_format is called as before unless it is set
+        extra = {} if args.output.quantization_format is None else {"quantization_format": args.output.quantization_format}
         with atomic_directory(args.output.output_dir) as tmp:
             save(
                 model,
@@ -106,6 +109,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
                 processor=processor,
                 recipe_yaml=recipe.to_yaml(),
                 save_compressed=args.model.save_compressed,
+                **extra,
             )
         logger.info("Saved to %s", args.output.output_dir)
     patch_save_pretrained(model, recipe.to_yaml())  # for users who save by hand afterwards
