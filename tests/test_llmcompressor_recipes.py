@@ -157,3 +157,12 @@ def test_preprocessing_func_and_remove_columns_shape_the_calibration_rows(tokeni
     assert texts == ["Q: What is two? A: Two.", "Q: Why? A: Because."]
     with pytest.raises(ValueError, match="remove_columns names columns the dataset does not have"):
         build_calibration_dataloader(DatasetArguments(dataset=data, remove_columns=["nope"]), tokenizer)
+
+
+def test_static_activation_scales_calibrate_layer_by_layer_by_default(llama_path, monkeypatch):
+    """As in llm-compressor 0.14: the sequential pipeline, not the whole model on the device."""
+    from llmc.modifiers import QuantizationModifier
+    from llmc.pipelines import resolve_pipelines
+
+    assert resolve_pipelines("independent", [QuantizationModifier(scheme="FP8")]) == ["sequential"]
+    assert resolve_pipelines("independent", [QuantizationModifier(scheme="FP8_DYNAMIC")]) == ["datafree"]

@@ -68,7 +68,9 @@ class QuantizationModifier(Modifier):
         return any(scheme_needs_data(s) for s in self.config.config_groups.values())
 
     def pipeline(self) -> str:
-        return "basic" if self.needs_data() else "datafree"
+        """Static activation scales calibrate layer by layer, as in llm-compressor 0.14: one
+        decoder layer on the device at a time, not the whole model (``basic``)."""
+        return "sequential" if self.needs_data() else "datafree"
 
     def on_initialize(self, state: State) -> None:
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
