@@ -137,3 +137,40 @@ def test_missing_mappings_error(tmp_path):
 def test_bad_awq_arguments():
     with pytest.raises(ValueError, match="duo_scaling"):
         oneshot(model="unused", recipe={"s": {"quant_modifiers": {"AWQModifier": {"duo_scaling": "sometimes"}}}})
+
+
+@pytest.mark.parametrize("quantizer", ["QuantizationModifier", "GPTQModifier"])
+def test_awq_as_a_transform_takes_the_next_modifiers_quantization(quantizer, llama_path, tmp_path, caplog):
+    """llm-compressor 0.14's shape: AWQ (no scheme) scales, the modifier after it quantizes
+    with its own ignore and scheme: lm_head stays dense, one config group."""
+    recipe = f"""
+quant_stage:
+  quant_modifiers:
+    AWQModifier: {{n_grid: 4}}
+    {quantizer}: {{targets: [Linear], scheme: W4A16_ASYM, ignore: [lm_head]}}
+"""
+    out = tmp_path / "awq-then-rtn"
+    with caplog.at_level("INFO", logger="llmc_awq"):
+        model = oneshot(model=str(llama_path), recipe=recipe, output_dir=str(out), **DATA)
+    assert f"AWQ scales for {quantizer}'s quantization" in caplog.text
+    # 3 mappings a layer searched (v_proj -> o_proj does not fit GQA's shapes), 2 layers
+    assert sum("output error" in r.getMessage() for r in caplog.records) == 3 * 2
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(config["config_groups"]) == 1 and config["ignore"] == ["lm_head"]
+    assert list(config["config_groups"].values())[0]["weights"]["symmetric"] is False
+    tensors = load_file(out / "model.safetensors")
+    assert "lm_head.weight" in tensors and "lm_head.weight_packed" not in tensors
+    assert getattr(model.lm_head, "quantization_scheme", None) is None
+    # and it is AWQ: scales were folded into the norms the search balanced
+    original = transformers.AutoModelForCausalLM.from_pretrained(llama_path)
+    norms = [(n, p) for n, p in model.named_parameters() if "layernorm" in n]
+    reference = dict(original.named_parameters())
+    assert any(not torch.equal(p, reference[n]) for n, p in norms)
+
+
+def test_awq_alone_without_a_scheme_quantizes_w4a16_asym(llama_path, tmp_path):
+    out = tmp_path / "awq"
+    oneshot(model=str(llama_path), recipe="quant_stage:\n  quant_modifiers:\n    AWQModifier: {n_grid: 2, ignore: [lm_head]}\n",
+            output_dir=str(out), **DATA)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert list(config["config_groups"].values())[0]["weights"]["symmetric"] is False

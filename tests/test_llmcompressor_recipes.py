@@ -159,7 +159,7 @@ def test_preprocessing_func_and_remove_columns_shape_the_calibration_rows(tokeni
         build_calibration_dataloader(DatasetArguments(dataset=data, remove_columns=["nope"]), tokenizer)
 
 
-def test_static_activation_scales_calibrate_layer_by_layer_by_default(llama_path, monkeypatch):
+def test_static_activation_scales_calibrate_layer_by_layer_by_default():
     """As in llm-compressor 0.14: the sequential pipeline, not the whole model on the device."""
     from llmc.modifiers import QuantizationModifier
     from llmc.pipelines import resolve_pipelines

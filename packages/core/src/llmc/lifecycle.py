@@ -29,6 +29,9 @@ class State:
     stage: str | None = None
     # False while a pipeline re-runs a layer only to propagate its outputs: observers skip it.
     observing: bool = True
+    # every modifier of the running stage, in recipe order (a transform such as AWQ without a
+    # scheme takes its quantization arguments from the quantizing modifier after it)
+    stage_modifiers: Sequence[Modifier] = ()
 
     def require_data(self, who: str) -> Iterable[dict[str, Any]]:
         if self.dataloader is None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+from compressed_tensors.utils import is_match
 
 from llmc.lifecycle import State
 from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
@@ -35,17 +38,36 @@ def _parent_name(names: tuple[str, ...]) -> str:
     return ".".join(common)
 
 
-def _quantized(module: torch.nn.Module) -> bool:
+WeightArgs = Callable[[str, torch.nn.Module], QuantizationArgs | None]
+
+
+def applied_weight_args(name: str, module: torch.nn.Module) -> QuantizationArgs | None:
+    """The weight arguments compressed-tensors attached to ``module`` (all-in-one AWQ)."""
     scheme = getattr(module, "quantization_scheme", None)
-    return scheme is not None and scheme.weights is not None
+    return scheme.weights if scheme is not None else None
 
 
-def _usable(mapping: ResolvedMapping) -> bool:
+def config_weight_args(config: QuantizationConfig) -> WeightArgs:
+    """The weight arguments ``config`` will give a module (AWQ as a transform: the quantizing
+    modifier after it applies them), first matching group first, as compressed-tensors does."""
+
+    def args(name: str, module: torch.nn.Module) -> QuantizationArgs | None:
+        if is_match(name, module, config.ignore or []):
+            return None
+        for scheme in config.config_groups.values():
+            if is_match(name, module, scheme.targets):
+                return scheme.weights
+        return None
+
+    return args
+
+
+def _usable(mapping: ResolvedMapping, weight_args: WeightArgs) -> bool:
     """A mapping AWQ can scale: a quantized balance layer, and every balance layer's inputs the
     smooth outputs. Balance layers left unquantized (an MoE router) are scaled with the others,
     so the function is unchanged, but take no part in the search."""
     name, channels = mapping.smooth_name, mapping.smooth.weight.shape[0]
-    if not any(_quantized(b) for b in mapping.balance):
+    if not any(weight_args(n, b) for n, b in zip(mapping.balance_names, mapping.balance, strict=True)):
         logger.info("AWQ %s: no balance layer is quantized; skipped.", name)
         return False
     if any(b.weight.shape[1] != channels for b in mapping.balance):
@@ -54,11 +76,27 @@ def _usable(mapping: ResolvedMapping) -> bool:
     return True
 
 
+def _next_quantizing(modifier: Any, stage: Any) -> Any | None:
+    """The first modifier after ``modifier`` in its stage that applies a quantization config."""
+    modifiers = list(stage)
+    if modifier not in modifiers:
+        return None
+    for other in modifiers[modifiers.index(modifier) + 1 :]:
+        if getattr(other, "config", None) is not None and getattr(other.config, "config_groups", None):
+            return other
+    return None
+
+
 @attrs.define(kw_only=True)
 class AWQModifier(QuantizationModifier):
     """AWQ: for each mapping, grid-search per-channel scales s = x̄^r / w̄^(1-r) that minimise
     the parent module's output error with quantized balance layers; fold the best into the
     smooth layer; then quantize round-to-nearest. Runs layer by layer (sequential pipeline).
+
+    Without ``scheme`` or ``config_groups`` and followed in its stage by a quantizing modifier
+    (llm-compressor 0.14's shape: ``AWQModifier`` then ``QuantizationModifier`` or
+    ``GPTQModifier``), AWQ only scales, searching with that modifier's targets, ignore and
+    scheme, which then quantizes. Alone, without a scheme, it quantizes W4A16_ASYM itself.
     """
 
     mappings: list[Any] | None = None
@@ -74,19 +112,39 @@ class AWQModifier(QuantizationModifier):
     _done: set[str] = attrs.field(factory=set, init=False, repr=False)
     _modules_by_name: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
     _searching: bool = attrs.field(default=False, init=False, repr=False)
+    _weight_args: WeightArgs = attrs.field(default=applied_weight_args, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.scheme is None and self.config_groups is None:
-            self.scheme = "W4A16_ASYM"
-        super().__attrs_post_init__()
+        # without scheme or config_groups the quantization comes from the stage (on_initialize)
+        if self.scheme is not None or self.config_groups is not None:
+            super().__attrs_post_init__()
+
+    @property
+    def config(self) -> QuantizationConfig | None:  # type: ignore[override]
+        """The config this AWQ applies itself; None while it is a transform (or undecided)."""
+        return self._config
 
     def pipeline(self) -> str:
         return "sequential"
 
     def on_initialize(self, state: State) -> None:
-        super().on_initialize(state)
-        resolved = resolve_mappings(state.model, self.mappings, "awq", self.ignore)
-        self._resolved = [m for m in resolved if _usable(m)]  # no hooks or caches for the rest
+        after = _next_quantizing(self, state.stage_modifiers) if self._config is None else None
+        if after is not None:
+            # llm-compressor's shape: AWQ only scales; the next modifier quantizes with its own
+            # targets, ignore and scheme, which the search uses too
+            config = after.config
+            logger.info("AWQ scales for %s's quantization (%s).", type(after).__name__, ", ".join(config.config_groups))
+            self._weight_args = config_weight_args(config)
+            ignore = list(config.ignore or [])
+        else:
+            if self._config is None:  # the all-in-one form with its default scheme
+                self.scheme = "W4A16_ASYM"
+                super().__attrs_post_init__()
+            super().on_initialize(state)
+            self._weight_args = applied_weight_args
+            ignore = self.ignore
+        resolved = resolve_mappings(state.model, self.mappings, "awq", ignore)
+        self._resolved = [m for m in resolved if _usable(m, self._weight_args)]  # no hooks or caches for the rest
 
     def on_calibration_start(self, state: State) -> None:
         modules = dict(state.model.named_modules())
@@ -164,12 +222,13 @@ class AWQModifier(QuantizationModifier):
 
         self._searching = True
         try:
-            quantized = [b for b in mapping.balance if _quantized(b)]
+            quantized = [(b, self._weight_args(n, b)) for n, b in zip(mapping.balance_names, mapping.balance, strict=True)]
+            quantized = [(b, a) for b, a in quantized if a is not None]
             result = search_scales(
                 run_parent,
-                quantized,
+                [b for b, _ in quantized],
                 x_mean,
-                quantized[0].quantization_scheme.weights,
+                quantized[0][1],
                 self.n_grid,
                 self.duo_scaling,
             )

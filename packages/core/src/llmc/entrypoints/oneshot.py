@@ -94,6 +94,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
                 dataloader=dataloader,
                 processor=processor,
                 stage=stage.name,
+                stage_modifiers=tuple(stage.modifiers),
             )
             run_pipeline(pipeline, state, stage.modifiers)
     logger.info("Calibration finished in %.1f s", time.perf_counter() - started)
