@@ -69,3 +69,25 @@ def test_slices_of_one_batched_input_accumulate_as_separate_inputs():
         torch.testing.assert_close(hessian, seen[i])
     torch.testing.assert_close(acc.pop(shared[0])[0], seen[3])
     assert acc.pop(shared[1])[1]
+
+
+def test_modules_sharing_a_hessian_stack_within_the_memory_budget(monkeypatch):
+    """Shared-Hessian modules stack into matrices of at most MAX_BATCH_ELEMENTS weights."""
+    from compressed_tensors.quantization import apply_quantization_config
+
+    from llmc.quantization.config import build_config, resolve_config_groups
+    from llmc_gptq import batching
+
+    layers = torch.nn.ModuleDict({f"e{i}": torch.nn.Linear(16, 8, bias=False) for i in range(5)})
+    apply_quantization_config(layers, build_config(resolve_config_groups("W8A8", None, ["Linear"]), []))
+    acc = HessianAccumulator(lambda: True)
+    for m in layers.values():
+        acc.attach(m)
+    x = torch.randn(4, 16)
+    for m in layers.values():
+        m(x)
+    acc.end_batch()
+    monkeypatch.setattr(batching, "MAX_BATCH_ELEMENTS", 2 * 16 * 8)
+    solves = batching.plan_solves(list(layers.items()), acc)
+    sizes = sorted(len(matrix.members) for solve in solves for matrix in solve.matrices)
+    assert sizes == [1, 2, 2]

@@ -103,7 +103,18 @@ def _matrices(
             for _, m in members
         )
         if stackable:
-            yield Matrix(members, hessian, owned)
+            # stacked matrices stay within the batched solves' memory budget (about four float32
+            # copies of MAX_BATCH_ELEMENTS): 256 experts of a large MoE solve in a few matrices
+            chunk: list[tuple[str, torch.nn.Module]] = []
+            size = 0
+            for member in members:
+                elements = member[1].weight.numel()
+                if chunk and size + elements > MAX_BATCH_ELEMENTS:
+                    yield Matrix(chunk, hessian, owned=False)
+                    chunk, size = [], 0
+                chunk.append(member)
+                size += elements
+            yield Matrix(chunk, hessian, owned)
         else:
             for member in members:
                 yield Matrix([member], hessian, owned=False)
