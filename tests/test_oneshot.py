@@ -221,3 +221,16 @@ def test_manual_save_pretrained_after_oneshot(llama_path, tmp_path, sample_ids):
         torch.testing.assert_close(reloaded(sample_ids).logits, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(FileExistsError):
         model.save_pretrained(out)  # never writes over a non-empty directory
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "above"])
+def test_output_dir_never_replaces_the_input_model(where, checkpoint_factory, tmp_path):
+    import shutil
+
+    model = tmp_path / "models" / "llama"
+    shutil.copytree(checkpoint_factory("llama"), model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    out = {"same": model, "inside": model / "quantized", "above": tmp_path / "models"}[where]
+    with pytest.raises(ValueError, match="input model's directory"):
+        oneshot(model=str(model), recipe=quant_recipe("W8A16"), output_dir=str(out), overwrite_output_dir=True)
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before

@@ -38,6 +38,21 @@ def check_output_dir(output_dir: str | os.PathLike | None, overwrite: bool) -> N
         )
 
 
+def check_output_apart_from_model(output_dir: str | os.PathLike | None, model: Any) -> None:
+    """Refuse an output_dir that is the model's own directory, inside it, or above it: replacing
+    it (overwrite_output_dir) would delete the input checkpoint."""
+    if output_dir is None or not isinstance(model, (str, os.PathLike)) or not Path(model).is_dir():
+        return
+    out, source = Path(output_dir).expanduser().resolve(), Path(model).expanduser().resolve()
+    if out == source or source in out.parents or out in source.parents:
+        where = "is" if out == source else "is inside" if source in out.parents else "contains"
+        raise ValueError(
+            f"output_dir {str(out)!r} {where} the input model's directory {str(source)!r}; saving "
+            "there could replace or mix with the checkpoint being read. Choose a directory apart "
+            "from the model's."
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``output_dir``; move it into place on success.

@@ -25,7 +25,12 @@ from llmc.pipelines import resolve_pipelines, run_pipeline
 from llmc.plugins import PluginNotFoundError, Registry, get_registry
 from llmc.quantization.targets import quantizes_output_embeddings
 from llmc.recipe import Recipe
-from llmc.saving import atomic_directory, check_output_dir, patch_save_pretrained
+from llmc.saving import (
+    atomic_directory,
+    check_output_apart_from_model,
+    check_output_dir,
+    patch_save_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
             "data: pass dataset= (e.g. 'llmc-docs', the offline corpus) or dataset_path=."
         )
     check_output_dir(args.output.output_dir, args.output.overwrite_output_dir)
+    check_output_apart_from_model(args.output.output_dir, args.model.model)
     check_model_source(args.model.model)
 
     modifiers = [m for stage in recipe.stages for m in stage.modifiers]
