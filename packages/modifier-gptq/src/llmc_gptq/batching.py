@@ -33,12 +33,16 @@ class Matrix:
 
     members: list[tuple[str, torch.nn.Module]]
     hessian: torch.Tensor
-    owned: bool  # nobody else needs the Hessian: it may be consumed
 
     @property
     def label(self) -> str:
         names = [n for n, _ in self.members]
         return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} sharing its Hessian)"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        weights = [m.weight for _, m in self.members]
+        return sum(w.shape[0] for w in weights), weights[0].shape[1]
 
     def weight(self) -> torch.Tensor:
         return torch.cat([m.weight.data for _, m in self.members]) if len(self.members) > 1 else self.members[0][1].weight.data
@@ -93,8 +97,8 @@ def _matrices(
     for name, module in modules:
         by_key[hessians.owner[module]].append((name, module))
     for members in by_key.values():
-        popped = [hessians.pop(m) for _, m in members]
-        hessian, owned = popped[-1][0], popped[-1][1]  # the last pop learns whether it was the last user
+        # every member takes the Hessian out of the accumulator; the solve stacks a copy of it
+        hessian = [hessians.pop(m) for _, m in members][-1][0]
         first = members[0][1].quantization_scheme.weights
         stackable = stack and _row_independent(first) and all(
             m.quantization_scheme.weights == first
@@ -110,14 +114,14 @@ def _matrices(
             for member in members:
                 elements = member[1].weight.numel()
                 if chunk and size + elements > MAX_BATCH_ELEMENTS:
-                    yield Matrix(chunk, hessian, owned=False)
+                    yield Matrix(chunk, hessian)
                     chunk, size = [], 0
                 chunk.append(member)
                 size += elements
-            yield Matrix(chunk, hessian, owned)
+            yield Matrix(chunk, hessian)
         else:
             for member in members:
-                yield Matrix([member], hessian, owned=False)
+                yield Matrix([member], hessian)
 
 
 def plan_solves(
@@ -133,7 +137,7 @@ def plan_solves(
         module = matrix.members[0][1]
         args = module.quantization_scheme.weights
         key = (
-            tuple(matrix.weight().shape) if len(matrix.members) > 1 else tuple(module.weight.shape),
+            matrix.shape,
             module.weight.dtype,
             module.weight.device,
             module.weight_scale.dtype,

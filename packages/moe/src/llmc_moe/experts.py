@@ -154,7 +154,7 @@ class LinearExperts(nn.ModuleList):
 
     def _linears(self) -> Iterator[nn.Linear]:
         for expert in self:
-            yield from expert.children()
+            yield from (expert.projection(role) for role in expert._roles)
 
     def clear_stacks(self) -> None:
         """Drop the stacked weights kept between calls (see :class:`stacked.WeightStacks`)."""

@@ -20,17 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_QUANTIZED_FORWARD_FILE: str | None = None
-
-
-def _compressed_tensors_forward_file() -> str:
-    global _QUANTIZED_FORWARD_FILE
-    if _QUANTIZED_FORWARD_FILE is None:
-        from compressed_tensors.quantization.lifecycle import forward
-
-        _QUANTIZED_FORWARD_FILE = forward.__file__
-    return _QUANTIZED_FORWARD_FILE
-
 
 def stackable(module: nn.Module) -> bool:
     """Whether the module's call is ``F.linear`` around its hooks, or compressed-tensors'
@@ -38,8 +27,10 @@ def stackable(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     if forward is None:
         return True
+    from compressed_tensors.quantization.lifecycle import forward as quantized_forward
+
     code = getattr(getattr(forward, "__func__", None), "__code__", None)
-    return code is not None and code.co_filename == _compressed_tensors_forward_file()
+    return code is not None and code.co_filename == quantized_forward.__file__
 
 
 def _quantization(module: nn.Module) -> tuple[Any, bool]:

@@ -224,9 +224,7 @@ class ActivationObservers:
                     "%s saw no calibration data: its static %s scale takes the range its "
                     "siblings (%s) saw.", name, base, sibling_key(name)
                 )
-            device = getattr(module, f"{base}_scale", getattr(module, f"{base}_global_scale", None))
-            lo, hi = (t.to(device.device) if device is not None else t for t in found)
-            _write_activation_qparams(module, base, args, lo, hi)
+            _write_activation_qparams(module, base, args, *found)  # _copy moves it to the parameter
 
 
 def freeze(modules: Iterable[tuple[str, torch.nn.Module]]) -> None:
