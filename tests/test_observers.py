@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmc.quantization.calibrate import fused_global_scales
-from llmc.quantization.observers import MinMaxObserver, reduce_min_max, weight_qparams
+from llmc.quantization.observers import weight_qparams
 
 
 def _weight(seed: int, rows: int = 64, cols: int = 256) -> torch.Tensor:
@@ -56,16 +56,151 @@ def test_fp8_channel_and_block_scales():
 
 def test_unsupported_strategy_is_refused():
     args = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]).input_activations  # token strategy
-    with pytest.raises(ValueError, match="not supported"):
-        reduce_min_max(torch.zeros(4, 4), args)
+    with pytest.raises(ValueError, match="not supported for weights"):
+        weight_qparams(torch.zeros(4, 4), args)
 
 
-def test_min_max_observer_accumulates():
-    obs = MinMaxObserver()
-    assert not obs.seen
-    obs.update(torch.tensor([1.0, -2.0]))
-    obs.update(torch.tensor([3.0, 0.5]))
-    assert obs.min.item() == -2.0 and obs.max.item() == 3.0
+# --- observers against a direct computation of what each one means ----------------------
+
+
+def _batches(seed: int, n: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # ranges that differ from batch to batch, off-centre, so every observer disagrees
+    return [torch.randn(2, 5, 16, generator=g) * (1 + i) + 0.3 * i for i in range(n)]
+
+
+def _static_fp8(**input_args) -> dict:
+    """config_groups of static FP8 inputs, without the preset's own observer choice."""
+    args = {"num_bits": 8, "type": "float", "strategy": "tensor", **input_args}
+    return {"g": {"targets": ["Linear"], "input_activations": args}}
+
+
+def _observed_input_scale(batches: list[torch.Tensor], **modifier_args) -> torch.Tensor:
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_module_for_quantization,
+    )
+
+    from llmc.modifiers.quantization import QuantizationModifier
+    from llmc.quantization.calibrate import ActivationObservers
+
+    modifier = QuantizationModifier(**{"config_groups": _static_fp8(), **modifier_args})
+    module = torch.nn.Linear(16, 8, bias=False)
+    initialize_module_for_quantization(module, next(iter(modifier.config.config_groups.values())))
+    observers = ActivationObservers()
+    observers.attach(module, name="layer")
+    with torch.no_grad():
+        for x in batches:
+            module(x)
+    observers.detach()
+    return module.input_scale.detach().clone()
+
+
+def _fp8_scale(lo: float, hi: float) -> torch.Tensor:
+    return torch.tensor([max(abs(lo), abs(hi)) / 448.0])
+
+
+def _moving_average(ranges: list[tuple[float, float]], constant: float = 0.01) -> tuple[float, float]:
+    lo, hi = ranges[0]
+    for a, b in ranges[1:]:
+        lo, hi = (1 - constant) * lo + constant * a, (1 - constant) * hi + constant * b
+    return lo, hi
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_activation_minmax_observers(seed):
+    batches = _batches(seed)
+    ranges = [(float(x.min()), float(x.max())) for x in batches]
+    extremes = _fp8_scale(min(r[0] for r in ranges), max(r[1] for r in ranges))
+    # static_minmax: every batch's extremes (the FP8 preset's own choice)
+    torch.testing.assert_close(_observed_input_scale(batches, input_observer="static_minmax"), extremes)
+    torch.testing.assert_close(_observed_input_scale(batches, config_groups=None, scheme="FP8"), extremes)
+    # memoryless_minmax: the last batch only
+    torch.testing.assert_close(_observed_input_scale(batches, observer={"input": "memoryless_minmax"}),
+                               _fp8_scale(*ranges[-1]))
+    # minmax (an activation's default): moving averages of min and max, constant 0.01
+    torch.testing.assert_close(_observed_input_scale(batches), _fp8_scale(*_moving_average(ranges)))
+    # the averaging constant comes from the scheme's observer_kwargs
+    groups = _static_fp8(observer="minmax", observer_kwargs={"averaging_constant": 0.5})
+    torch.testing.assert_close(_observed_input_scale(batches, config_groups=groups),
+                               _fp8_scale(*_moving_average(ranges, 0.5)))
+
+
+def _reference_shrink(x: torch.Tensor, quantize, steps: int = 20, grid: float = 100.0,
+                      norm: float = 2.4, patience: int = 5) -> torch.Tensor:
+    """Per row of ``x`` (groups, elements): the shrink factor p = 1 - i / grid whose
+    quantization error sum |q - x| ** norm is least, searching until ``patience`` steps in a
+    row improve no row; ``quantize(x, p)`` fake-quantizes every row with its range times p."""
+    best = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    chosen = torch.ones(x.shape[0], dtype=torch.float64)
+    stale = 0
+    for i in range(steps):
+        p = 1 - i / grid
+        error = (quantize(x, p) - x).abs().double().pow(norm).sum(-1)
+        better = error < best
+        if better.any():
+            best[better], chosen[better], stale = error[better], p, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return chosen
+
+
+def test_weight_mse_observer_searches_each_groups_clipping_range():
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
+    w[:, ::37] *= 6  # outliers: clipping them pays off in some groups, not in others
+    for argument in ({"weight_observer": "mse"}, {"observer": {"weights": "memoryless_mse"}}):
+        args = QuantizationModifier(scheme="W4A16", **argument).config.config_groups["group_0"].weights
+        scale, _ = weight_qparams(w, args)
+        groups = w.reshape(-1, 128)
+        absmax = groups.abs().amax(-1, keepdim=True)
+
+        def int4(x: torch.Tensor, p: float, absmax: torch.Tensor = absmax) -> torch.Tensor:
+            s = absmax * p / 7.5
+            return torch.clamp(torch.round(x / s), -8, 7) * s
+
+        p = _reference_shrink(groups, int4).float()
+        torch.testing.assert_close(scale.reshape(-1), (absmax.reshape(-1) * p / 7.5))
+        assert (p < 1).any() and (p == 1).any()  # the search did choose, differently per group
+    plain, _ = weight_qparams(w, QuantizationModifier(scheme="W4A16").config.config_groups["group_0"].weights)
+    assert not torch.equal(plain, scale)
+
+
+def test_activation_mse_observer_matches_a_reference_search():
+    batches = _batches(5, n=3)
+
+    def fp8(x: torch.Tensor, p: float) -> torch.Tensor:
+        s = max(abs(float(x.min())), abs(float(x.max()))) * p / 448.0
+        return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+
+    shrunk = []
+    for x in batches:
+        flat = x.reshape(1, -1)
+        shrunk.append(float(_reference_shrink(flat, fp8)[0]))
+    assert min(shrunk) < 1  # the search clipped somewhere
+    ranges = [(float(x.min()) * p, float(x.max()) * p) for x, p in zip(batches, shrunk, strict=True)]
+    torch.testing.assert_close(_observed_input_scale(batches, input_observer="memoryless_mse"),
+                               _fp8_scale(*ranges[-1]))
+    torch.testing.assert_close(_observed_input_scale(batches, input_observer="mse"),
+                               _fp8_scale(*_moving_average(ranges)))
+
+
+def test_observer_arguments_are_checked_when_the_recipe_is_read():
+    from llmc.modifiers.quantization import QuantizationModifier
+    from llmc.plugins import PluginNotFoundError
+
+    with pytest.raises(PluginNotFoundError, match="Did you mean 'minmax'"):
+        QuantizationModifier(scheme="FP8", input_observer="minmaxx")
+    with pytest.raises(ValueError, match="not both"):
+        QuantizationModifier(scheme="FP8", input_observer="mse", observer={"weights": "mse"})
+    with pytest.raises(ValueError, match="keys among"):
+        QuantizationModifier(scheme="FP8", observer={"inputs": "mse"})
+    # the observer chosen is recorded in the scheme, as llm-compressor writes it
+    modifier = QuantizationModifier(scheme="FP8", observer={"input": "static_minmax", "weights": "MSE"})
+    scheme = modifier.config.config_groups["group_0"]
+    assert scheme.input_activations.observer == "static_minmax" and scheme.weights.observer == "MSE"
 
 
 def test_nvfp4_fused_layers_share_global_scale():

@@ -53,3 +53,11 @@ def llmc_register_mappings(register):
 
     for architecture, mappings in builtin_mappings().items():
         register(architecture, mappings)
+
+
+@hookimpl
+def llmc_register_observers(register):
+    from llmc.quantization.observers import BUILTIN_OBSERVERS
+
+    for name, observer in BUILTIN_OBSERVERS.items():
+        register(name, observer)

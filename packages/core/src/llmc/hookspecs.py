@@ -111,6 +111,18 @@ def llmc_register_mappings(register: Callable[[str, Any], None]) -> None:
     """
 
 
+@hookspec
+def llmc_register_observers(register: Callable[[str, type], None]) -> None:
+    """Register observers: how a weight's or an activation's range is estimated.
+
+    Called once when the registry is built. Call ``register(name, cls)`` with a
+    subclass of :class:`llmc.quantization.observers.Observer`; a quantization
+    argument's ``observer: name`` (or a modifier's ``weight_observer`` /
+    ``input_observer`` / ``output_observer``) selects it. ``cls(args)`` is built
+    once per observed value and fed flattened observations.
+    """
+
+
 # --- modifier lifecycle -----------------------------------------------------
 
 

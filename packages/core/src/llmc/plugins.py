@@ -37,8 +37,6 @@ KNOWN_PROVIDERS: dict[str, str] = {
 
 _MODIFIER_PREFIX = "modifier:"
 
-KINDS = ("modifier", "pipeline", "saver", "dataset", "model_patch")
-
 
 class PluginNotFoundError(LookupError):
     """A recipe or argument names something no installed plugin provides."""
@@ -136,6 +134,7 @@ _REGISTRATION_HOOKS: dict[str, str] = {
     "model_patch": "llmc_register_model_patches",
     "converter": "llmc_register_converters",
     "mapping": "llmc_register_mappings",
+    "observer": "llmc_register_observers",
 }
 
 

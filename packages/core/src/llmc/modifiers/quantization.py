@@ -1,4 +1,4 @@
-"""QuantizationModifier: round-to-nearest quantization with min-max observers."""
+"""QuantizationModifier: round-to-nearest quantization over the ranges observers give."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from llmc.quantization.calibrate import (
     initialized_modules,
 )
 from llmc.quantization.config import (
+    apply_observer_overrides,
     as_list,
     build_config,
     resolve_config_groups,
     scheme_needs_data,
+    validate_observers,
     validate_shapes,
     warn_unmatched,
 )
@@ -43,7 +45,15 @@ class QuantizationModifier(Modifier):
     ignore: list[str] = attrs.field(factory=list, converter=as_list)
     scheme: str | dict[str, Any] | None = None
     config_groups: dict[str, Any] | None = None
+    # quantized keys and values (FP8 per tensor or per head): calibrated k/v scales on each
+    # attention module, saved as ``self_attn.k_scale`` / ``v_scale`` as vLLM reads them
     kv_cache_scheme: dict[str, Any] | None = None
+    # llm-compressor's observer overrides: a name for every group's weights / input /
+    # output, or one dict {"weights"|"input"|"output": name} (see llmc.quantization.observers)
+    weight_observer: str | None = None
+    input_observer: str | None = None
+    output_observer: str | None = None
+    observer: dict[str, str] | None = None
     # llm-compressor's name: skip the check that every targeted weight splits into whole
     # groups (a weight that does not is then left to compressed-tensors to refuse)
     bypass_divisibility_checks: bool = False
@@ -53,11 +63,13 @@ class QuantizationModifier(Modifier):
     _modules: list[tuple[str, Any]] = attrs.field(factory=list, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        # Resolve now so that a bad scheme fails when the recipe is read.
-        if self.kv_cache_scheme is not None:
-            raise ValueError("kv_cache_scheme is not supported yet; remove it from the recipe.")
+        # Resolve now so that a bad scheme or observer fails when the recipe is read.
         groups = resolve_config_groups(self.scheme, self.config_groups, self.targets)
-        self._config = build_config(groups, self.ignore)
+        apply_observer_overrides(
+            groups, self.weight_observer, self.input_observer, self.output_observer, self.observer
+        )
+        self._config = build_config(groups, self.ignore, self.kv_cache_scheme)
+        validate_observers(self._config)
 
     @property
     def config(self) -> QuantizationConfig:
@@ -65,7 +77,9 @@ class QuantizationModifier(Modifier):
         return self._config
 
     def needs_data(self) -> bool:
-        return any(scheme_needs_data(s) for s in self.config.config_groups.values())
+        return self.config.kv_cache_scheme is not None or any(
+            scheme_needs_data(s) for s in self.config.config_groups.values()
+        )
 
     def pipeline(self) -> str:
         """Static activation scales calibrate layer by layer, as in llm-compressor 0.14: one

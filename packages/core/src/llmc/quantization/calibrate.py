@@ -7,7 +7,9 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import attrs
 import torch
 from compressed_tensors.quantization import (
     QuantizationArgs,
@@ -16,7 +18,14 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
-from llmc.quantization.observers import MinMaxObserver, global_scale, weight_qparams
+from llmc.quantization.observers import (
+    Observer,
+    check_observable,
+    flatten_for_calibration,
+    global_scale,
+    make_observer,
+    weight_qparams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +134,9 @@ def _write_activation_qparams(
     module: torch.nn.Module, base: str, args: QuantizationArgs, lo: torch.Tensor, hi: torch.Tensor
 ) -> None:
     if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-        _copy(module, f"{base}_global_scale", generate_gparam(lo, hi))
+        _copy(module, f"{base}_global_scale", generate_gparam(lo.min(), hi.max()))
     else:
-        scale, zp = calculate_qparams(lo.reshape(1), hi.reshape(1), args)
+        scale, zp = calculate_qparams(lo, hi, args)
         _copy(module, f"{base}_scale", scale)
         _copy(module, f"{base}_zero_point", zp)
 
@@ -138,22 +147,51 @@ def sibling_key(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
+def _attention_hooks(module: torch.nn.Module) -> dict[str, Callable[..., Any]]:
+    """The hook registrars of a module's attention states compressed-tensors hooked
+    (``k``/``v`` for the KV cache, ``q`` for attention quantization)."""
+    from compressed_tensors.modeling.attention import IMPL_ATTR, register_query_hook
+    from compressed_tensors.modeling.kvcache import (
+        KV_CACHE_ATTR,
+        register_key_hook,
+        register_value_hook,
+    )
+
+    hooks: dict[str, Callable[..., Any]] = {}
+    if hasattr(module, IMPL_ATTR):
+        hooks["q"] = register_query_hook
+    if hasattr(module, KV_CACHE_ATTR):
+        hooks["k"], hooks["v"] = register_key_hook, register_value_hook
+    return hooks
+
+
+@attrs.define
+class _Observed:
+    name: str
+    module: torch.nn.Module
+    base: str
+    args: QuantizationArgs
+    observer: Observer
+
+
 class ActivationObservers:
     """Forward hooks that keep static activation scales current during calibration.
 
-    The running min/max is written into the module's qparams after every batch
-    so that quantization-aware forward passes use the estimate so far. A module
-    that saw no data at all (an MoE expert no token was routed to) gets, on
-    :meth:`detach`, the range its siblings saw (the same role in the other
-    experts or layers), never the uninitialised values compressed-tensors left.
+    Each static value (a Linear's input or output, an attention module's k/v/q
+    states) gets the observer its arguments name (see
+    :mod:`llmc.quantization.observers`). Its range is written into the module's
+    qparams after every batch so that quantization-aware forward passes use the
+    estimate so far. A module that saw no data at all (an MoE expert no token was
+    routed to) gets, on :meth:`detach`, the range its siblings saw (the same role
+    in the other experts or layers), never the uninitialised values
+    compressed-tensors left.
     """
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._observed: list[tuple[str, torch.nn.Module, str, QuantizationArgs, MinMaxObserver]] = []
-        self._last_value: torch.Tensor | None = None
-        self._last_version = 0
-        self._last_range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._observed: list[_Observed] = []
+        self._last: tuple[Any, ...] | None = None
+        self._last_statistics: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(
         self,
@@ -162,69 +200,79 @@ class ActivationObservers:
         name: str | None = None,
     ) -> None:
         scheme = module.quantization_scheme
-        for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
+        attention = _attention_hooks(module)
+        if attention:  # compressed-tensors hooked this attention module for its states
+            values = [(base, scheme.input_activations) for base in attention]
+        else:
+            values = [("input", scheme.input_activations), ("output", scheme.output_activations)]
+        for base, args in values:
             if args is None or args.dynamic is True:
                 continue
-            if args.strategy not in (QuantizationStrategy.TENSOR, QuantizationStrategy.TENSOR_GROUP):
-                raise ValueError(
-                    f"Static {base} activation quantization with strategy {args.strategy!r} is "
-                    "not supported; use 'tensor', 'tensor_group', or dynamic activations."
-                )
-            observer = MinMaxObserver()
-            self._observed.append((name or f"<module {id(module)}>", module, base, args, observer))
+            check_observable(base, args)
+            entry = _Observed(name or f"<module {id(module)}>", module, base, args, make_observer(args, base))
+            self._observed.append(entry)
 
-            def record(mod: torch.nn.Module, value: torch.Tensor, base=base, args=args, observer=observer) -> None:
+            def record(mod: torch.nn.Module, value: torch.Tensor, entry: _Observed = entry) -> None:
                 if not observing():
                     return
-                observer.update_range(*self._range(value))
-                _write_activation_qparams(mod, base, args, observer.min, observer.max)
+                entry.observer.combine(*self._statistics(value, entry))
+                _write_activation_qparams(mod, entry.base, entry.args, entry.observer.min, entry.observer.max)
 
-            if base == "input":
+            if base in attention:
+                handle = attention[base](module, lambda m, value, record=record: record(m, value))
+            elif base == "input":
                 handle = module.register_forward_pre_hook(lambda m, a, record=record: record(m, a[0]))
             else:
                 handle = module.register_forward_hook(lambda m, a, out, record=record: record(m, out))
             self._handles.append(handle)
 
-    def _range(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max of ``value``, computed once for modules fed the very same tensor in a
-        row (q/k/v, gate/up, every expert when all see every token)."""
-        if value is not self._last_value or value._version != self._last_version:
-            self._last_value, self._last_version = value, value._version
-            self._last_range = torch.aminmax(value.detach().float())
-        return self._last_range
+    def _statistics(self, value: torch.Tensor, entry: _Observed) -> tuple[torch.Tensor, torch.Tensor]:
+        """One observation's statistics, computed once for modules fed the very same
+        tensor in a row with the same arguments and observer (q/k/v, gate/up, every
+        expert when all see every token)."""
+        key = (value._version, entry.base, type(entry.observer), entry.args)
+        last = self._last
+        if last is None or last[0] is not value or last[1:] != key:
+            if value.numel() == 0:
+                return entry.observer.min, entry.observer.max  # type: ignore[return-value]
+            observed = flatten_for_calibration(value.detach(), entry.base, entry.args)
+            self._last, self._last_statistics = (value, *key), entry.observer.statistics(observed)
+        assert self._last_statistics is not None
+        return self._last_statistics
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._last_value = None
+        self._last = self._last_statistics = None
         self._fill_unobserved()
         self._observed.clear()
 
     def _fill_unobserved(self) -> None:
-        unseen = [entry for entry in self._observed if not entry[4].seen]
+        unseen = [entry for entry in self._observed if not entry.observer.seen]
         if not unseen:
             return
         ranges: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, _, base, _, observer in self._observed:
+        for entry in self._observed:
+            observer = entry.observer
             if observer.seen:
-                key = (sibling_key(name), base)
+                key = (sibling_key(entry.name), entry.base)
                 lo, hi = ranges.get(key, (observer.min, observer.max))
                 ranges[key] = (torch.minimum(lo, observer.min), torch.maximum(hi, observer.max))
-        for name, module, base, args, _ in unseen:
-            found = ranges.get((sibling_key(name), base))
+        for entry in unseen:
+            found = ranges.get((sibling_key(entry.name), entry.base))
             if found is None:
                 logger.warning(
                     "%s saw no calibration data and no module in its role did: its static %s "
-                    "scale is set for the range [-1, 1].", name, base
+                    "scale is set for the range [-1, 1].", entry.name, entry.base
                 )
-                found = (torch.tensor(-1.0), torch.tensor(1.0))
+                found = (torch.tensor([-1.0]), torch.tensor([1.0]))
             else:
                 logger.warning(
                     "%s saw no calibration data: its static %s scale takes the range its "
-                    "siblings (%s) saw.", name, base, sibling_key(name)
+                    "siblings (%s) saw.", entry.name, entry.base, sibling_key(entry.name)
                 )
-            _write_activation_qparams(module, base, args, *found)  # _copy moves it to the parameter
+            _write_activation_qparams(entry.module, entry.base, entry.args, *found)  # _copy moves it
 
 
 def freeze(modules: Iterable[tuple[str, torch.nn.Module]]) -> None:

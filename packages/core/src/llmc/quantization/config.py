@@ -87,6 +87,52 @@ def resolve_config_groups(
     return groups
 
 
+_OBSERVED = {"weights": "weights", "input": "input_activations", "output": "output_activations"}
+
+
+def apply_observer_overrides(
+    groups: Mapping[str, QuantizationScheme],
+    weight_observer: str | None = None,
+    input_observer: str | None = None,
+    output_observer: str | None = None,
+    observer: Mapping[str, str] | None = None,
+) -> None:
+    """Set a modifier's observer arguments on every group, as llm-compressor 0.14 does:
+    the individual names or the ``observer`` dict (keys ``weights``, ``input``, ``output``),
+    not both; an unset one leaves each scheme's own ``observer`` (or the default)."""
+    individual = {"weights": weight_observer, "input": input_observer, "output": output_observer}
+    if observer is not None:
+        if any(v is not None for v in individual.values()):
+            raise ValueError(
+                "Pass either weight_observer/input_observer/output_observer or observer={...}, not both."
+            )
+        if not isinstance(observer, Mapping) or not set(observer) <= set(_OBSERVED):
+            raise ValueError(
+                f"observer must be a dict with keys among {sorted(_OBSERVED)}, got {observer!r}."
+            )
+        individual = {key: observer.get(key) for key in _OBSERVED}
+    for scheme in groups.values():
+        for key, name in individual.items():
+            args = getattr(scheme, _OBSERVED[key])
+            if name is not None and args is not None:
+                args.observer = name
+
+
+def validate_observers(config: QuantizationConfig) -> None:
+    """Fail while the recipe is read when a scheme names an observer no plugin provides."""
+    from llmc.plugins import get_registry
+    from llmc.quantization.observers import observer_name
+
+    registry = get_registry()
+    values: list[tuple[str, QuantizationArgs | None]] = [("k", config.kv_cache_scheme)]
+    for scheme in config.config_groups.values():
+        values += [("weight", scheme.weights), ("input", scheme.input_activations)]
+        values += [("output", scheme.output_activations)]
+    for base, args in values:
+        if args is not None and not (base != "weight" and args.dynamic is True):
+            registry.get("observer", observer_name(args, base))
+
+
 def build_config(
     groups: Mapping[str, QuantizationScheme],
     ignore: Iterable[str],

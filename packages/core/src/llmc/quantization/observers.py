@@ -1,86 +1,243 @@
-"""Min-max observers: quantization parameters from weights and observed activations.
+"""Observers: the range (min, max) each quantization group is given.
 
-compressed-tensors owns the arithmetic (``calculate_qparams``, ``generate_gparam``);
-this module only reduces a tensor to the min/max that each strategy needs.
+An observer turns what it sees of a value (a weight once, an activation once per
+calibration batch) into the min and max that compressed-tensors' own arithmetic
+(``calculate_qparams``, ``generate_gparam``) makes scales and zero points of.
+Observers are plugins: a class registered by name through
+``llmc_register_observers`` and chosen by a quantization argument's ``observer``
+field, or by a modifier's ``weight_observer`` / ``input_observer`` /
+``output_observer`` / ``observer`` (llm-compressor's names and defaults: weights
+``memoryless_minmax``, activations and the KV cache ``minmax``, a moving average).
+
+Every value is first flattened as llm-compressor does, to
+``(observations, *qparam_shape, group_size)``: an observer reduces dimensions 0
+and -1 and keeps the shape of the scale it feeds.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization.lifecycle import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
+# What a quantization argument's ``observer`` names for weights, where llm-compressor
+# swaps an accumulating observer for its memoryless twin (a weight is seen once).
+_WEIGHT_OBSERVERS = {
+    None: "memoryless_minmax",
+    "minmax": "memoryless_minmax",
+    "static_minmax": "memoryless_minmax",
+    "mse": "memoryless_mse",
+}
+DEFAULT_ACTIVATION_OBSERVER = "minmax"
 
-def _block_min_max(weight: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of each (rows, cols) block of an (R, C) weight; a ragged edge is zero-padded."""
-    r, c = weight.shape
-    pad_r, pad_c = math.ceil(r / rows) * rows - r, math.ceil(c / cols) * cols - c
-    if pad_r or pad_c:  # zeros never widen a range that already contains 0
-        weight = F.pad(weight, (0, pad_c, 0, pad_r))
-    blocks = weight.unflatten(0, (-1, rows)).unflatten(2, (-1, cols))  # a view: no copy
-    return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+
+_T = QuantizationStrategy
+# The strategies a value can be observed under: static activations are per tensor (or
+# per tensor with groups under a global scale, NVFP4); attention states per tensor or head.
+OBSERVABLE: dict[str, tuple[QuantizationStrategy, ...]] = {
+    "weight": (_T.TENSOR, _T.CHANNEL, _T.GROUP, _T.TENSOR_GROUP, _T.BLOCK),
+    "input": (_T.TENSOR, _T.TENSOR_GROUP),
+    "output": (_T.TENSOR, _T.TENSOR_GROUP),
+    "q": (_T.TENSOR, _T.ATTN_HEAD),
+    "k": (_T.TENSOR, _T.ATTN_HEAD),
+    "v": (_T.TENSOR, _T.ATTN_HEAD),
+}
 
 
-def reduce_min_max(value: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of ``value`` over each quantization group of ``args``' strategy.
+def check_observable(base: str, args: QuantizationArgs) -> None:
+    """Refuse, before any work, a strategy no observer can calibrate ``base`` under."""
+    allowed = OBSERVABLE.get(base)
+    if allowed is None:
+        raise ValueError(f"Unknown quantized value {base!r}; expected one of {', '.join(OBSERVABLE)}.")
+    if args.strategy not in allowed:
+        kind = "weights" if base == "weight" else f"static {base} quantization"
+        raise ValueError(
+            f"Strategy {QuantizationStrategy(args.strategy).value!r} is not supported for {kind}; use one of "
+            f"{', '.join(s.value for s in allowed)}"
+            + ("" if base == "weight" else ", or dynamic quantization") + "."
+        )
 
-    ``value`` is a weight (out, in); the result has the shape of its scale, in
-    float32. Min and max are exact in any dtype, so they are taken before the cast.
-    """
-    x = value.detach()
+
+def flatten_for_calibration(value: torch.Tensor, base: str, args: QuantizationArgs) -> torch.Tensor:
+    """``value`` as ``(observations, *qparam_shape, group_size)`` for its role ``base``:
+    ``weight`` (out, in); ``input``/``output`` (..., features); ``q``/``k``/``v``
+    attention states (batch, heads, tokens, head_dim)."""
+    check_observable(base, args)
     strategy = args.strategy
-    if strategy == QuantizationStrategy.TENSOR:
-        lo, hi = torch.aminmax(x)
-        lo, hi = lo.reshape(1), hi.reshape(1)
-    elif strategy == QuantizationStrategy.CHANNEL:
-        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-    elif strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
-        grouped = x.unflatten(-1, (-1, args.group_size))
-        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    elif strategy == QuantizationStrategy.BLOCK:
-        lo, hi = _block_min_max(x, *args.block_structure)
-    else:
-        raise ValueError(f"Strategy {strategy!r} is not supported for weights.")
-    return lo.float(), hi.float()
+    grouped = strategy in (_T.GROUP, _T.TENSOR_GROUP)
+    if base == "weight":
+        if strategy == _T.TENSOR:
+            return value.reshape(1, 1, -1)
+        if strategy == _T.CHANNEL:
+            return value.unsqueeze(-2).unsqueeze(0)
+        if grouped:
+            return value.unflatten(-1, (-1, args.group_size)).unsqueeze(0)
+        rows, cols = args.block_structure
+        r, c = value.shape
+        # zeros never widen a range that already contains 0: a ragged edge is padded
+        value = F.pad(value, (0, -c % cols, 0, -r % rows))
+        blocks = value.unflatten(0, (-1, rows)).unflatten(2, (-1, cols))
+        return blocks.transpose(1, 2).flatten(-2, -1).unsqueeze(0)
+    if base in ("input", "output"):
+        if strategy == _T.TENSOR:
+            return value.reshape(-1, 1, value.shape[-1])
+        return value.reshape(-1, value.shape[-1]).unflatten(-1, (-1, args.group_size))
+    states = value.transpose(1, 2).flatten(0, 1)  # (batch * tokens, heads, head_dim)
+    if strategy == _T.TENSOR:
+        return states.flatten(-2, -1).unsqueeze(-2)
+    return states.unsqueeze(-2).unsqueeze(-2)
+
+
+class Observer:
+    """Base class of observers, and the memoryless min-max observer itself.
+
+    Subclasses override :meth:`statistics` (what one observation says) and/or
+    :meth:`combine` (how it joins what was seen before). ``kwargs`` come from the
+    quantization argument's ``observer_kwargs``.
+    """
+
+    def __init__(self, args: QuantizationArgs, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = {**(args.observer_kwargs or {}), **kwargs}
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+
+    @property
+    def seen(self) -> bool:
+        return self.min is not None
+
+    def update(self, observed: torch.Tensor) -> None:
+        """Fold one flattened observation into the range (an empty one changes nothing)."""
+        if observed.numel():
+            self.combine(*self.statistics(observed))
+
+    def statistics(self, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of one observation per quantization group, in float32 (exact: taken
+        before the cast)."""
+        return observed.amin(dim=(0, -1)).float(), observed.amax(dim=(0, -1)).float()
+
+    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.min, self.max = lo, hi
+
+
+class StaticMinMaxObserver(Observer):
+    """The extremes of every observation so far."""
+
+    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.seen:
+            lo, hi = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
+        super().combine(lo, hi)
+
+
+class MovingAverage(Observer):
+    """The first observation, then ``(1 - c) * so_far + c * new`` with c =
+    ``averaging_constant`` (0.01), as llm-compressor's ``minmax`` and ``mse``."""
+
+    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        c = float(self.kwargs.get("averaging_constant", 0.01))
+        if self.seen and c != 1.0:
+            lo, hi = self.min * (1.0 - c) + lo * c, self.max * (1.0 - c) + hi * c
+        super().combine(lo, hi)
+
+
+class MovingAverageMinMaxObserver(MovingAverage):
+    pass
+
+
+class MSEObserver(Observer):
+    """The range, shrunk by a grid search, that minimises ``sum |q(x) - x| ** norm`` per group.
+
+    Steps ``p = 1 - i / grid`` for ``i < maxshrink * grid`` scale min and max together;
+    the search stops after ``patience`` steps that improve no group. Defaults as
+    llm-compressor's: maxshrink 0.2, grid 100, norm 2.4, patience 5, expand 1.
+    """
+
+    def statistics(self, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maxshrink = float(self.kwargs.get("maxshrink", 0.20))
+        grid = float(self.kwargs.get("grid", 100.0))
+        norm = float(self.kwargs.get("norm", 2.4))
+        patience = int(self.kwargs.get("patience", 5))
+        expand = float(self.kwargs.get("expand", 1.0))
+        if expand < 1.0:
+            raise ValueError(f"The mse observer's expand must be at least 1.0, got {expand}.")
+        args = self.args.model_copy(update={"scale_dtype": None})  # candidates are not rounded
+        per_group = args.model_copy(update={"strategy": QuantizationStrategy.TOKEN})
+        x = observed.float()
+        lo, hi = super().statistics(x)
+        lo, hi = lo * expand, hi * expand
+        best = torch.full_like(lo, torch.finfo(torch.float32).max)
+        best_lo, best_hi = lo.clone(), hi.clone()
+        stale = 0
+        for i in range(int(maxshrink * grid)):
+            p = 1 - i / grid
+            scale, zero_point = calculate_qparams(lo * p, hi * p, args)
+            q = fake_quantize(x, scale.unsqueeze(-1), zero_point.unsqueeze(-1), per_group)
+            error = (q - x).abs().pow(norm).sum(dim=(0, -1))
+            better = error < best
+            if bool(better.any()):
+                best = torch.where(better, error, best)
+                best_lo, best_hi = torch.where(better, lo * p, best_lo), torch.where(better, hi * p, best_hi)
+                stale = 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+        return best_lo, best_hi
+
+
+class MovingAverageMSEObserver(MovingAverage, MSEObserver):
+    pass
+
+
+BUILTIN_OBSERVERS: dict[str, type[Observer]] = {
+    "memoryless_minmax": Observer,
+    "static_minmax": StaticMinMaxObserver,
+    "minmax": MovingAverageMinMaxObserver,
+    "memoryless_mse": MSEObserver,
+    "mse": MovingAverageMSEObserver,
+}
+
+
+def observer_name(args: QuantizationArgs, base: str) -> str:
+    """The observer ``args`` asks for, for a weight or an activation (llm-compressor's
+    defaults and its weight substitutions)."""
+    name = args.observer.lower().replace("-", "_") if args.observer else None
+    if base == "weight":
+        return _WEIGHT_OBSERVERS.get(name, name)
+    return name or DEFAULT_ACTIVATION_OBSERVER
+
+
+def make_observer(args: QuantizationArgs, base: str) -> Observer:
+    """A new observer for one value, from the registered observer classes."""
+    from llmc.plugins import get_registry
+
+    return get_registry().get("observer", observer_name(args, base))(args)
+
+
+def weight_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max per quantization group of a weight (out, in), shaped as its scale."""
+    observer = make_observer(args, "weight")
+    observer.update(flatten_for_calibration(weight.detach(), "weight", args))
+    assert observer.min is not None and observer.max is not None
+    return observer.min, observer.max
 
 
 def global_scale(value: torch.Tensor, args: QuantizationArgs) -> torch.Tensor | None:
     """The per-tensor global scale of TENSOR_GROUP (NVFP4) schemes, else None."""
     if args.strategy != QuantizationStrategy.TENSOR_GROUP:
         return None
-    lo, hi = torch.aminmax(value.detach())
-    return generate_gparam(lo.float(), hi.float())
+    lo, hi = weight_range(value, args)
+    return generate_gparam(lo.min(), hi.max())
 
 
 def weight_qparams(
     weight: torch.Tensor, args: QuantizationArgs, gscale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of ``weight`` under ``args`` (round-to-nearest min-max)."""
-    lo, hi = reduce_min_max(weight, args)
+    """Scale and zero point of ``weight`` under ``args`` (round to nearest over the
+    range its observer gives)."""
+    lo, hi = weight_range(weight, args)
     return calculate_qparams(lo, hi, args, global_scale=gscale)
-
-
-class MinMaxObserver:
-    """Running min/max of an activation over every calibration batch.
-
-    Static activation schemes are per-tensor (FP8, INT8) or need a per-tensor
-    global scale (NVFP4); both reduce to one running min and max.
-    """
-
-    def __init__(self) -> None:
-        self.min: torch.Tensor | None = None
-        self.max: torch.Tensor | None = None
-
-    def update(self, value: torch.Tensor) -> None:
-        self.update_range(*torch.aminmax(value.detach().float()))
-
-    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        self.min = lo if self.min is None else torch.minimum(self.min, lo)
-        self.max = hi if self.max is None else torch.maximum(self.max, hi)
-
-    @property
-    def seen(self) -> bool:
-        return self.min is not None
