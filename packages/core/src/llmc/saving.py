@@ -18,6 +18,7 @@ from compressed_tensors.quantization import forward_quantize
 
 from llmc.quantization.calibrate import quantized_modules
 from llmc.quantization.kernels import eager_kernels
+from llmc.quantization.kv_cache import hidden_kv_schemes, kv_cache_args, with_kv_cache_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,13 @@ def save_compressed_tensors(
     with eager_kernels():
         if not save_compressed:
             _fake_quantize_weights(model)
-        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-        if compressor.quantization_config is not None:
-            compressor.compress_model(model, skip_compressed=True)
+        kv_args = kv_cache_args(model)
+        with hidden_kv_schemes(model):
+            compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+            if compressor.quantization_config is not None:
+                compressor.compress_model(model, skip_compressed=True)
+        if kv_args is not None:
+            compressor.quantization_config = with_kv_cache_scheme(compressor.quantization_config, kv_args)
     model.save_pretrained(output_dir, **save_kwargs)
     compressor.update_config(str(output_dir))
     if processor is not None:

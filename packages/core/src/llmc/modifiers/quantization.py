@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+from compressed_tensors.utils import match_named_modules
 
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
@@ -26,6 +27,7 @@ from llmc.quantization.config import (
     validate_shapes,
     warn_unmatched,
 )
+from llmc.quantization.kv_cache import apply_kv_cache_scheme, attention_modules
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +66,18 @@ class QuantizationModifier(Modifier):
 
     def __attrs_post_init__(self) -> None:
         # Resolve now so that a bad scheme or observer fails when the recipe is read.
-        groups = resolve_config_groups(self.scheme, self.config_groups, self.targets)
+        if self.scheme is None and self.config_groups is None and self.kv_cache_scheme is not None:
+            groups = {}  # the KV cache alone
+        else:
+            groups = resolve_config_groups(self.scheme, self.config_groups, self.targets)
         apply_observer_overrides(
             groups, self.weight_observer, self.input_observer, self.output_observer, self.observer
         )
         self._config = build_config(groups, self.ignore, self.kv_cache_scheme)
         validate_observers(self._config)
+        kv = self._config.kv_cache_scheme
+        if kv is not None and not kv.symmetric:
+            logger.warning("kv_cache_scheme is asymmetric: vLLM reads only symmetric KV-cache scales.")
 
     @property
     def config(self) -> QuantizationConfig:
@@ -89,9 +97,21 @@ class QuantizationModifier(Modifier):
     def on_initialize(self, state: State) -> None:
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
         warn_unmatched(state.model, targets, self.config.ignore)
+        attention = {n for n, _ in attention_modules(state.model)}
+        for name, _ in match_named_modules(state.model, targets, self.config.ignore):
+            if name in attention:
+                raise ValueError(
+                    f"{name}: quantizing attention states through a config group (query scales) is "
+                    "not supported; quantize keys and values with kv_cache_scheme."
+                )
         if not self.bypass_divisibility_checks:
             validate_shapes(state.model, self.config)
-        apply_quantization_config(state.model, self.config, show_progress=False)
+        # the KV cache is llmc's to hook (see llmc.quantization.kv_cache), not compressed-tensors'
+        apply_quantization_config(
+            state.model, self.config.model_copy(update={"kv_cache_scheme": None}), show_progress=False
+        )
+        if self.config.kv_cache_scheme is not None:
+            apply_kv_cache_scheme(state.model, self.config.kv_cache_scheme)
         # Modules frozen by an earlier stage keep their parameters.
         self._modules = initialized_modules(state.model)
         if not self._modules:

@@ -18,6 +18,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
+from llmc.quantization.kv_cache import kv_cache_tap
 from llmc.quantization.observers import (
     Observer,
     check_observable,
@@ -147,24 +148,6 @@ def sibling_key(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
-def _attention_hooks(module: torch.nn.Module) -> dict[str, Callable[..., Any]]:
-    """The hook registrars of a module's attention states compressed-tensors hooked
-    (``k``/``v`` for the KV cache, ``q`` for attention quantization)."""
-    from compressed_tensors.modeling.attention import IMPL_ATTR, register_query_hook
-    from compressed_tensors.modeling.kvcache import (
-        KV_CACHE_ATTR,
-        register_key_hook,
-        register_value_hook,
-    )
-
-    hooks: dict[str, Callable[..., Any]] = {}
-    if hasattr(module, IMPL_ATTR):
-        hooks["q"] = register_query_hook
-    if hasattr(module, KV_CACHE_ATTR):
-        hooks["k"], hooks["v"] = register_key_hook, register_value_hook
-    return hooks
-
-
 @attrs.define
 class _Observed:
     name: str
@@ -177,8 +160,8 @@ class _Observed:
 class ActivationObservers:
     """Forward hooks that keep static activation scales current during calibration.
 
-    Each static value (a Linear's input or output, an attention module's k/v/q
-    states) gets the observer its arguments name (see
+    Each static value (a Linear's input or output, an attention module's keys and
+    values) gets the observer its arguments name (see
     :mod:`llmc.quantization.observers`). Its range is written into the module's
     qparams after every batch so that quantization-aware forward passes use the
     estimate so far. A module that saw no data at all (an MoE expert no token was
@@ -189,6 +172,7 @@ class ActivationObservers:
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._removers: list[Callable[[], None]] = []
         self._observed: list[_Observed] = []
         self._last: tuple[Any, ...] | None = None
         self._last_statistics: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -200,9 +184,9 @@ class ActivationObservers:
         name: str | None = None,
     ) -> None:
         scheme = module.quantization_scheme
-        attention = _attention_hooks(module)
-        if attention:  # compressed-tensors hooked this attention module for its states
-            values = [(base, scheme.input_activations) for base in attention]
+        tap = kv_cache_tap(module)
+        if tap is not None:  # an attention module: its keys and values
+            values = [(base, scheme.input_activations) for base in ("k", "v")]
         else:
             values = [("input", scheme.input_activations), ("output", scheme.output_activations)]
         for base, args in values:
@@ -218,9 +202,10 @@ class ActivationObservers:
                 entry.observer.combine(*self._statistics(value, entry))
                 _write_activation_qparams(mod, entry.base, entry.args, entry.observer.min, entry.observer.max)
 
-            if base in attention:
-                handle = attention[base](module, lambda m, value, record=record: record(m, value))
-            elif base == "input":
+            if tap is not None:
+                self._removers.append(tap.register(base, record))
+                continue
+            if base == "input":
                 handle = module.register_forward_pre_hook(lambda m, a, record=record: record(m, a[0]))
             else:
                 handle = module.register_forward_hook(lambda m, a, out, record=record: record(m, out))
@@ -243,7 +228,10 @@ class ActivationObservers:
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for remove in self._removers:
+            remove()
         self._handles.clear()
+        self._removers.clear()
         self._last = self._last_statistics = None
         self._fill_unobserved()
         self._observed.clear()

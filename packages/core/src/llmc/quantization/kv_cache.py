@@ -1,0 +1,168 @@
+"""KV-cache quantization: calibrated key and value scales on each attention module.
+
+vLLM reads a checkpoint's ``kv_cache_scheme`` and each attention module's
+``k_scale`` / ``v_scale`` (``model.layers.N.self_attn.k_scale``), the scales of the
+keys after RoPE and of the values, per tensor or per KV head. compressed-tensors
+names and shapes these parameters; llmc sees the states through a stand-in for
+the attention module's cache argument (the one place every transformers
+attention hands over its keys and values after RoPE), whatever transformers calls
+that argument (``past_key_values`` until 5.2x, ``cache`` since), and fake-quantizes
+them there, as the cache would hold them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+)
+from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams
+from compressed_tensors.utils import get_head_dim, get_num_kv_heads
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+_KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_b_proj")
+TAP_ATTRIBUTE = "llmc_kv_cache"
+
+StateHook = Callable[[torch.nn.Module, torch.Tensor], None]
+
+
+def cache_argument(module: torch.nn.Module) -> str | None:
+    """The name under which ``module.forward`` takes the KV cache, if it takes one."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in _CACHE_ARGUMENTS if name in parameters), None)
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The attention modules whose keys and values a KV cache holds: an ``...Attention``
+    class with key/value projections and a cache argument."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if "attention" in type(module).__name__.lower()
+        and any(hasattr(module, p) for p in _KV_PROJECTIONS)
+        and cache_argument(module) is not None
+    ]
+
+
+class KVCacheTap:
+    """Stands in for an attention module's cache during its forward: ``update`` gets the
+    keys (after RoPE) and values, runs the observers' hooks, fake-quantizes them with the
+    module's k/v scales, and hands them to the real cache, if any."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._module = weakref.ref(module)
+        self.hooks: dict[str, list[StateHook]] = {"k": [], "v": []}
+        self.cache: Any = None
+
+    def register(self, base: str, hook: StateHook) -> Callable[[], None]:
+        """Call ``hook(module, states)`` on every ``base`` ('k' or 'v') states; returns the remover."""
+        self.hooks[base].append(hook)
+        return lambda: self.hooks[base].remove(hook)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        module = self._module()
+        assert module is not None
+        states = {"k": key_states, "v": value_states}
+        args_ = module.quantization_scheme.input_activations
+        for base in ("k", "v"):
+            for hook in self.hooks[base]:
+                hook(module, states[base])
+            if getattr(module, "quantization_enabled", True):
+                states[base] = forward_quantize(module, states[base], base, args_)
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            return cache.update(states["k"], states["v"], *args, **kwargs)
+        return states["k"], states["v"]
+
+    def __getattr__(self, name: str) -> Any:
+        # a model that reads its cache's other attributes reads the real one's
+        cache = self.__dict__.get("cache")
+        if cache is not None and not name.startswith("__"):
+            return getattr(cache, name)
+        raise AttributeError(name)
+
+
+def _substitute_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    tap: KVCacheTap = getattr(module, TAP_ATTRIBUTE)
+    name = cache_argument(module)
+    assert name is not None
+    tap.cache = kwargs.get(name)
+    kwargs[name] = tap
+    return args, kwargs
+
+
+def apply_kv_cache_scheme(model: torch.nn.Module, args: QuantizationArgs) -> list[tuple[str, torch.nn.Module]]:
+    """Give every attention module ``args`` for its keys and values: the scheme and the
+    ``k_scale``/``v_scale`` (and zero point) compressed-tensors defines, and the tap."""
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"kv_cache_scheme: {type(model).__name__} has no attention module with key/value "
+            "projections and a cache argument to quantize the KV cache of."
+        )
+    config = model.config.get_text_config(decoder=True)
+    shape = (get_num_kv_heads(config), None, get_head_dim(config))
+    for name, module in modules:
+        module.quantization_scheme = QuantizationScheme(targets=[name], input_activations=args)
+        dtype = next(module.parameters()).dtype
+        for base in ("k", "v"):
+            initialize_qparams(module, base, args, observed_shape=shape, observed_dtype=dtype, force_zero_point=False)
+        if not hasattr(module, TAP_ATTRIBUTE):
+            setattr(module, TAP_ATTRIBUTE, KVCacheTap(module))
+            module.register_forward_pre_hook(_substitute_cache, with_kwargs=True)
+        module.quantization_status = QuantizationStatus.INITIALIZED
+    return modules
+
+
+def kv_cache_tap(module: torch.nn.Module) -> KVCacheTap | None:
+    return getattr(module, TAP_ATTRIBUTE, None)
+
+
+def kv_cache_args(model: torch.nn.Module) -> QuantizationArgs | None:
+    """The KV-cache arguments the model's attention modules were given, if any."""
+    for module in model.modules():
+        if kv_cache_tap(module) is not None:
+            return module.quantization_scheme.input_activations
+    return None
+
+
+class _Hidden:
+    """Attention schemes taken off their modules for a while (see :func:`kv_cache_config`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = [m for m in model.modules() if kv_cache_tap(m) is not None]
+
+    def __enter__(self) -> None:
+        self.schemes = [m.__dict__.pop("quantization_scheme") for m in self.modules]
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, scheme in zip(self.modules, self.schemes, strict=True):
+            module.quantization_scheme = scheme
+
+
+def hidden_kv_schemes(model: torch.nn.Module) -> _Hidden:
+    """A context in which compressed-tensors' config inference does not see the attention
+    modules' KV schemes: it recognises attention modules by transformers' argument name of
+    the day and would otherwise take one for a quantized layer; the saver adds
+    ``kv_cache_scheme`` to the config itself (:func:`with_kv_cache_scheme`)."""
+    return _Hidden(model)
+
+
+def with_kv_cache_scheme(config: QuantizationConfig | None, args: QuantizationArgs) -> QuantizationConfig:
+    """``config`` with ``kv_cache_scheme``; a KV-cache-only recipe gets a config of its own."""
+    if config is None:
+        config = QuantizationConfig(config_groups={}, quantization_status=QuantizationStatus.FROZEN, format="dense")
+    config.kv_cache_scheme = args
+    return config
