@@ -98,7 +98,8 @@ class QuantizationModifier(Modifier):
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
         warn_unmatched(state.model, targets, self.config.ignore)
         attention = {n for n, _ in attention_modules(state.model)}
-        for name, _ in match_named_modules(state.model, targets, self.config.ignore):
+        states = [t for s in self.config.config_groups.values() if s.weights is None for t in s.targets]
+        for name, _ in match_named_modules(state.model, states, self.config.ignore):
             if name in attention:
                 raise ValueError(
                     f"{name}: quantizing attention states through a config group (query scales) is "
