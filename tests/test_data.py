@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from llmc.args import DatasetArguments
 from llmc.data import build_calibration_dataloader, corpus
+from tests.helpers import quant_recipe
 
 TEXTS = [f"Sample number {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 5) for i in range(40)]
 
@@ -164,3 +165,33 @@ def test_large_offline_corpus_adds_stdlib_docstrings():
     assert not set(large) & set(corpus.split_texts("evaluation", corpus.LARGE_NAME))
     with pytest.raises(ValueError, match="Unknown offline corpus"):
         corpus.split_texts("calibration", "nope")
+
+
+def test_a_callable_data_collator_gets_the_rows(tokenizer, llama_path, tmp_path):
+    """As in llm-compressor 0.14: the collator is called with the dataset's rows (dicts of
+    input_ids and attention_mask lists, and a tokenized dataset's other columns)."""
+    seen: list[list[dict]] = []
+
+    def first_row(batch: list[dict]) -> dict:
+        seen.append(batch)
+        return {key: torch.tensor([value]) for key, value in batch[0].items() if key != "loss_mask"}
+
+    texts = datasets.Dataset.from_dict({"text": TEXTS[:3]})
+    args = DatasetArguments(dataset=texts, num_calibration_samples=3, max_seq_length=16,
+                            shuffle_calibration_samples=False, data_collator=first_row)
+    batches = list(build_calibration_dataloader(args, tokenizer))
+    expected = tokenizer(TEXTS[0], truncation=True, max_length=16)["input_ids"]
+    assert seen[0] == [{"input_ids": expected, "attention_mask": [1] * len(expected)}]
+    assert batches[0]["input_ids"].tolist() == [expected]
+
+    tokenized = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 8]], "loss_mask": [[0, 0, 1, 1]]})
+    seen.clear()
+    args = DatasetArguments(dataset=tokenized, num_calibration_samples=1, max_seq_length=3, data_collator=first_row)
+    list(build_calibration_dataloader(args, tokenizer))
+    assert seen[0] == [{"input_ids": [5, 6, 7], "loss_mask": [0, 0, 1], "attention_mask": [1, 1, 1]}]
+    # and oneshot runs with it (GPTQ needs the data)
+    from llmc import oneshot
+
+    oneshot(model=str(llama_path), dataset=texts, recipe=quant_recipe("W4A16", modifier="GPTQModifier"),
+            data_collator=first_row, num_calibration_samples=3, max_seq_length=16, output_dir=str(tmp_path / "o"))
+    assert len(seen) > 1 and (tmp_path / "o" / "config.json").exists()

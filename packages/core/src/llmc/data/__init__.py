@@ -150,11 +150,29 @@ def _texts(data: datasets.Dataset, args: DatasetArguments, tokenizer: Any) -> li
     )
 
 
-def tokenize(data: datasets.Dataset, args: DatasetArguments, processor: Any) -> list[list[int]]:
-    """Token ids per sample: truncated, optionally padded or concatenated into full rows."""
+Row = dict[str, Any]
+# per-token columns: cut and padded with the row's input_ids
+_TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "loss_mask")
+
+
+def _row(ids: list[int]) -> Row:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def tokenize(data: datasets.Dataset, args: DatasetArguments, processor: Any) -> list[Row]:
+    """One row per sample, as llm-compressor's data collators receive them: ``input_ids`` and
+    ``attention_mask`` lists (truncated, or concatenated into full rows); a dataset that is
+    already tokenized keeps its other columns too."""
     if "input_ids" in data.column_names:
-        rows = [list(map(int, ids)) for ids in data["input_ids"]]
-        return [r[: args.max_seq_length] for r in rows]
+        rows = []
+        for row in data:
+            row = dict(row)
+            for key in _TOKEN_COLUMNS:
+                if key in row:
+                    row[key] = list(row[key])[: args.max_seq_length]
+            row.setdefault("attention_mask", [1] * len(row["input_ids"]))
+            rows.append(row)
+        return rows
     tokenizer = _tokenizer_of(processor)
     if tokenizer is None:
         raise ValueError("Tokenizing calibration text needs a tokenizer: pass tokenizer=.")
@@ -166,9 +184,9 @@ def tokenize(data: datasets.Dataset, args: DatasetArguments, processor: Any) -> 
             if tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
         n = args.max_seq_length
-        return [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
+        return [_row(ids[i : i + n]) for i in range(0, len(ids) - n + 1, n)]
     encoded = tokenizer(texts, truncation=True, max_length=args.max_seq_length)["input_ids"]
-    return [list(e) for e in encoded if len(e) > 0]
+    return [_row(list(e)) for e in encoded if len(e) > 0]
 
 
 def _pad_id(processor: Any) -> int:
@@ -180,16 +198,17 @@ def _pad_id(processor: Any) -> int:
     return 0
 
 
-def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[list[int]]], dict[str, torch.Tensor]]:
-    """'truncation' cuts a batch to its shortest sample; 'padding' pads to its longest."""
+def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[Row]], dict[str, torch.Tensor]]:
+    """'truncation' cuts a batch to its shortest sample; 'padding' pads to its longest. A
+    callable ``data_collator`` gets the rows themselves (dicts, see :func:`tokenize`)."""
     if callable(args.data_collator):
         return args.data_collator
     pad_id = _pad_id(processor)
     pad_to = args.max_seq_length if args.pad_to_max_length else None
     truncate = args.data_collator == "truncation"
 
-    def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        lengths = [len(r) for r in rows]
+    def collate(rows: list[Row]) -> dict[str, torch.Tensor]:
+        lengths = [len(r["input_ids"]) for r in rows]
         if pad_to is not None:
             width = pad_to
         else:
@@ -197,9 +216,9 @@ def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[list
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
-            row = row[:width]
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
+            tokens = row["input_ids"][:width]
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = torch.tensor(row["attention_mask"][: len(tokens)], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask}
 
     return collate
