@@ -234,3 +234,40 @@ def test_output_dir_never_replaces_the_input_model(where, checkpoint_factory, tm
     with pytest.raises(ValueError, match="input model's directory"):
         oneshot(model=str(model), recipe=quant_recipe("W8A16"), output_dir=str(out), overwrite_output_dir=True)
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+def test_the_models_code_files_are_copied(llama_path, tmp_path):
+    """A remote-code model's .py files go with the checkpoint (trust_remote_code reloads it
+    from there); the input directory is only read."""
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(llama_path, source)
+    (source / "modeling_custom.py").write_text("# the model's own code\n")
+    (source / "configuration_custom.py").write_text("# its config class\n")
+    for out, save in ((tmp_path / "out", "oneshot"), (tmp_path / "by-hand", "save_pretrained")):
+        model = oneshot(model=str(source), recipe=quant_recipe("W4A16"), output_dir=str(out) if save == "oneshot" else None)
+        if save == "save_pretrained":
+            model.save_pretrained(out)
+        assert (out / "modeling_custom.py").read_text() == "# the model's own code\n"
+        assert (out / "configuration_custom.py").exists()
+    assert sorted(p.name for p in source.glob("*.py")) == ["configuration_custom.py", "modeling_custom.py"]
+
+
+def test_a_model_dispatched_with_device_map_is_accepted(llama_path, tmp_path):
+    """A model loaded with a device_map that offloads layers to CPU and disk (accelerate's
+    hooks): its weights come back and the checkpoint equals the plain model's."""
+    pytest.importorskip("accelerate")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(llama_path, device_map=device_map,
+                                                      offload_folder=str(tmp_path / "offload"))
+    assert dispatched.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    recipe = quant_recipe("W4A16", modifier="GPTQModifier")
+    data = dict(dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)
+    oneshot(model=dispatched, recipe=recipe, output_dir=str(tmp_path / "a"), **data)
+    oneshot(model=str(llama_path), recipe=recipe, output_dir=str(tmp_path / "b"), **data)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)

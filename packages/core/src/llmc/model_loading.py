@@ -100,6 +100,39 @@ def untie_word_embeddings(model: PreTrainedModel) -> None:
             config.tie_word_embeddings = False
 
 
+def undispatch(model: PreTrainedModel) -> None:
+    """Take accelerate's dispatch off a model loaded with ``device_map``: weights offloaded to
+    CPU or disk come back into their modules (on the CPU) and the hooks go, so that llmc's
+    pipelines move layers themselves, as llm-compressor 0.14 re-dispatches such models."""
+    hooked = [(name, m) for name, m in model.named_modules() if hasattr(m, "_hf_hook")]
+    if not hooked:
+        return
+    from accelerate.hooks import remove_hook_from_module
+
+    restored = 0
+    for _, module in hooked:
+        weights = getattr(module._hf_hook, "weights_map", None)
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.device.type == "meta" and weights is not None and name in weights:
+                value = weights[name].to("cpu")
+                if isinstance(tensor, torch.nn.Parameter):
+                    module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+                else:
+                    module._buffers[name] = value
+                restored += 1
+    remove_hook_from_module(model, recurse=True)
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ValueError(
+            f"The model was dispatched with weights llmc cannot find ({left[0]} is on the meta device): "
+            "load it without device_map, or pass the model's path."
+        )
+    model.to("cpu")
+    logger.info("Took the device_map dispatch off the model (%d offloaded tensors back on the CPU).", restored)
+
+
 def preprocess(
     args: ModelArguments, quantizes_output_embeddings: Callable[[PreTrainedModel], bool] = lambda model: True
 ) -> tuple[PreTrainedModel, Any]:
@@ -108,6 +141,7 @@ def preprocess(
     model = load_model(args)
     processor = load_processor(args, model)
     model.eval()
+    undispatch(model)
     if not args.tie_word_embeddings:
         untie_word_embeddings(model)
     elif quantizes_output_embeddings(model):

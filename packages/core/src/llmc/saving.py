@@ -85,6 +85,41 @@ def _fake_quantize_weights(model: torch.nn.Module) -> None:
             module.weight.data = forward_quantize(module, module.weight.data, "weight", args)
 
 
+def _model_directory(model: torch.nn.Module) -> Path | None:
+    """The local directory the model was loaded from: its path, or its hub cache snapshot
+    (looked up in the cache only, never downloaded)."""
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "").strip()
+    if not source:
+        return None
+    if os.path.isdir(source):
+        return Path(source)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # not a repository id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def copy_python_files(model: torch.nn.Module, output_dir: str | os.PathLike) -> list[str]:
+    """Copy the model directory's ``.py`` files (remote code that ``trust_remote_code`` loads
+    the checkpoint with) that the saved checkpoint does not already hold, as llm-compressor
+    does; returns their names."""
+    source = _model_directory(model)
+    if source is None:
+        return []
+    copied = []
+    for file in sorted(source.glob("*.py")):
+        target = Path(output_dir, file.name)
+        if file.is_file() and not target.exists():
+            shutil.copy(file, target)
+            copied.append(file.name)
+    if copied:
+        logger.info("Copied the model's code files into the checkpoint: %s", ", ".join(copied))
+    return copied
+
+
 def save_compressed_tensors(
     model: torch.nn.Module,
     output_dir: str | os.PathLike,
@@ -114,6 +149,7 @@ def save_compressed_tensors(
         if kv_args is not None:
             compressor.quantization_config = with_kv_cache_scheme(compressor.quantization_config, kv_args)
     model.save_pretrained(output_dir, **save_kwargs)
+    copy_python_files(model, output_dir)
     compressor.update_config(str(output_dir))
     if processor is not None:
         processor.save_pretrained(output_dir)
