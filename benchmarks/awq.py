@@ -1,10 +1,13 @@
-"""AWQ W4A16_ASYM: seconds per layer and held-out perplexity, llmc against llm-compressor.
+"""AWQ W4A16_ASYM: seconds per layer and held-out quality, llmc against llm-compressor.
 
-Both tools get the same trained benchmark model (``benchmarks.models``) and the same
+Every row gets the same trained benchmark model (``benchmarks.models``) and the same
 calibration token ids (the corpus' calibration split, chunked); each runs in its own
-process, and the resulting in-memory models are scored on the held-out split.
+process, and the resulting in-memory model is scored on the held-out split against the
+unquantized model: perplexity, KL divergence, top-1 agreement. Rows: llmc's AWQ (with
+its weight clipping), llmc's AWQ without it, round-to-nearest W4A16_ASYM (the bar AWQ must
+clear), and llm-compressor's AWQ.
 
-    python -m benchmarks.awq --model tiny --samples 32 --seq 256          # CPU
+    python -m benchmarks.awq --model tiny --samples 64 --seq 256 --peer-python /tmp/lcvenv/bin/python  # CPU
     python -m benchmarks.awq --model small --peer-path /tmp/peer          # GPU machine
 """
 
@@ -31,13 +34,24 @@ calib = datasets.Dataset.from_dict({"input_ids": data["calib"].tolist(),
                                     "attention_mask": torch.ones_like(data["calib"]).tolist()})
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model = AutoModelForCausalLM.from_pretrained(args["path"], dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-if args["tool"] == "llmc":
+reference = AutoModelForCausalLM.from_pretrained(args["path"], dtype=model.dtype).to(device).eval()
+with torch.no_grad():
+    expected = [reference(batch.to(device)).logits.float().log_softmax(-1).cpu() for batch in data["eval"]]
+del reference
+if args["tool"].startswith("llmc"):
     from llmc import oneshot
-    from llmc.modifiers import AWQModifier
+    from llmc.modifiers import AWQModifier, QuantizationModifier
 else:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.awq import AWQModifier
-recipe = AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"], n_grid=args["n_grid"])
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+common = dict(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"])
+if args["tool"] == "llmc-rtn":
+    recipe = QuantizationModifier(**common)
+elif args["tool"] == "llmc-awq-noclip":
+    recipe = AWQModifier(**common, n_grid=args["n_grid"], apply_clip=False)
+else:
+    recipe = AWQModifier(**common, n_grid=args["n_grid"])
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 started = time.perf_counter()
@@ -45,24 +59,31 @@ model = oneshot(model=model, dataset=calib, recipe=recipe, num_calibration_sampl
                 max_seq_length=data["calib"].shape[1])
 seconds = time.perf_counter() - started
 model = model.to(device).eval()
-nll, count = 0.0, 0
+nll, count, kl, agree, tokens = 0.0, 0, 0.0, 0, 0
 with torch.no_grad():
-    for batch in data["eval"]:
+    for batch, ref in zip(data["eval"], expected):
         ids = batch.to(device)
-        logits = model(ids).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        logp = model(ids).logits.float().log_softmax(-1).cpu()
+        nll += torch.nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1).cpu(), reduction="sum").item()
         count += ids[:, 1:].numel()
+        kl += (ref.exp() * (ref - logp)).sum().item()
+        agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        tokens += ref.shape[0] * ref.shape[1]
 print("CHILD_RESULT", json.dumps({"seconds": seconds, "perplexity": float(torch.tensor(nll / count).exp()),
+      "kl_divergence": kl / tokens, "top1_agreement": agree / tokens,
       "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}))
 """
 
 
 def run(tool: str, path: Path, data: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
+    python = sys.executable
     if tool == "llm-compressor":
-        env["PYTHONPATH"] = os.pathsep.join([args.peer_path, env.get("PYTHONPATH", "")])
+        if args.peer_path:
+            env["PYTHONPATH"] = os.pathsep.join([args.peer_path, env.get("PYTHONPATH", "")])
+        python = args.peer_python or python
     payload = json.dumps({"tool": tool, "path": str(path), "data": str(data), "n_grid": args.n_grid})
-    proc = subprocess.run([sys.executable, "-c", CHILD, payload], env=env, capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", CHILD, payload], env=env, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD_RESULT")), None)
     if line is None:
         print(proc.stderr[-4000:], file=sys.stderr)
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-grid", type=int, default=20)
     parser.add_argument("--eval-batches", type=int, default=40)
     parser.add_argument("--peer-path", default=None, help="site directory holding llmcompressor")
+    parser.add_argument("--peer-python", default=None, help="an interpreter with llmcompressor (e.g. a side venv)")
     args = parser.parse_args(argv)
 
     from transformers import AutoConfig, AutoTokenizer
@@ -99,15 +121,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.pt"
         torch.save({"calib": calib, "eval": held_out}, data)
-        tools = ["llmc"] + (["llm-compressor"] if args.peer_path else [])
+        peer = ["llm-compressor"] if args.peer_path or args.peer_python else []
+        tools = ["llmc", "llmc-awq-noclip", "llmc-rtn", *peer]
         rows = [run(tool, path, data, args) for tool in tools]
     for row in rows:
         if "seconds" in row:
             row["seconds_per_layer"] = row["seconds"] / layers
-    if len(rows) == 2 and "seconds" in rows[1] and "seconds" in rows[0]:
-        rows[0]["speedup_vs_peer"] = rows[1]["seconds"] / rows[0]["seconds"]
+    if peer and "seconds" in rows[-1] and "seconds" in rows[0]:
+        rows[0]["speedup_vs_peer"] = rows[-1]["seconds"] / rows[0]["seconds"]
     print(f"{args.model}: {layers} layers, {samples} x {args.seq} calibration tokens")
-    print(table(rows, ["tool", "seconds", "seconds_per_layer", "perplexity", "peak_gpu_gib", "speedup_vs_peer", "error"]))
+    columns = ["tool", "seconds", "seconds_per_layer", "perplexity", "kl_divergence", "top1_agreement",
+               "peak_gpu_gib", "speedup_vs_peer", "error"]
+    print(table(rows, columns))
     print(f"wrote {write_json('awq', {'model': args.model, 'samples': samples, 'seq': args.seq, 'rows': rows})}")
 
 

@@ -40,6 +40,15 @@ RECIPES: dict[str, dict | None] = {
     "w4a16-asym-gptq": _quant("GPTQModifier", "W4A16_ASYM", True),
     "w4a16-awq": _quant("AWQModifier", "W4A16_ASYM", True),
     "w4a16-sym-awq": _quant("AWQModifier", "W4A16", True),
+    "w4a16-awq-noclip": _quant("AWQModifier", "W4A16_ASYM", True, apply_clip=False),
+    "w4a16-sym-awq-noclip": _quant("AWQModifier", "W4A16", True, apply_clip=False),
+    "w4a16-awq-gptq": {  # llm-compressor 0.14's composition: AWQ scales, GPTQ quantizes
+        "recipe": {"bench_stage": {"quant_modifiers": [
+            {"AWQModifier": {}},
+            {"GPTQModifier": {"targets": ["Linear"], "scheme": "W4A16_ASYM", "ignore": ["lm_head"]}},
+        ]}},
+        "data": True,
+    },
     "w8a8-rtn": _quant("QuantizationModifier", "W8A8", False),
     "w8a8-gptq": _quant("GPTQModifier", "W8A8", True),
     "w8a8-smoothquant": {

@@ -174,3 +174,136 @@ def test_awq_alone_without_a_scheme_quantizes_w4a16_asym(llama_path, tmp_path):
             output_dir=str(out), **DATA)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert list(config["config_groups"].values())[0]["weights"]["symmetric"] is False
+
+
+# --- weight clipping ----------------------------------------------------------------------
+
+
+def _int4_asym(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """W4A16_ASYM's round trip of one group for the range [lo, hi], written out."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 15
+    zero = max(-8, min(7, round(-8 - lo / scale)))
+    return (torch.clamp(torch.round(w / scale) + zero, -8, 7) - zero) * scale
+
+
+def test_clipping_picks_each_groups_least_output_error():
+    """Against a brute force over every (row, group): the shrink ratio whose round trip has
+    the least d^T H d, and the weights clamped to that range."""
+    from llmc_awq.clip import GroupMoments, clip_weight
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 256, generator=g)
+    weight[:, 7] *= 8  # an outlier column: clipping it pays off in some rows' first group
+    x = torch.randn(300, 256, generator=g) * torch.linspace(0.2, 3.0, 256)
+    moments = GroupMoments(128)
+    for chunk in x.split(100):
+        moments.add(chunk)
+    expected = (x[:, 128:].double().T @ x[:, 128:].double()).float()
+    torch.testing.assert_close(moments.blocks[1], expected, rtol=1e-5, atol=1e-3)
+    args = preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights
+    clipped = weight.clone()
+    ratios = clip_weight(clipped, moments.blocks, args, n_grid=50, max_shrink=0.5)
+    for r in range(6):
+        for k in range(2):
+            w = weight[r, k * 128 : (k + 1) * 128].double()
+            h = moments.blocks[k].double()
+            lo, hi = float(w.min()), float(w.max())
+            errors = {}
+            for i in range(25):
+                p = 1 - i / 50
+                d = w - _int4_asym(w, lo * p, hi * p)
+                errors[p] = float(d @ h @ d)
+            best = min(errors, key=errors.get)
+            assert ratios[r, k].item() == pytest.approx(best)
+            torch.testing.assert_close(clipped[r, k * 128 : (k + 1) * 128].double(), w.clamp(lo * best, hi * best))
+    assert (ratios < 1).all() and len(set(ratios.flatten().tolist())) > 3  # chosen group by group
+
+
+def test_clipping_follows_the_quantizer(llama_path, tmp_path, caplog):
+    """On by default when the weights are then rounded to nearest (AWQ alone, or before a
+    QuantizationModifier); off before GPTQ, which solves for the unclipped weights."""
+    def run(recipe: str, name: str) -> dict:
+        oneshot(model=str(llama_path), recipe=recipe, output_dir=str(tmp_path / name), **DATA)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    stage = "quant_stage:\n  quant_modifiers:\n"
+    alone = run(stage + "    AWQModifier: {n_grid: 2, ignore: [lm_head]}\n", "alone")
+    unclipped = run(stage + "    AWQModifier: {n_grid: 2, ignore: [lm_head], apply_clip: false}\n", "unclipped")
+    key = "model.layers.0.mlp.down_proj.weight_scale"
+    assert (alone[key] <= unclipped[key]).all() and (alone[key] < unclipped[key]).any()  # narrower ranges
+    gptq = "    GPTQModifier: {targets: [Linear], scheme: W4A16_ASYM, ignore: [lm_head]}\n"
+    auto = run(stage + "    AWQModifier: {n_grid: 2}\n" + gptq, "gptq-auto")
+    off = run(stage + "    AWQModifier: {n_grid: 2, apply_clip: false}\n" + gptq, "gptq-off")
+    assert all(torch.equal(auto[k], off[k]) for k in auto)
+
+
+# --- use_loss_mask --------------------------------------------------------------------------
+
+
+def _masked_dataset(masks: list[list[int]]):
+    import datasets
+
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(4, 2048, (len(m),), generator=g).tolist() for m in masks]
+    return datasets.Dataset.from_dict({"input_ids": ids, "loss_mask": masks})
+
+
+@pytest.mark.parametrize("pipeline", ["sequential", "basic"])
+def test_the_pipelines_hand_each_batch_its_loss_mask(llama_path, pipeline):
+    from llmc.hookspecs import hookimpl
+    from llmc.plugins import get_plugin_manager
+
+    masks = [[0] * 6 + [1] * 10, [1] * 16, [0] * 12 + [1] * 4]
+    seen: list[tuple[int, list]] = []
+
+    class Probe:
+        @hookimpl
+        def llmc_batch_end(self, state, batch_index):
+            seen.append((batch_index, state.loss_mask.tolist()))
+
+    pm, probe = get_plugin_manager(), Probe()
+    pm.register(probe, name="loss-mask-probe")
+    try:
+        oneshot(model=str(llama_path), dataset=_masked_dataset(masks), use_loss_mask=True, pipeline=pipeline,
+                recipe=quant_recipe_awq(), num_calibration_samples=3, max_seq_length=16,
+                shuffle_calibration_samples=False)
+    finally:
+        pm.unregister(probe)
+    assert seen and all(mask == [masks[index]] for index, mask in seen)
+    assert {index for index, _ in seen} == {0, 1, 2}
+
+
+def quant_recipe_awq(**extra) -> dict:
+    return {"s": {"quant_modifiers": {"AWQModifier": {"n_grid": 4, "ignore": ["lm_head"], **extra}}}}
+
+
+def test_awq_counts_only_the_masked_tokens(llama_path, tmp_path):
+    def run(masks: list[list[int]], name: str, **kw) -> dict:
+        oneshot(model=str(llama_path), dataset=_masked_dataset(masks), recipe=quant_recipe_awq(),
+                output_dir=str(tmp_path / name), num_calibration_samples=len(masks), max_seq_length=16,
+                shuffle_calibration_samples=False, **kw)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    full = [[1] * 16] * 4
+    half = [[0] * 8 + [1] * 8] * 4
+    plain = run(full, "plain")
+    ones = run(full, "ones", use_loss_mask=True)
+    assert all(torch.equal(plain[k], ones[k]) for k in plain)  # a mask of ones changes nothing
+    masked = run(half, "masked", use_loss_mask=True)
+    unmasked = run(half, "unmasked")  # the same data, every token counted
+    key = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(masked[key], unmasked[key])
+    with pytest.raises(ValueError, match="loss_mask"):
+        oneshot(model=str(llama_path), dataset="llmc-docs", use_loss_mask=True, recipe=quant_recipe_awq(),
+                num_calibration_samples=2, max_seq_length=16)
+
+
+def test_masked_tokens_keeps_the_rows_the_mask_keeps():
+    from llmc_awq.modifier import masked_tokens
+
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    torch.testing.assert_close(masked_tokens(x, mask), torch.stack([x[0, 0], x[0, 2], x[1, 2]]))
+    assert masked_tokens(x, None).shape == (6, 4)
+    assert masked_tokens(x[0], mask).shape == (3, 4)  # not laid out by the batch: every row

@@ -98,6 +98,7 @@ class DatasetArguments:
     remove_columns: list[str] | None = attrs.field(default=None, converter=_str_list, metadata=_help("Dataset columns to drop after preprocessing"))
     overwrite_cache: bool = attrs.field(default=False, metadata=_help("Accepted for llm-compressor scripts; llmc keeps no dataset cache of its own"))
     min_tokens_per_module: float | None = attrs.field(default=None, metadata=_help("Warn when a module receives less than this fraction of tokens"))
+    use_loss_mask: bool = attrs.field(default=False, metadata=_help("Only tokens whose 'loss_mask' (a tokenized dataset's column) is 1 count in AWQ's statistics and loss"))
 
 
 @attrs.define(kw_only=True)

@@ -32,6 +32,9 @@ class State:
     # every modifier of the running stage, in recipe order (a transform such as AWQ without a
     # scheme takes its quantization arguments from the quantizing modifier after it)
     stage_modifiers: Sequence[Modifier] = ()
+    # with use_loss_mask, the (batch, tokens) mask of the batch running now, set by the
+    # pipeline before each batch's forward: 1 where a token counts in a modifier's objective
+    loss_mask: torch.Tensor | None = None
 
     def require_data(self, who: str) -> Iterable[dict[str, Any]]:
         if self.dataloader is None:
@@ -41,6 +44,14 @@ class State:
                 "or dataset_path= (a local JSON/JSONL/CSV file)."
             )
         return self.dataloader
+
+
+def pop_loss_mask(batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A batch without its ``loss_mask`` (the model takes no such argument), and the mask."""
+    if "loss_mask" not in batch:
+        return batch, None
+    batch = dict(batch)
+    return batch, batch.pop("loss_mask")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from llmc.lifecycle import State
 from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weights
+from llmc_awq.clip import GroupMoments, clip_group_size, clip_weight
 from llmc_awq.search import search_scales
 from llmc_pipelines.transfers import map_tensors
 
@@ -23,6 +24,16 @@ logger = logging.getLogger(__name__)
 
 def _move(value: Any, device: torch.device | str | None) -> Any:
     return value if device is None else map_tensors(value, lambda t: t.to(device))
+
+
+def masked_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (..., features) as rows of tokens, only those ``mask`` (use_loss_mask) keeps; all
+    of them without a mask, or where ``x`` is not laid out by the batch's tokens (an MoE
+    expert's routed tokens)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+        return rows
+    return rows[mask.reshape(-1).to(x.device) == 1]
 
 
 def _parent_name(names: tuple[str, ...]) -> str:
@@ -103,11 +114,18 @@ class AWQModifier(QuantizationModifier):
     duo_scaling: bool | str = attrs.field(default=True, validator=attrs.validators.in_([True, False, "both"]))
     n_grid: int = attrs.field(default=20, validator=attrs.validators.gt(0))
     offload_device: str | None = None
+    # the original AWQ's weight clipping (AutoAWQ's apply_clip), which llm-compressor lacks:
+    # each group's range shrunk to the output-error minimum after scaling (llmc_awq.clip).
+    # "auto": when the weights are then rounded to nearest (by AWQ itself or the next
+    # modifier), not before a modifier that solves for them (GPTQ wants them unclipped)
+    apply_clip: bool | str = attrs.field(default="auto", validator=attrs.validators.in_([True, False, "auto"]))
 
     _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
-    _inputs: dict[str, list[tuple[tuple, dict]]] = attrs.field(factory=dict, init=False, repr=False)
+    _inputs: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
     _x_sum: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
     _x_count: dict[str, int] = attrs.field(factory=dict, init=False, repr=False)
+    _moments: dict[str, GroupMoments] = attrs.field(factory=dict, init=False, repr=False)
+    _clipping: bool = attrs.field(default=False, init=False, repr=False)
     _handles: list[Any] = attrs.field(factory=list, init=False, repr=False)
     _done: set[str] = attrs.field(factory=set, init=False, repr=False)
     _modules_by_name: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
@@ -143,6 +161,8 @@ class AWQModifier(QuantizationModifier):
             super().on_initialize(state)
             self._weight_args = applied_weight_args
             ignore = self.ignore
+        rounded = after is None or getattr(after, "weights_round_to_nearest", False)
+        self._clipping = self.apply_clip is True or (self.apply_clip == "auto" and rounded)
         resolved = resolve_mappings(state.model, self.mappings, "awq", ignore)
         self._resolved = [m for m in resolved if _usable(m, self._weight_args)]  # no hooks or caches for the rest
 
@@ -157,20 +177,51 @@ class AWQModifier(QuantizationModifier):
 
                 def keep(module: torch.nn.Module, args: tuple, kwargs: dict, parent: str = parent) -> None:
                     if state.observing and not self._searching:  # the search's own passes are not data
-                        self._inputs[parent].append(_move((args, kwargs), self.offload_device))
+                        self._inputs[parent].append(_move((args, kwargs, state.loss_mask), self.offload_device))
 
                 self._handles.append(modules[parent].register_forward_pre_hook(keep, with_kwargs=True))
             name = mapping.smooth_name
+            moments = self._clip_moments(mapping)
+            if moments is not None:
+                self._moments[name] = moments
 
-            def mean(x: torch.Tensor, name: str = name) -> None:
+            def mean(x: torch.Tensor, name: str = name, moments: GroupMoments | None = moments) -> None:
                 if state.observing and not self._searching:
-                    x = x.detach()
-                    total = x.abs().reshape(-1, x.shape[-1]).float().sum(dim=0)
+                    x = masked_tokens(x.detach(), state.loss_mask)
+                    total = x.abs().float().sum(dim=0)
                     self._x_sum[name] = self._x_sum[name] + total if name in self._x_sum else total
-                    self._x_count[name] = self._x_count.get(name, 0) + x.numel() // x.shape[-1]
+                    self._x_count[name] = self._x_count.get(name, 0) + x.shape[0]
+                    if moments is not None:
+                        moments.add(x)
 
             self._handles.append(observe_balance_inputs(mapping, mean))
         self._modules_by_name = modules
+
+    def _clip_moments(self, mapping: ResolvedMapping) -> GroupMoments | None:
+        """Second moments of the mapping's input, by the first clipped balance layer's groups."""
+        if not self._clipping:
+            return None
+        for name, layer in zip(mapping.balance_names, mapping.balance, strict=True):
+            args = self._weight_args(name, layer)
+            if args is not None:
+                size = clip_group_size(args, layer.weight.shape[1])
+                return GroupMoments(size) if size else None
+        return None
+
+    def _clip(self, mapping: ResolvedMapping, scales: torch.Tensor) -> None:
+        moments = self._moments.pop(mapping.smooth_name, None)
+        if moments is None or moments.blocks is None:
+            return
+        blocks = moments.scaled(scales)
+        for name, layer in zip(mapping.balance_names, mapping.balance, strict=True):
+            args = self._weight_args(name, layer)
+            if args is None:
+                continue
+            if clip_group_size(args, layer.weight.shape[1]) != moments.group_size:
+                continue
+            with torch.no_grad():
+                ratio = clip_weight(layer.weight, blocks, args)
+            logger.debug("AWQ clip %s: mean range kept %.3f", name, float(ratio.mean()))
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
         prefix = layer_name + "."
@@ -205,6 +256,7 @@ class AWQModifier(QuantizationModifier):
         count = self._x_count.pop(name, 0)
         if not count:
             logger.warning("AWQ %s saw no calibration data; left unscaled.", name)
+            self._moments.pop(name, None)
             return
         x_mean = self._x_sum.pop(name) / count
         parent_name = _parent_name(mapping.balance_names)
@@ -215,9 +267,9 @@ class AWQModifier(QuantizationModifier):
         def run_parent() -> list[torch.Tensor]:
             outputs = []
             with torch.no_grad():
-                for args, kwargs in cached:
+                for args, kwargs, mask in cached:
                     out = parent(*_move(args, device), **_move(kwargs, device))
-                    outputs.append(out[0] if isinstance(out, tuple) else out)
+                    outputs.append(masked_tokens(out[0] if isinstance(out, tuple) else out, mask))
             return outputs
 
         self._searching = True
@@ -235,6 +287,7 @@ class AWQModifier(QuantizationModifier):
         finally:
             self._searching = False
         fold_scales(mapping, result.scales)
+        self._clip(mapping, result.scales)
         logger.info(
             "AWQ %s: output error %.3e (round-to-nearest %.3e)", name, result.loss, result.rtn_loss
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -46,6 +46,8 @@ class GPTQModifier(QuantizationModifier):
     input), and each Linear is solved when its decoder layer ends, so the next
     layer calibrates on compressed outputs.
     """
+
+    weights_round_to_nearest: ClassVar[bool] = False  # solved against the Hessian instead
 
     block_size: int = attrs.field(default=128, validator=_positive)
     dampening_frac: float = attrs.field(default=0.01, validator=_positive)

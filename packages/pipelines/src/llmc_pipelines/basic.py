@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llmc.lifecycle import State, lifecycle
+from llmc.lifecycle import State, lifecycle, pop_loss_mask
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
 
@@ -31,7 +31,9 @@ def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:
         hook.llmc_calibration_start(state=state)
         with contextlib.nullcontext() if qac else quantization_disabled(model):
             for index, batch in enumerate(tqdm(loader, desc="Calibrating", unit="batch")):
+                batch, state.loss_mask = pop_loss_mask(batch)
                 model(**to_device(batch, state.device), use_cache=False)
                 hook.llmc_batch_end(state=state, batch_index=index)
+        state.loss_mask = None
         hook.llmc_calibration_end(state=state)
     model.to(home)

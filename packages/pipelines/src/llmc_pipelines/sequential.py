@@ -27,7 +27,7 @@ import torch
 from compressed_tensors.utils import is_match
 from tqdm.auto import tqdm
 
-from llmc.lifecycle import State, lifecycle
+from llmc.lifecycle import State, lifecycle, pop_loss_mask
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
 from llmc_pipelines.basic import to_device
@@ -319,8 +319,12 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 lazily_onloaded(_shell(model, layers), device),
                 Capture(model, layers, device, transfers) as capture,
             ):
+                masks = []
                 for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
+                    batch, mask = pop_loss_mask(batch)
+                    masks.append(mask)
                     capture.batch(batch)
+            masked = any(m is not None for m in masks)
             hidden, calls = capture.hidden, capture.calls
             del capture
             disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
@@ -335,6 +339,8 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     def calibrate(
                         b: int, h: torch.Tensor, call: LayerCall, layer=layer
                     ) -> torch.Tensor:
+                        if masked:
+                            state.loss_mask = masks[b]
                         out = run_layer(layer, h, call)
                         hook.llmc_batch_end(state=state, batch_index=b)
                         return out
@@ -351,7 +357,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         outputs = transfers.forward(
                             hidden,
                             layer_calls,
-                            calibrate if batch_end_handled else propagate,
+                            calibrate if batch_end_handled or masked else propagate,
                             store=not qac and not last,
                         )
                         clock.mark("calibration")
@@ -363,6 +369,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                             outputs = transfers.forward(hidden, layer_calls, propagate, store=True)
                             state.observing = True
                         clock.mark("propagation")
+                    state.loss_mask = None
                     logger.debug("%s: %s", name, clock)
                     if outputs is not None:
                         hidden = outputs

@@ -151,6 +151,9 @@ def _texts(data: datasets.Dataset, args: DatasetArguments, tokenizer: Any) -> li
 
 
 Row = dict[str, Any]
+# a batch's tokens that count in a modifier's objective (use_loss_mask): popped by the
+# pipelines before the model's forward and handed to the modifiers as State.loss_mask
+LOSS_MASK = "loss_mask"
 # per-token columns: cut and padded with the row's input_ids
 _TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "loss_mask")
 
@@ -215,11 +218,15 @@ def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[Row]
             width = min(lengths) if truncate else max(lengths)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width), dtype=torch.long) if args.use_loss_mask else None
         for i, row in enumerate(rows):
             tokens = row["input_ids"][:width]
             ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[i, : len(tokens)] = torch.tensor(row["attention_mask"][: len(tokens)], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask}
+            if loss_mask is not None:
+                loss_mask[i, : len(tokens)] = torch.tensor(row["loss_mask"][: len(tokens)], dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        return batch if loss_mask is None else {**batch, LOSS_MASK: loss_mask}
 
     return collate
 
@@ -248,6 +255,11 @@ def build_calibration_dataloader(args: DatasetArguments, processor: Any) -> Data
         rows = tokenize(_select(raw, args, count), args, processor)
     if not rows:
         raise ValueError("Calibration data is empty after tokenization.")
+    if args.use_loss_mask and any(LOSS_MASK not in row for row in rows):
+        raise ValueError(
+            "use_loss_mask=True needs a tokenized dataset with a 'loss_mask' column (1 for the "
+            "tokens that count, 0 for the others, e.g. a chat's prompt); this one has none."
+        )
     logger.info("Calibrating on %d samples of up to %d tokens", len(rows), args.max_seq_length)
     return DataLoader(
         rows,

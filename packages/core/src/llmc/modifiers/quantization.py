@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
@@ -59,6 +59,10 @@ class QuantizationModifier(Modifier):
     # llm-compressor's name: skip the check that every targeted weight splits into whole
     # groups (a weight that does not is then left to compressed-tensors to refuse)
     bypass_divisibility_checks: bool = False
+
+    # weights quantized round-to-nearest from their own min-max range: a transform before this
+    # modifier (AWQ's clipping) may narrow that range by clamping them
+    weights_round_to_nearest: ClassVar[bool] = True
 
     _config: QuantizationConfig | None = attrs.field(default=None, init=False, repr=False)
     _observers: ActivationObservers = attrs.field(factory=ActivationObservers, init=False, repr=False)

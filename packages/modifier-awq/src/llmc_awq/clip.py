@@ -1,0 +1,87 @@
+"""AWQ's weight clipping (Lin et al., 2024, "auto_clip"; AutoAWQ's ``apply_clip``).
+
+After the scales are folded, each quantization group's range is shrunk by the
+ratio that minimises the group's output error on the calibration inputs,
+``E[(x_g · (w_g - q(w_g)))^2] = d_g^T H_g d_g`` with ``H_g`` the second moment of
+the group's input channels. The original estimates it on 512 sampled tokens;
+the block-diagonal second moments give it exactly on every calibration token,
+at the cost of one (group × group) block per group, and make a fine grid cheap
+(steps of 1 % from the full range down to half of it; the original takes 5 % steps). Exact, the
+error is worth minimising for q/k too, which the original leaves unclipped.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from llmc.quantization.observers import global_scale, weight_range
+
+
+def clip_group_size(args: QuantizationArgs, in_features: int) -> int | None:
+    """Input channels per quantization group, or None where a range is shared more widely."""
+    if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        return args.group_size
+    if args.strategy == QuantizationStrategy.CHANNEL:
+        return in_features
+    return None
+
+
+class GroupMoments:
+    """The block-diagonal second moment ``sum x_g x_g^T`` of one input, per group of channels."""
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.blocks: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        grouped = x.view(x.shape[0], -1, self.group_size).transpose(0, 1)  # (groups, tokens, g)
+        blocks = grouped.transpose(1, 2) @ grouped
+        self.blocks = blocks if self.blocks is None else self.blocks + blocks
+
+    def scaled(self, scales: torch.Tensor) -> torch.Tensor:
+        """The moments of ``x / scales`` (the input once the scales are folded)."""
+        assert self.blocks is not None
+        inv = (1.0 / scales.float().to(self.blocks.device)).view(-1, self.group_size)
+        return self.blocks * inv[:, :, None] * inv[:, None, :]
+
+
+def clip_weight(
+    weight: torch.Tensor,
+    moments: torch.Tensor,
+    args: QuantizationArgs,
+    n_grid: int = 100,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
+    """Clamp each group of ``weight`` (out, in) to its range times the shrink ratio
+    ``1 - i / n_grid`` (``i < max_shrink * n_grid``) with the least output error under
+    ``moments`` (groups, g, g); returns the ratios (out, groups)."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    groups = moments.shape[0]
+    moments = moments.to(w.device)
+    lo, hi = weight_range(w, args)
+    lo, hi = lo.reshape(rows, groups), hi.reshape(rows, groups)
+    gscale = global_scale(w, args)
+    best = torch.full((rows, groups), float("inf"), device=w.device)
+    ratio = torch.ones((rows, groups), device=w.device)
+    for i in range(max(1, int(max_shrink * n_grid))):
+        p = 1.0 - i / n_grid
+        scale, zero_point = calculate_qparams(lo * p, hi * p, args, global_scale=gscale)
+        q = fake_quantize(w, scale, zero_point, args, global_scale=gscale).float()
+        d = (w - q).view(rows, groups, -1).transpose(0, 1)  # (groups, rows, g)
+        error = ((d @ moments) * d).sum(-1).transpose(0, 1)  # (rows, groups)
+        better = error < best
+        best = torch.where(better, error, best)
+        ratio = torch.where(better, torch.full_like(ratio, p), ratio)
+    if args.symmetric:  # the range the quantizer derives: the larger magnitude, both ways
+        hi = torch.maximum(lo.abs(), hi.abs())
+        lo = -hi
+    # clamped, the weights' own min-max gives whoever quantizes them the chosen range
+    low = (lo * ratio).repeat_interleave(cols // groups, dim=1)
+    high = (hi * ratio).repeat_interleave(cols // groups, dim=1)
+    weight.data.copy_(torch.minimum(torch.maximum(w, low), high).to(weight.dtype))
+    return ratio
