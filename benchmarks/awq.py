@@ -2,8 +2,8 @@
 
 Every row gets the same trained benchmark model (``benchmarks.models``) and the same
 calibration token ids (the corpus' calibration split, chunked); each runs in its own
-process, and the resulting in-memory model is scored on the held-out split against the
-unquantized model: perplexity, KL divergence, top-1 agreement. Rows: llmc's AWQ (with
+process and saves its checkpoint, which is decompressed and scored on the held-out split
+against the unquantized model (both bfloat16): perplexity, KL divergence, top-1 agreement. Rows: llmc's AWQ (with
 its weight clipping), llmc's AWQ without it, round-to-nearest W4A16_ASYM (the bar AWQ must
 clear), and llm-compressor's AWQ.
 
@@ -34,10 +34,6 @@ calib = datasets.Dataset.from_dict({"input_ids": data["calib"].tolist(),
                                     "attention_mask": torch.ones_like(data["calib"]).tolist()})
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model = AutoModelForCausalLM.from_pretrained(args["path"], dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-reference = AutoModelForCausalLM.from_pretrained(args["path"], dtype=model.dtype).to(device).eval()
-with torch.no_grad():
-    expected = [reference(batch.to(device)).logits.float().log_softmax(-1).cpu() for batch in data["eval"]]
-del reference
 if args["tool"].startswith("llmc"):
     from llmc import oneshot
     from llmc.modifiers import AWQModifier, QuantizationModifier
@@ -58,19 +54,8 @@ started = time.perf_counter()
 model = oneshot(model=model, dataset=calib, recipe=recipe, num_calibration_samples=len(calib),
                 max_seq_length=data["calib"].shape[1])
 seconds = time.perf_counter() - started
-model = model.to(device).eval()
-nll, count, kl, agree, tokens = 0.0, 0, 0.0, 0, 0
-with torch.no_grad():
-    for batch, ref in zip(data["eval"], expected):
-        ids = batch.to(device)
-        logp = model(ids).logits.float().log_softmax(-1).cpu()
-        nll += torch.nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1).cpu(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-        kl += (ref.exp() * (ref - logp)).sum().item()
-        agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
-        tokens += ref.shape[0] * ref.shape[1]
-print("CHILD_RESULT", json.dumps({"seconds": seconds, "perplexity": float(torch.tensor(nll / count).exp()),
-      "kl_divergence": kl / tokens, "top1_agreement": agree / tokens,
+model.save_pretrained(args["out"], save_compressed=True)  # scored from the checkpoint, as served
+print("CHILD_RESULT", json.dumps({"seconds": seconds,
       "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}))
 """
 
@@ -82,13 +67,29 @@ def run(tool: str, path: Path, data: Path, args: argparse.Namespace) -> dict:
         if args.peer_path:
             env["PYTHONPATH"] = os.pathsep.join([args.peer_path, env.get("PYTHONPATH", "")])
         python = args.peer_python or python
-    payload = json.dumps({"tool": tool, "path": str(path), "data": str(data), "n_grid": args.n_grid})
+    out = data.parent / tool
+    payload = json.dumps({"tool": tool, "path": str(path), "data": str(data), "n_grid": args.n_grid, "out": str(out)})
     proc = subprocess.run([python, "-c", CHILD, payload], env=env, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD_RESULT")), None)
     if line is None:
         print(proc.stderr[-4000:], file=sys.stderr)
         return {"tool": tool, "error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr else "failed"}
-    return {"tool": tool, **json.loads(line.split(" ", 1)[1])}
+    return {"tool": tool, **json.loads(line.split(" ", 1)[1]), **score(path, out, torch.load(data)["eval"])}
+
+
+def score(reference_path: Path, checkpoint: Path, batches: list[torch.Tensor]) -> dict:
+    """Held-out agreement of the saved checkpoint (decompressed by compressed-tensors) with the
+    unquantized model, both in bfloat16 as served."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc.evaluation import compare, load_decompressed
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.bfloat16).to(device).eval()
+    model = load_decompressed(checkpoint, dtype=torch.bfloat16).to(device)
+    agreement = compare(reference, model, batches)
+    return {"perplexity": agreement.perplexity, "kl_divergence": agreement.kl_divergence,
+            "top1_agreement": agreement.top1_agreement}
 
 
 def main(argv: list[str] | None = None) -> None:
