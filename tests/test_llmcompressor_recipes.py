@@ -54,6 +54,43 @@ default_stage:
       requires_calibration_data: false
 """
 
+# AWQ as a transform (its unset offload_device written as llm-compressor's Sentinel), GPTQ with an
+# observer override and an FP8 KV cache (every QuantizationArgs field spelled out)
+AWQ_GPTQ_KV = """
+default_stage:
+  default_modifiers:
+    AWQModifier:
+      requires_calibration_data: true
+      offload_device: !!python/object/apply:llmcompressor.sentinel.Sentinel [not_provided,
+        /venv/lib/python3.12/site-packages/llmcompressor/sentinel.py]
+      duo_scaling: true
+      n_grid: 4
+    GPTQModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      scheme: W4A16_ASYM
+      kv_cache_scheme:
+        num_bits: 8
+        type: float
+        symmetric: true
+        group_size: null
+        strategy: tensor
+        block_structure: null
+        dynamic: false
+        actorder: null
+        scale_dtype: null
+        zp_dtype: null
+        observer: null
+        observer_kwargs: {}
+      weight_observer: mse
+      bypass_divisibility_checks: false
+      requires_calibration_data: true
+      block_size: 128
+      dampening_frac: 0.01
+      actorder: static
+      batched_quantization: auto
+"""
+
 
 def test_saved_recipes_read_as_written():
     smooth, gptq = Recipe.load(SMOOTHQUANT_GPTQ).modifiers
@@ -62,18 +99,26 @@ def test_saved_recipes_read_as_written():
     assert gptq.batched_quantization == "auto" and gptq.requires_calibration_data is True
     with pytest.raises(ValueError, match="algorithm"):
         Recipe.load(SMOOTHQUANT_GPTQ.replace("algorithm: smoothquant", "algorithm: logarithmic"))
+    awq, gptq = Recipe.load(AWQ_GPTQ_KV).modifiers
+    assert awq.offload_device is None and awq.scheme is None
+    assert gptq.config.kv_cache_scheme.num_bits == 8
+    assert gptq.config.config_groups["group_0"].weights.observer == "mse"
     with pytest.raises(Exception, match="could not determine a constructor|python/object"):
         Recipe.load("stage:\n  mods:\n    QuantizationModifier: !!python/object/apply:os.system ['true']\n")
 
 
-@pytest.mark.parametrize("recipe", [SMOOTHQUANT_GPTQ, FP8_DYNAMIC], ids=["smoothquant-gptq", "fp8-dynamic"])
+@pytest.mark.parametrize("recipe", [SMOOTHQUANT_GPTQ, FP8_DYNAMIC, AWQ_GPTQ_KV], ids=["smoothquant-gptq", "fp8-dynamic", "awq-gptq-kv"])
 def test_saved_recipes_run_unchanged(recipe, llama_path, tmp_path):
     out = tmp_path / "out"
     oneshot(model=str(llama_path), recipe=recipe, dataset="llmc-docs", num_calibration_samples=8,
             max_seq_length=64, output_dir=str(out))
+    expected = {"W8A8": torch.int8, "FP8_DYNAMIC": torch.float8_e4m3fn, "W4A16_ASYM": torch.int32}
+    name = "weight_packed" if "W4A16" in recipe else "weight"
     with safe_open(out / "model.safetensors", "pt") as f:
-        dtype = f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype
-    assert dtype == (torch.int8 if "W8A8" in recipe else torch.float8_e4m3fn)
+        dtype = f.get_tensor(f"model.layers.0.self_attn.q_proj.{name}").dtype
+        kv = "model.layers.0.self_attn.k_scale" in f.keys()
+    assert dtype == next(v for k, v in expected.items() if f"scheme: {k}\n" in recipe)
+    assert kv == ("kv_cache_scheme" in recipe)
     # and the recipe llmc saved reruns
     again = tmp_path / "again"
     oneshot(model=str(llama_path), recipe=str(out / "recipe.yaml"), dataset="llmc-docs",

@@ -143,12 +143,16 @@ class Recipe:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """The safe loader, plus the ``!!python/tuple`` tag that llm-compressor's recipe.yaml
-    writes for SmoothQuant mappings: read as a plain list, nothing is executed."""
+    """The safe loader, plus two tags llm-compressor's recipe.yaml writes, read as data:
+    ``!!python/tuple`` (SmoothQuant mappings) as a list, and its ``Sentinel`` for an argument
+    left unset (AWQ's ``offload_device``) as None. Nothing is imported or executed."""
 
 
 _RecipeLoader.add_constructor(
     "tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node, deep=True)
+)
+_RecipeLoader.add_constructor(
+    "tag:yaml.org,2002:python/object/apply:llmcompressor.sentinel.Sentinel", lambda loader, node: None
 )
 
 
