@@ -277,6 +277,28 @@ def test_truncated_shard_is_named(sharded_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_header_whose_byte_ranges_disagree_with_dtype_and_shape_is_refused(llama_path, tmp_path):
+    """A tensor's dtype edited F32 -> F16 in the header, byte for byte: its declared range no
+    longer fits its shape, and everything after it would be read shifted."""
+    import json
+    import struct
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_path, src)
+    path = src / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert header[name]["dtype"] == "F32"
+    header[name]["dtype"] = "F16"
+    edited = json.dumps(header, separators=(",", ":")).encode().ljust(length)  # same header length
+    path.write_bytes(data[:8] + edited + data[8 + length :])
+    with pytest.raises(CheckpointError, match=f"corrupt header; tensor '{name}' \\(F16"):
+        model_free_ptq(src, tmp_path / "out", "FP8_BLOCK")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_shard_is_named(sharded_llama, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(sharded_llama, src)

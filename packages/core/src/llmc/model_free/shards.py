@@ -99,6 +99,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: truncated; tensor {name!r} ends at byte {end} of a data section of "
                 f"{data_bytes} bytes. Re-download or re-save this shard."
             )
+        dtype = DTYPES.get(info.dtype)
+        expected = None if dtype is None else math.prod(info.shape) * dtype.itemsize
+        if begin < 0 or (expected is not None and info.nbytes != expected):
+            raise CheckpointError(
+                f"{path}: corrupt header; tensor {name!r} ({info.dtype}, shape {list(info.shape)}) "
+                f"needs {expected} bytes but its data_offsets [{begin}, {end}] span {info.nbytes}. "
+                "Re-download or re-save this shard."
+            )
         infos[name] = info
     return infos
 
