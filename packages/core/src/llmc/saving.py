@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import forward_quantize
 
+from llmc.locking import output_lock
 from llmc.quantization.calibrate import quantized_modules
 from llmc.quantization.kernels import eager_kernels
 from llmc.quantization.kv_cache import hidden_kv_schemes, kv_cache_args, with_kv_cache_scheme
@@ -55,20 +57,30 @@ def check_output_apart_from_model(output_dir: str | os.PathLike | None, model: A
 
 
 @contextlib.contextmanager
-def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``output_dir``; move it into place on success.
 
     An interrupted run leaves only the hidden ``.name.tmp-*`` directory, never a
-    directory at ``output_dir`` that looks complete.
+    directory at ``output_dir`` that looks complete. Without ``overwrite``, files that
+    appeared in ``output_dir`` meanwhile are kept: the result then stays beside it,
+    named in the error.
     """
     final = Path(output_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # a directory like any other once in place (mkdtemp makes it private)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not overwrite and final.is_dir() and any(final.iterdir()):
+        kept = final.parent / f"{final.name}.llmc-{time.strftime('%Y%m%d-%H%M%S')}"
+        tmp.rename(kept)
+        raise FileExistsError(
+            f"{final} was filled by something else while llmc ran; it is left as it is and the "
+            f"result is in {kept}."
+        )
     old = None
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
@@ -171,7 +183,7 @@ def patch_save_pretrained(model: torch.nn.Module, recipe_yaml: str | None = None
 
     def save_pretrained(save_directory: str | os.PathLike, *, save_compressed: bool = True, **kwargs: Any) -> None:
         check_output_dir(save_directory, overwrite=False)
-        with atomic_directory(save_directory) as tmp:
+        with output_lock(save_directory), atomic_directory(save_directory) as tmp:
             model.save_pretrained = original  # the saver calls transformers' own method
             try:
                 save_compressed_tensors(

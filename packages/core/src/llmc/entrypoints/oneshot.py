@@ -19,6 +19,7 @@ from llmc.args import OneshotArguments, parse_oneshot_args
 from llmc.data import build_calibration_dataloader
 from llmc.fused_weights import check_fused_weights
 from llmc.lifecycle import State
+from llmc.locking import output_lock
 from llmc.model_loading import check_model_source, preprocess
 from llmc.patches import matching_patches
 from llmc.pipelines import resolve_pipelines, run_pipeline
@@ -59,7 +60,8 @@ def oneshot(**kwargs: Any) -> PreTrainedModel:
     args = parse_oneshot_args(**kwargs)
     handler = logs.configure(args.output.log_dir)
     try:
-        return _run(args)
+        with output_lock(args.output.output_dir):
+            return _run(args)
     finally:
         logs.release(handler)
 
@@ -109,7 +111,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
         save = registry.get("saver", args.output.saver)
         # a saver that predates quantization_format is called as before unless it is set
         extra = {} if args.output.quantization_format is None else {"quantization_format": args.output.quantization_format}
-        with atomic_directory(args.output.output_dir) as tmp:
+        with atomic_directory(args.output.output_dir, overwrite=args.output.overwrite_output_dir) as tmp:
             save(
                 model,
                 tmp,

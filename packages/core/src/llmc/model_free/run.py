@@ -26,6 +26,7 @@ from compressed_tensors.quantization import (
 )
 from tqdm.auto import tqdm
 
+from llmc.locking import output_lock
 from llmc.model_free import plan
 from llmc.model_free.quantize import quantize_tensors, warm_up
 from llmc.model_free.shards import (
@@ -283,20 +284,31 @@ def process_checkpoint(
     model_stub: str | os.PathLike,
     save_directory: str | os.PathLike,
     config: QuantizationConfig | None,
+    **options: Any,
+) -> Summary:
+    """Rewrite every shard of ``model_stub`` into ``save_directory``, quantizing with ``config``.
+
+    ``config=None`` only moves tensors (``reindex_fused_weights``). The config
+    (and index) are written last, so a directory without them is unfinished. One run
+    at a time writes a directory (:func:`llmc.locking.output_lock`).
+    """
+    root = resolve_model_stub(model_stub)
+    out = _check_output(root, save_directory)
+    with output_lock(out):
+        return _process(root, out, config, **options)
+
+
+def _process(
+    root: Path,
+    out: Path,
+    config: QuantizationConfig | None,
     *,
     max_workers: int = 1,
     device: torch.device | str | None = None,
     converters: Sequence[Any] = (),
     group_fused: bool = False,
 ) -> Summary:
-    """Rewrite every shard of ``model_stub`` into ``save_directory``, quantizing with ``config``.
-
-    ``config=None`` only moves tensors (``reindex_fused_weights``). The config
-    (and index) are written last, so a directory without them is unfinished.
-    """
     start = time.perf_counter()
-    root = resolve_model_stub(model_stub)
-    out = _check_output(root, save_directory)
     exec_device = _resolve_device(device)
     checkpoint = open_checkpoint(root)
     if config is not None:  # what oneshot's model patches change (fused MoE experts, say)

@@ -1,0 +1,87 @@
+"""Faults and bad inputs around the output directory: locks, files that appear meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from llmc import model_free_ptq, oneshot
+from llmc.hookspecs import hookimpl
+from llmc.locking import OutputLockedError, lock_path
+from llmc.plugins import get_plugin_manager
+from tests.helpers import quant_recipe
+
+HOLD = """
+import sys, time
+from llmc.locking import output_lock
+with output_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process that holds the lock of ``tmp_path / 'out'``."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("entry", ["oneshot", "model_free_ptq"])
+def test_a_second_run_into_a_locked_directory_refuses_naming_the_first(entry, holder, llama_path, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+        if entry == "oneshot":
+            oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out))
+        else:
+            model_free_ptq(llama_path, out, "W4A16")
+    assert not out.exists()
+    assert json.loads(lock_path(out).read_text())["pid"] == holder.pid  # the first run's lock stays
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(llama_path, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "out"
+    import socket
+
+    lock_path(out).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
+    oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out))
+    assert (out / "config.json").exists() and not lock_path(out).exists()
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755  # as any directory, not mkdtemp's 0700
+
+
+def test_files_that_appear_in_the_output_directory_meanwhile_are_kept(llama_path, tmp_path):
+    out = tmp_path / "out"
+
+    class Intruder:
+        @hookimpl
+        def llmc_finalize(self, state):
+            out.mkdir(exist_ok=True)
+            (out / "theirs.txt").write_text("not llmc's")
+
+    pm, intruder = get_plugin_manager(), Intruder()
+    pm.register(intruder, name="intruder")
+    try:
+        with pytest.raises(FileExistsError, match="result is in"):
+            oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out))
+    finally:
+        pm.unregister(intruder)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    (kept,) = tmp_path.glob("out.llmc-*")
+    assert (kept / "config.json").exists()
+
+
+def test_the_cli_says_the_directory_is_locked_without_a_traceback(holder, llama_path, tmp_path, capsys):
+    from llmc.cli import main
+
+    code = main(["model-free-ptq", str(llama_path), str(tmp_path / "out"), "--scheme", "W4A16"])
+    assert code == 2 and f"pid {holder.pid}" in capsys.readouterr().err
