@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llmc import model_free_ptq, oneshot
 from llmc.hookspecs import hookimpl
@@ -85,3 +86,36 @@ def test_the_cli_says_the_directory_is_locked_without_a_traceback(holder, llama_
 
     code = main(["model-free-ptq", str(llama_path), str(tmp_path / "out"), "--scheme", "W4A16"])
     assert code == 2 and f"pid {holder.pid}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    from llmc.entrypoints import oneshot as entry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was validated")
+
+    monkeypatch.setattr(entry, "preprocess", refuse)
+
+
+def _files(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda t: dict(dataset_path=str(t / "absent.jsonl")), "does not exist"),
+        (lambda t: dict(dataset_path=_files(t, "empty.jsonl", "")), "could not be read|holds no rows"),
+        (lambda t: dict(dataset_path=_files(t, "bad.jsonl", '{"text": "a"}\n{"text": \n')), "could not be read"),
+        (lambda t: dict(dataset_path=_files(t, "body.jsonl", '{"body": "a"}\n{"body": "b"}\n')), "no 'text' column"),
+        (lambda t: dict(dataset="llmc-docs", device="cuda:7" if torch.cuda.is_available() else "cuda"), "device="),
+        (lambda t: dict(dataset="llmc-docs", device="tpu"), "device='tpu'"),
+    ],
+    ids=["missing-file", "empty-jsonl", "malformed-jsonl", "no-text-column", "absent-accelerator", "unknown-device"],
+)
+def test_bad_data_and_devices_are_refused_before_the_model_loads(no_model_loading, llama_path, tmp_path, make, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI exits 2 on both
+        oneshot(model=str(llama_path), recipe=quant_recipe("W4A16", modifier="GPTQModifier"), **make(tmp_path))

@@ -46,7 +46,15 @@ def _load_local(path: str) -> datasets.Dataset:
         raise ValueError(
             f"dataset_path {path!r}: use files of one format among {sorted(_LOCAL_FORMATS)}."
         )
-    loaded = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    try:
+        loaded = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # datasets' own errors (DatasetGenerationError, StopIteration) vary
+        raise ValueError(
+            f"dataset_path {path!r} could not be read as a dataset ({type(exc).__name__}: {exc}). "
+            "Check that the file is valid JSON Lines / JSON / CSV with one sample per row."
+        ) from None
+    if len(loaded) == 0:
+        raise ValueError(f"dataset_path {path!r} holds no rows.")
     return loaded
 
 
@@ -243,26 +251,51 @@ def _preprocess(data: Any, args: DatasetArguments) -> Any:
     return data
 
 
-def build_calibration_dataloader(args: DatasetArguments, processor: Any) -> DataLoader:
+def load_calibration_rows(args: DatasetArguments) -> datasets.Dataset | DataLoader:
+    """The samples to calibrate on, selected and checked, before any model is loaded: a
+    missing file, an empty dataset or one without a text column fails here, not after
+    the model is in memory. A DataLoader is taken as it is."""
     raw = load_raw_dataset(args)
     if isinstance(raw, DataLoader):
         return raw
     raw = _preprocess(raw, args)
     count = args.num_calibration_samples
+    if args.concatenate_data:  # rows are filled from as many samples as it takes
+        count = len(raw) if hasattr(raw, "__len__") else count * 4
+    selected = _select(raw, args, count)
+    if len(selected) == 0:
+        raise ValueError("The calibration dataset holds no rows.")
+    columns = selected.column_names
+    if "input_ids" not in columns and args.text_column not in columns and "messages" not in columns:
+        raise ValueError(
+            f"Dataset has no {args.text_column!r} column (columns: {columns}); set text_column= "
+            "to the column holding the text, or give input_ids or messages."
+        )
+    return selected
+
+
+def build_calibration_dataloader(
+    args: DatasetArguments, processor: Any, rows: datasets.Dataset | DataLoader | None = None
+) -> DataLoader:
+    """Token batches from ``rows`` (:func:`load_calibration_rows`, loaded now if not given)."""
+    raw = load_calibration_rows(args) if rows is None else rows
+    if isinstance(raw, DataLoader):
+        return raw
+    count = args.num_calibration_samples
     if args.concatenate_data:
-        rows = tokenize(_select(raw, args, len(raw) if hasattr(raw, "__len__") else count * 4), args, processor)[:count]
+        rows_ = tokenize(raw, args, processor)[:count]
     else:
-        rows = tokenize(_select(raw, args, count), args, processor)
-    if not rows:
+        rows_ = tokenize(raw, args, processor)
+    if not rows_:
         raise ValueError("Calibration data is empty after tokenization.")
-    if args.use_loss_mask and any(LOSS_MASK not in row for row in rows):
+    if args.use_loss_mask and any(LOSS_MASK not in row for row in rows_):
         raise ValueError(
             "use_loss_mask=True needs a tokenized dataset with a 'loss_mask' column (1 for the "
             "tokens that count, 0 for the others, e.g. a chat's prompt); this one has none."
         )
-    logger.info("Calibrating on %d samples of up to %d tokens", len(rows), args.max_seq_length)
+    logger.info("Calibrating on %d samples of up to %d tokens", len(rows_), args.max_seq_length)
     return DataLoader(
-        rows,
+        rows_,
         batch_size=args.batch_size,
         shuffle=False,
         collate_fn=make_collator(args, processor),

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from llmc import logs
 from llmc.args import OneshotArguments, parse_oneshot_args
-from llmc.data import build_calibration_dataloader
+from llmc.data import build_calibration_dataloader, load_calibration_rows
 from llmc.fused_weights import check_fused_weights
 from llmc.lifecycle import State
 from llmc.locking import output_lock
@@ -51,9 +51,19 @@ def _check_plugins(registry: Registry, pipelines: list[str], saver: str) -> None
 
 
 def _execution_device(name: str | None) -> torch.device:
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device={name!r} is not a device torch knows ({exc}); use 'cpu', 'cuda' or 'cuda:N'.") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ValueError(f"device={name!r}, but this machine has no {device.type.upper()} device torch can use; "
+                         "leave device unset (the accelerator if there is one, else the CPU) or pass device='cpu'.")
+    if device.type != "cpu" and device.index is not None and device.index >= backend.device_count():
+        raise ValueError(f"device={name!r}, but this machine has {backend.device_count()} {device.type} device(s).")
+    return device
 
 
 def oneshot(**kwargs: Any) -> PreTrainedModel:
@@ -84,11 +94,13 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
     check_output_apart_from_model(args.output.output_dir, args.model.model)
     check_model_source(args.model.model)
 
+    device = _execution_device(args.pipeline.device)
+    rows = load_calibration_rows(args.dataset) if has_data else None  # before the model: fails fast
+
     modifiers = [m for stage in recipe.stages for m in stage.modifiers]
     model, processor = preprocess(args.model, lambda model: quantizes_output_embeddings(model, modifiers))
     check_fused_weights(model, modifiers, args.model.allow_unquantized_fused_weights)
-    dataloader = build_calibration_dataloader(args.dataset, processor) if has_data else None
-    device = _execution_device(args.pipeline.device)
+    dataloader = build_calibration_dataloader(args.dataset, processor, rows) if has_data else None
 
     with contextlib.ExitStack() as stack:
         for patch in matching_patches(model):
