@@ -119,3 +119,25 @@ def _files(tmp_path, name: str, text: str) -> str:
 def test_bad_data_and_devices_are_refused_before_the_model_loads(no_model_loading, llama_path, tmp_path, make, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):  # the CLI exits 2 on both
         oneshot(model=str(llama_path), recipe=quant_recipe("W4A16", modifier="GPTQModifier"), **make(tmp_path))
+
+
+def test_non_finite_weights_are_refused_by_both_entry_points(llama_path, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_path, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    message = "model.layers.0.self_attn.o_proj.weight holds 1 NaN or infinite value"
+    with pytest.raises(ValueError, match=message):
+        oneshot(model=str(src), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "os"))
+    with pytest.raises(ValueError, match="(o_proj|up_proj).weight holds 1 NaN"):  # per shard job
+        model_free_ptq(src, tmp_path / "mf", "W4A16")
+    assert not (tmp_path / "os").exists()
+    # left out of the quantization, they are no concern of llmc's
+    oneshot(model=str(src), recipe=quant_recipe("W4A16", ignore=("lm_head", "re:.*o_proj", "re:.*up_proj")),
+            output_dir=str(tmp_path / "ignored"))

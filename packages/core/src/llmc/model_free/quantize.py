@@ -16,7 +16,7 @@ from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 
 from llmc.model_free.shards import typed_views
-from llmc.quantization.calibrate import calibrate_weight, freeze, fused_global_scales
+from llmc.quantization.calibrate import calibrate_weight, check_finite, freeze, fused_global_scales
 from llmc.quantization.kernels import eager_kernels
 
 
@@ -34,10 +34,9 @@ def quantize_tensors(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Replace each selected ``<module>.weight`` by its compressed tensors (on the CPU)."""
-    modules: dict[str, torch.nn.Module] = {}
-    for name, scheme in selected.items():
-        weight = tensors.pop(name).to(device, non_blocking=True)
-        modules[name.removesuffix(".weight")] = _linear(weight, scheme)
+    weights = {name: tensors.pop(name).to(device, non_blocking=True) for name in selected}
+    check_finite(weights.items())
+    modules = {name.removesuffix(".weight"): _linear(weights[name], scheme) for name, scheme in selected.items()}
     gscales = fused_global_scales(modules.items())
     for module_name, module in modules.items():
         calibrate_weight(module, gscales.get(module_name))

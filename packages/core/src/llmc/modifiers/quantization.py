@@ -14,6 +14,7 @@ from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import (
     ActivationObservers,
     calibrate_weights,
+    check_finite,
     freeze,
     initialized_modules,
 )
@@ -119,6 +120,9 @@ class QuantizationModifier(Modifier):
             apply_kv_cache_scheme(state.model, self.config.kv_cache_scheme)
         # Modules frozen by an earlier stage keep their parameters.
         self._modules = initialized_modules(state.model)
+        check_finite(
+            (f"{name}.weight", m.weight) for name, m in self._modules if m.quantization_scheme.weights is not None
+        )
         if not self._modules:
             logger.warning("%s matched no module: nothing will be quantized.", type(self).__name__)
 

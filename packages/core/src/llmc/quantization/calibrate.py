@@ -47,6 +47,25 @@ def fused_group_key(module_name: str) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
+def check_finite(weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse NaN or infinite weights before quantizing them: one such value makes its group's
+    scale non-finite and the model's outputs NaN (one host sync for all of them)."""
+    weights = [(name, w) for name, w in weights if w.device.type != "meta"]
+    if not weights:
+        return
+    finite = torch.stack([torch.isfinite(w).all().to("cpu", non_blocking=True) for _, w in weights])
+    bad = [name for (name, _), ok in zip(weights, finite.tolist(), strict=True) if not ok]
+    if bad:
+        first = dict(weights)[bad[0]]
+        count = int((~torch.isfinite(first)).sum())
+        raise ValueError(
+            f"{bad[0]} holds {count} NaN or infinite value(s)"
+            + (f" (and {len(bad) - 1} more weights do: {', '.join(bad[1:4])}{'...' if len(bad) > 4 else ''})" if len(bad) > 1 else "")
+            + "; quantized, they would make scales and outputs NaN. Repair the checkpoint, or add "
+            "those modules to ignore."
+        )
+
+
 def quantized_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [
         (name, m)
