@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -141,3 +142,70 @@ def test_non_finite_weights_are_refused_by_both_entry_points(llama_path, tmp_pat
     # left out of the quantization, they are no concern of llmc's
     oneshot(model=str(src), recipe=quant_recipe("W4A16", ignore=("lm_head", "re:.*o_proj", "re:.*up_proj")),
             output_dir=str(tmp_path / "ignored"))
+
+
+# --- kill -9 at a chosen point, then the same command again --------------------------------
+
+KILLED_MF = """
+import sys, time
+from pathlib import Path
+from llmc.model_free import shards
+from llmc import model_free_ptq
+def stuck(f, data):
+    f.write(bytes(data[: len(data) // 2]))
+    Path(sys.argv[3]).write_text("writing")
+    time.sleep(60)
+shards._write_all = stuck
+model_free_ptq(sys.argv[1], sys.argv[2], "W4A16")
+"""
+
+KILLED_OS = """
+import sys, time
+from pathlib import Path
+from llmc import oneshot
+from llmc.hookspecs import hookimpl
+from llmc.plugins import get_plugin_manager
+from llmc.saving import save_compressed_tensors
+class Stuck:
+    @hookimpl
+    def llmc_register_savers(self, register):
+        def save(model, output_dir, **kwargs):
+            save_compressed_tensors(model, output_dir, **kwargs)
+            Path(sys.argv[3]).write_text("saving")
+            time.sleep(60)
+        register("stuck", save)
+get_plugin_manager().register(Stuck(), name="stuck")
+oneshot(model=sys.argv[1], output_dir=sys.argv[2], saver="stuck",
+        recipe={"s": {"q_modifiers": {"QuantizationModifier": {"scheme": "W4A16", "ignore": ["lm_head"]}}}})
+"""
+
+
+def _kill_when(script: str, source, out, tmp_path) -> None:
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(source), str(out), str(marker)])
+    try:
+        for _ in range(600):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), "the run never reached the point to kill it at"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+
+
+def test_model_free_killed_mid_write_leaves_no_debris_after_the_rerun(llama_path, tmp_path):
+    out = tmp_path / "out"
+    _kill_when(KILLED_MF, llama_path, out, tmp_path)
+    assert list(out.rglob(".*.tmp-*")), "the kill should leave a half-written temporary"
+    model_free_ptq(llama_path, out, "W4A16")
+    assert not list(out.rglob(".*.tmp-*")) and not lock_path(out).exists()
+    assert (out / "config.json").exists()
+
+
+def test_oneshot_killed_while_saving_leaves_no_debris_after_the_rerun(llama_path, tmp_path):
+    out = tmp_path / "out"
+    _kill_when(KILLED_OS, llama_path, out, tmp_path)
+    assert list(tmp_path.glob(".out.tmp-*")) and not out.exists()  # hidden, never looks complete
+    oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out))
+    assert not list(tmp_path.glob(".out.*")) and (out / "config.json").exists()

@@ -61,12 +61,17 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     """Yield a hidden temporary sibling of ``output_dir``; move it into place on success.
 
     An interrupted run leaves only the hidden ``.name.tmp-*`` directory, never a
-    directory at ``output_dir`` that looks complete. Without ``overwrite``, files that
+    directory at ``output_dir`` that looks complete, and the next run into ``output_dir``
+    removes it (the caller holds the directory's lock). Without ``overwrite``, files that
     appeared in ``output_dir`` meanwhile are kept: the result then stays beside it,
     named in the error.
     """
     final = Path(output_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
+    for debris in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        # what a killed run left (the caller holds the directory's lock: no run is writing it)
+        logger.info("Removing %s, left by an interrupted run.", debris)
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # a directory like any other once in place (mkdtemp makes it private)
     try:

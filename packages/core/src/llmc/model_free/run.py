@@ -37,6 +37,7 @@ from llmc.model_free.shards import (
     open_checkpoint,
     read_header,
     read_tensors,
+    remove_partial_files,
     write_tensors_atomically,
 )
 from llmc.patches import checkpoint_converters
@@ -330,6 +331,8 @@ def _process(
 
     progress = _Progress(out, _fingerprint(checkpoint, config, converters))
     progress.check()
+    if out.is_dir() and (removed := remove_partial_files(out)):
+        logger.info("Removed %d half-written file(s) an interrupted run left: %s", len(removed), ", ".join(removed[:3]))
     kinds = sorted(set().union(*_run_jobs(validate, jobs, max_workers, "Validating")), key=str)
     # the warm-up overlaps the file copies and the first reads
     warmed = _warm_device([(groups[g], shape, dtype) for g, shape, dtype in kinds], exec_device)

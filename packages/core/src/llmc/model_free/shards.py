@@ -249,6 +249,17 @@ def atomic_file(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_partial_files(folder: Path) -> list[str]:
+    """Delete the half-written temporaries (:func:`atomic_file`) a killed run left in
+    ``folder``; only safe while holding the folder's lock."""
+    removed = []
+    for tmp in folder.rglob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(str(tmp.relative_to(folder)))
+    return removed
+
+
 def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[torch.Tensor]]:
     """The serialized header and the tensors in the order safetensors writes them: by dtype,
     last of its enum first, then by name (so the bytes equal ``save_file``'s)."""
