@@ -209,3 +209,30 @@ def test_oneshot_killed_while_saving_leaves_no_debris_after_the_rerun(llama_path
     assert list(tmp_path.glob(".out.tmp-*")) and not out.exists()  # hidden, never looks complete
     oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(out))
     assert not list(tmp_path.glob(".out.*")) and (out / "config.json").exists()
+
+
+def test_model_free_refuses_a_folder_without_config_and_bad_worker_counts(llama_path, tmp_path):
+    import shutil
+
+    from llmc.model_free.shards import CheckpointError
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_path, src)
+    (src / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        model_free_ptq(src, tmp_path / "out", "W4A16")
+    with pytest.raises(ValueError, match="max_workers must be at least 1"):
+        model_free_ptq(llama_path, tmp_path / "out", "W4A16", max_workers=-3)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "FP8_DYNAMIC", "NVFP4A16"])
+def test_empty_layers_are_refused_before_any_work(scheme, tmp_path):
+    from llmc import tiny
+
+    path = tiny.save_tiny(tmp_path / "empty-mlp", arch="llama", hidden_size=128, intermediate_size=0)
+    with pytest.raises(ValueError, match="weight is empty"):
+        oneshot(model=str(path), recipe=quant_recipe(scheme), output_dir=str(tmp_path / "os"))
+    with pytest.raises(ValueError, match="weight is empty"):
+        model_free_ptq(path, tmp_path / "mf", scheme)
+    assert not (tmp_path / "os").exists() and not (tmp_path / "mf").exists()

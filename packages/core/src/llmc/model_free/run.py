@@ -310,8 +310,16 @@ def _process(
     group_fused: bool = False,
 ) -> Summary:
     start = time.perf_counter()
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be at least 1, got {max_workers}.")
     exec_device = _resolve_device(device)
     checkpoint = open_checkpoint(root)
+    if (config is not None or converters) and not (root / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{root} has no {CONFIG_NAME}: the quantized checkpoint's config.json is the model's own "
+            "with a quantization_config added, which nothing could load without the rest. Put the "
+            "model's config.json beside its shards."
+        )
     if config is not None:  # what oneshot's model patches change (fused MoE experts, say)
         converters = [*converters, *checkpoint_converters(root)]
     jobs = plan.plan_jobs(checkpoint, _partners(converters, checkpoint, group_fused))
@@ -401,7 +409,7 @@ def _write_config(root: Path, out: Path, config: QuantizationConfig | None, conv
         if source.is_file():
             _copy_atomically(source, out / CONFIG_NAME)
         return
-    model_config = json.loads(source.read_text()) if source.is_file() else {}
+    model_config = json.loads(source.read_text())
     existing = model_config.pop("quantization_config", None)
     qconfig = QuantizationConfig.model_validate(existing) if existing else None
     for c in converters:

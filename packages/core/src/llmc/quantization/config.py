@@ -173,6 +173,11 @@ def warn_unmatched(model: torch.nn.Module, targets: Iterable[str], ignore: Itera
 
 def check_weight_shape(name: str, shape: tuple[int, ...], args: QuantizationArgs) -> None:
     """Fail before any work when a weight cannot be split into the scheme's groups."""
+    if 0 in shape:
+        raise ValueError(
+            f"{name}: its weight is empty (shape {list(shape)}), which no scheme can quantize or "
+            "transformers reload quantized. Add it to ignore, or fix the model's config."
+        )
     cols = shape[-1]
     size = None
     if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
