@@ -236,3 +236,27 @@ def test_empty_layers_are_refused_before_any_work(scheme, tmp_path):
     with pytest.raises(ValueError, match="weight is empty"):
         model_free_ptq(path, tmp_path / "mf", scheme)
     assert not (tmp_path / "os").exists() and not (tmp_path / "mf").exists()
+
+
+def test_a_corrupt_weights_file_is_a_clear_error(llama_path, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_path, src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        oneshot(model=str(src), recipe=quant_recipe("W4A16"))
+
+
+def test_a_model_that_is_neither_a_path_nor_reachable_fails_fast(monkeypatch, tmp_path):
+    import llmc.data
+
+    monkeypatch.setattr(llmc.data, "hub_reachable", lambda timeout=3.0: False)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="out of reach"):
+        oneshot(model="no-such-org/no-such-model", recipe=quant_recipe("W4A16"))
+    with pytest.raises(ValueError, match="does not exist"):
+        oneshot(model="models/tiny/llama", recipe=quant_recipe("W4A16"))  # a relative path
+    assert time.perf_counter() - started < 5

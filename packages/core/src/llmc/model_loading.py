@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from llmc.args import ModelArguments
@@ -40,8 +42,22 @@ def check_model_source(model: Any) -> None:
                 f"model={str(model)!r} holds no weights (*.safetensors or *.bin); "
                 "was the checkpoint saved completely?"
             )
-    elif str(model).startswith((".", "/", "~")):
+    elif str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
         raise ValueError(f"model path {str(model)!r} does not exist.")
+    else:  # a hub id: without the hub or a cached copy, say so now, not after minutes of retries
+        from huggingface_hub import try_to_load_from_cache
+
+        from llmc.data import hub_reachable
+
+        try:
+            cached = isinstance(try_to_load_from_cache(str(model), "config.json"), str)
+        except ValueError:  # not a valid repository id either
+            raise ValueError(f"model={str(model)!r} is neither a local directory nor a hub model id.") from None
+        if not cached and not hub_reachable():
+            raise ValueError(
+                f"model={str(model)!r} is no local directory, and the Hugging Face hub, where it "
+                "would be a model id, is out of reach with no cached copy. Check the path."
+            )
 
 
 def load_model(args: ModelArguments) -> PreTrainedModel:
@@ -60,6 +76,12 @@ def load_model(args: ModelArguments) -> PreTrainedModel:
         )
     try:
         return AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
+    except (SafetensorError, pickle.UnpicklingError) as exc:
+        raise ValueError(
+            f"Could not read the weights of {str(args.model)!r} ({type(exc).__name__}: {exc}). A "
+            "*.safetensors file is truncated or corrupt, or a *.bin file holds pickled objects torch "
+            "refuses to load; re-download or re-save the checkpoint as safetensors."
+        ) from None
     except OSError as exc:
         raise OSError(
             f"Could not load model {str(args.model)!r}: {exc}\nPass a local checkpoint "
