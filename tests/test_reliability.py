@@ -260,3 +260,31 @@ def test_a_model_that_is_neither_a_path_nor_reachable_fails_fast(monkeypatch, tm
     with pytest.raises(ValueError, match="does not exist"):
         oneshot(model="models/tiny/llama", recipe=quant_recipe("W4A16"))  # a relative path
     assert time.perf_counter() - started < 5
+
+
+def test_text_that_is_not_text_is_refused(no_model_loading, llama_path, tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": ["fine", None, "also fine"]})
+    with pytest.raises(ValueError, match="Row 1 of the 'text' column holds None"):
+        oneshot(model=str(llama_path), dataset=rows, recipe=quant_recipe("W4A16", modifier="GPTQModifier"),
+                shuffle_calibration_samples=False, num_calibration_samples=3)
+
+
+def test_a_recipe_file_whose_name_holds_a_colon_is_read_as_a_file(llama_path, tmp_path):
+    import yaml
+
+    path = tmp_path / "w4a16:v2.yaml"
+    path.write_text(yaml.safe_dump(quant_recipe("W4A16")))
+    oneshot(model=str(llama_path), recipe=str(path), output_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_model_free_warns_of_an_ignore_pattern_that_matches_nothing(llama_path, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        model_free_ptq(llama_path, tmp_path / "out", "W4A16", ignore=["lm_head", "re:.*mlp\\.dwn_proj", "model.layers.9.mlp"])
+    assert "'re:.*mlp\\\\.dwn_proj' matches no module" in caplog.text
+    assert "'model.layers.9.mlp' matches no module" in caplog.text
+    assert "'lm_head' matches no module" not in caplog.text

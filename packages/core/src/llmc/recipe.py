@@ -159,7 +159,9 @@ _RecipeLoader.add_constructor(
 def _read_yaml(source: str | os.PathLike) -> dict[str, Any]:
     text = str(source)
     path = Path(text)
-    looks_like_path = "\n" not in text and ":" not in text.split("/")[-1] and len(text) < 4096
+    one_line = "\n" not in text and len(text) < 4096
+    # a file wins: its name may hold ':' (YAML's mapping mark) as a path rarely does otherwise
+    looks_like_path = one_line and (path.is_file() or ":" not in text.split("/")[-1])
     if looks_like_path:
         if not path.is_file():
             raise RecipeError(f"Recipe file not found: {text}")

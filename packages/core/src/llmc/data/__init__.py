@@ -147,7 +147,7 @@ def _select(data: Any, args: DatasetArguments, count: int) -> datasets.Dataset:
 def _texts(data: datasets.Dataset, args: DatasetArguments, tokenizer: Any) -> list[str]:
     columns = data.column_names
     if args.text_column in columns:
-        return [str(t) for t in data[args.text_column]]
+        return list(data[args.text_column])
     if "messages" in columns:
         if getattr(tokenizer, "chat_template", None):
             return [tokenizer.apply_chat_template(m, tokenize=False) for m in data["messages"]]
@@ -271,6 +271,13 @@ def load_calibration_rows(args: DatasetArguments) -> datasets.Dataset | DataLoad
             f"Dataset has no {args.text_column!r} column (columns: {columns}); set text_column= "
             "to the column holding the text, or give input_ids or messages."
         )
+    if "input_ids" not in columns and args.text_column in columns:
+        for index, text in enumerate(selected[args.text_column]):
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"Row {index} of the {args.text_column!r} column holds {text!r} "
+                    f"({type(text).__name__}), not text; clean the dataset or choose text_column=."
+                )
     return selected
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -337,6 +338,8 @@ def _process(
         selected = plan.select_quantizable(metas, config, where=job.shard)
         return {(group_of[id(scheme)], metas[n].shape, metas[n].dtype) for n, scheme in selected.items()}
 
+    if config is not None:
+        _warn_unmatched_ignore(config.ignore or [], checkpoint.weight_map)
     progress = _Progress(out, _fingerprint(checkpoint, config, converters))
     progress.check()
     if out.is_dir() and (removed := remove_partial_files(out)):
@@ -400,6 +403,22 @@ def _process(
     summary.seconds = time.perf_counter() - start
     logger.info("model_free: %s -> %s: %s", root, out, summary)
     return summary
+
+
+def _warn_unmatched_ignore(ignore: Iterable[str], tensor_names: Iterable[str]) -> None:
+    """An ignore pattern that names no module of the checkpoint is almost always a typo (class
+    names, which a checkpoint does not record, cannot be checked)."""
+    modules = {name.rpartition(".")[0] for name in tensor_names}
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            regex = re.compile(pattern[3:])
+            matched = any(regex.match(m) for m in modules)
+        elif "." in pattern:  # a bare name may be a class, or a tied lm_head the file omits
+            matched = pattern in modules
+        else:
+            continue  # a class name
+        if not matched:
+            logger.warning("ignore pattern %r matches no module of the checkpoint; check the spelling.", pattern)
 
 
 def _write_config(root: Path, out: Path, config: QuantizationConfig | None, converters: Sequence[Any]) -> None:
