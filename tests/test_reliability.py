@@ -288,3 +288,15 @@ def test_model_free_warns_of_an_ignore_pattern_that_matches_nothing(llama_path, 
     assert "'re:.*mlp\\\\.dwn_proj' matches no module" in caplog.text
     assert "'model.layers.9.mlp' matches no module" in caplog.text
     assert "'lm_head' matches no module" not in caplog.text
+
+
+def test_the_cli_shows_a_traceback_only_when_debugging(llama_path, tmp_path, capsys, monkeypatch):
+    from llmc.cli import main
+
+    args = ["model-free-ptq", str(llama_path), str(tmp_path / "out"), "--scheme", "W9A9"]
+    assert main(args) == 2 and "Unknown quantization scheme" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown quantization scheme"):
+        main(["--debug", *args])
+    monkeypatch.setenv("LLMC_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(args)

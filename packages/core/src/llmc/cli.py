@@ -7,6 +7,7 @@ so the CLI and the Python API cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -60,7 +61,7 @@ def _oneshot_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _cmd_oneshot(ns: argparse.Namespace) -> int:
     from llmc import oneshot
 
-    kwargs = {k: v for k, v in vars(ns).items() if k not in ("command", "func")}
+    kwargs = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "debug")}
     oneshot(**kwargs)
     return 0
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress Hugging Face LLMs into compressed-tensors checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"llmc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also LLMC_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     oneshot = commands.add_parser(
@@ -182,11 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, TypeError, LookupError, FileExistsError, FileNotFoundError, OSError)
+
+
+def _debugging(ns: argparse.Namespace) -> bool:
+    return bool(getattr(ns, "debug", False) or os.environ.get("LLMC_DEBUG"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, TypeError, LookupError, FileExistsError, FileNotFoundError, OSError) as exc:
+    except USER_ERRORS as exc:
+        if _debugging(ns):
+            raise
         print(f"llmc {ns.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -198,6 +209,8 @@ def oneshot_main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, TypeError, LookupError, FileExistsError, FileNotFoundError, OSError) as exc:
+    except USER_ERRORS as exc:
+        if _debugging(ns):
+            raise
         print(f"oneshot: error: {exc}", file=sys.stderr)
         return 2
