@@ -300,3 +300,39 @@ def test_the_cli_shows_a_traceback_only_when_debugging(llama_path, tmp_path, cap
     monkeypatch.setenv("LLMC_DEBUG", "1")
     with pytest.raises(ValueError):
         main(args)
+
+
+def test_an_unwritable_output_directory_is_refused_before_any_work(no_model_loading, llama_path, tmp_path, monkeypatch):
+    import llmc.locking
+
+    monkeypatch.setattr(llmc.locking.os, "access", lambda path, mode: False)  # this runs as root
+    with pytest.raises(PermissionError, match="not writable.*nothing was started"):
+        oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "out"))
+    with pytest.raises(PermissionError, match="not writable"):
+        model_free_ptq(llama_path, tmp_path / "mf", "W4A16")
+
+
+def test_a_full_disk_loses_nothing_and_the_rerun_finishes(llama_path, tmp_path, monkeypatch):
+    """ENOSPC injected at the write call: an OS error, no directory that looks complete, the
+    input untouched; with space again, the same command finishes."""
+    import errno
+
+    import transformers.modeling_utils
+
+    from llmc.model_free import shards
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "_write_all", full)
+        with pytest.raises(OSError, match="No space left"):
+            model_free_ptq(llama_path, tmp_path / "mf", "W4A16")
+        m.setattr(transformers.modeling_utils, "safe_save_file", full)
+        with pytest.raises(OSError, match="No space left"):
+            oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "os"))
+    assert not (tmp_path / "mf" / "config.json").exists() and not (tmp_path / "os").exists()
+    assert not list(tmp_path.glob(".os.*")) and not list((tmp_path / "mf").rglob(".*.tmp-*"))
+    model_free_ptq(llama_path, tmp_path / "mf", "W4A16")
+    oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "os"))
+    assert (tmp_path / "mf" / "config.json").exists() and (tmp_path / "os" / "config.json").exists()

@@ -45,6 +45,14 @@ def _stale(owner: dict) -> bool:
     return owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1)))
 
 
+def _refuse_unwritable(output_dir: str | os.PathLike, exc: OSError | None) -> None:
+    raise PermissionError(
+        f"Cannot write {output_dir}: its parent directory is not writable"
+        + (f" ({exc.strerror})" if exc is not None else "")
+        + ". Choose an output directory you can write to; nothing was started."
+    ) from None
+
+
 @contextlib.contextmanager
 def output_lock(output_dir: str | os.PathLike | None) -> Iterator[None]:
     """Hold the output directory's lock for the block (nothing to lock without a directory)."""
@@ -52,12 +60,19 @@ def output_lock(output_dir: str | os.PathLike | None) -> Iterator[None]:
         yield
         return
     path = lock_path(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        _refuse_unwritable(output_dir, exc)
+    if not os.access(path.parent, os.W_OK):
+        _refuse_unwritable(output_dir, None)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)[:500]}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except PermissionError as exc:
+            _refuse_unwritable(output_dir, exc)
         except FileExistsError:
             try:
                 owner = json.loads(path.read_text() or "{}")
