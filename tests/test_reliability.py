@@ -336,3 +336,18 @@ def test_a_full_disk_loses_nothing_and_the_rerun_finishes(llama_path, tmp_path, 
     model_free_ptq(llama_path, tmp_path / "mf", "W4A16")
     oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "os"))
     assert (tmp_path / "mf" / "config.json").exists() and (tmp_path / "os" / "config.json").exists()
+
+
+def test_a_layer_two_config_groups_target_is_named(llama_path, caplog):
+    import logging
+
+    groups = {
+        "int4": {"targets": ["Linear"], "weights": {"num_bits": 4, "group_size": 128}},
+        "int8": {"targets": ["re:.*down_proj$"], "weights": {"num_bits": 8, "strategy": "channel"}},
+    }
+    recipe = {"s": {"q_modifiers": {"QuantizationModifier": {"config_groups": groups, "ignore": ["lm_head"]}}}}
+    with caplog.at_level(logging.WARNING):
+        model = oneshot(model=str(llama_path), recipe=recipe)
+    assert "model.layers.0.mlp.down_proj (and any other module both match) is targeted by config groups 'int8', 'int4'" in caplog.text
+    assert model.model.layers[0].mlp.down_proj.quantization_scheme.weights.num_bits == 8  # the regex wins
+    assert caplog.text.count("is targeted by config groups") == 1

@@ -26,6 +26,7 @@ from llmc.quantization.config import (
     scheme_needs_data,
     validate_observers,
     validate_shapes,
+    warn_overlapping_groups,
     warn_unmatched,
 )
 from llmc.quantization.kv_cache import apply_kv_cache_scheme, attention_modules
@@ -102,6 +103,7 @@ class QuantizationModifier(Modifier):
     def on_initialize(self, state: State) -> None:
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
         warn_unmatched(state.model, targets, self.config.ignore)
+        warn_overlapping_groups(state.model, self.config)
         attention = {n for n, _ in attention_modules(state.model)}
         states = [t for s in self.config.config_groups.values() if s.weights is None for t in s.targets]
         for name, _ in match_named_modules(state.model, states, self.config.ignore):

@@ -171,6 +171,27 @@ def warn_unmatched(model: torch.nn.Module, targets: Iterable[str], ignore: Itera
                 )
 
 
+def warn_overlapping_groups(model: torch.nn.Module, config: QuantizationConfig) -> None:
+    """A module two config groups target gets one scheme (compressed-tensors takes the most
+    specific target: exact name, then regex, then class): say which, once per pair of groups."""
+    from compressed_tensors.utils import match_named_modules, match_targets
+
+    group_of = {t: name for name, scheme in config.config_groups.items() for t in scheme.targets}
+    if len(set(group_of.values())) < 2:
+        return
+    seen: set[tuple[str, ...]] = set()
+    for name, module in match_named_modules(model, list(group_of), config.ignore):
+        targets = match_targets(name, module, list(group_of))
+        groups = tuple(dict.fromkeys(group_of[t] for t in targets))
+        if len(groups) > 1 and groups not in seen:
+            seen.add(groups)
+            logger.warning(
+                "%s (and any other module both match) is targeted by config groups %s; it gets %r's "
+                "scheme (its target %r is the most specific). Narrow the targets if that is not meant.",
+                name, ", ".join(map(repr, groups)), groups[0], targets[0],
+            )
+
+
 def check_weight_shape(name: str, shape: tuple[int, ...], args: QuantizationArgs) -> None:
     """Fail before any work when a weight cannot be split into the scheme's groups."""
     if 0 in shape:
