@@ -145,17 +145,13 @@ def _select(data: Any, args: DatasetArguments, count: int) -> datasets.Dataset:
 
 
 def _texts(data: datasets.Dataset, args: DatasetArguments, tokenizer: Any) -> list[str]:
-    columns = data.column_names
-    if args.text_column in columns:
+    """Each row's text: its text column, else its chat rendered (load_calibration_rows checked
+    that one of them is there)."""
+    if args.text_column in data.column_names:
         return list(data[args.text_column])
-    if "messages" in columns:
-        if getattr(tokenizer, "chat_template", None):
-            return [tokenizer.apply_chat_template(m, tokenize=False) for m in data["messages"]]
-        return ["\n".join(turn["content"] for turn in m) for m in data["messages"]]
-    raise ValueError(
-        f"Dataset has no {args.text_column!r} column (columns: {columns}); set text_column= "
-        "to the column holding the text."
-    )
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template(m, tokenize=False) for m in data["messages"]]
+    return ["\n".join(turn["content"] for turn in m) for m in data["messages"]]
 
 
 Row = dict[str, Any]
@@ -271,6 +267,11 @@ def load_calibration_rows(args: DatasetArguments) -> datasets.Dataset | DataLoad
             f"Dataset has no {args.text_column!r} column (columns: {columns}); set text_column= "
             "to the column holding the text, or give input_ids or messages."
         )
+    if args.use_loss_mask and LOSS_MASK not in columns:
+        raise ValueError(
+            "use_loss_mask=True needs a tokenized dataset with a 'loss_mask' column (1 for the "
+            "tokens that count, 0 for the others, e.g. a chat's prompt); this one has none."
+        )
     if "input_ids" not in columns and args.text_column in columns:
         for index, text in enumerate(selected[args.text_column]):
             if not isinstance(text, str):
@@ -295,11 +296,6 @@ def build_calibration_dataloader(
         rows_ = tokenize(raw, args, processor)
     if not rows_:
         raise ValueError("Calibration data is empty after tokenization.")
-    if args.use_loss_mask and any(LOSS_MASK not in row for row in rows_):
-        raise ValueError(
-            "use_loss_mask=True needs a tokenized dataset with a 'loss_mask' column (1 for the "
-            "tokens that count, 0 for the others, e.g. a chat's prompt); this one has none."
-        )
     logger.info("Calibrating on %d samples of up to %d tokens", len(rows_), args.max_seq_length)
     return DataLoader(
         rows_,
