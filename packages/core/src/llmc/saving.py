@@ -20,7 +20,7 @@ from compressed_tensors.quantization import forward_quantize
 from llmc.locking import output_lock
 from llmc.quantization.calibrate import quantized_modules
 from llmc.quantization.kernels import eager_kernels
-from llmc.quantization.kv_cache import hidden_kv_schemes, kv_cache_args, with_kv_cache_scheme
+from llmc.quantization.kv_cache import kv_schemes_set_aside, with_kv_cache_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ def save_compressed_tensors(
     with eager_kernels():
         if not save_compressed:
             _fake_quantize_weights(model)
-        kv_args = kv_cache_args(model)
-        with hidden_kv_schemes(model):
+        with kv_schemes_set_aside(model) as kv_args:
             compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
             if compressor.quantization_config is not None:
                 compressor.compress_model(model, skip_compressed=True)

@@ -17,7 +17,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from llmc.quantization.observers import global_scale, weight_range
+from llmc.quantization.observers import range_global_scale, weight_range
 
 
 def clip_group_size(args: QuantizationArgs, in_features: int) -> int | None:
@@ -64,8 +64,8 @@ def clip_weight(
     groups = moments.shape[0]
     moments = moments.to(w.device)
     lo, hi = weight_range(w, args)
+    gscale = range_global_scale(lo, hi, args)
     lo, hi = lo.reshape(rows, groups), hi.reshape(rows, groups)
-    gscale = global_scale(w, args)
     best = torch.full((rows, groups), float("inf"), device=w.device)
     ratio = torch.ones((rows, groups), device=w.device)
     for i in range(max(1, int(max_shrink * n_grid))):

@@ -8,14 +8,16 @@ import attrs
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import calculate_qparams
 
-from llmc.quantization.observers import global_scale, weight_qparams
+from llmc.quantization.observers import range_global_scale, weight_range
 
 
 def fake_quantized(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of ``weight`` under ``args`` (what RTN would store)."""
-    gscale = global_scale(weight, args)
-    scale, zero_point = weight_qparams(weight, args, gscale)
+    lo, hi = weight_range(weight, args)  # once, for the global scale and the group scales
+    gscale = range_global_scale(lo, hi, args)
+    scale, zero_point = calculate_qparams(lo, hi, args, global_scale=gscale)
     return fake_quantize(weight, scale, zero_point, args, global_scale=gscale)
 
 

@@ -16,7 +16,7 @@ from compressed_tensors.quantization import (
     QuantizationStatus,
     QuantizationStrategy,
 )
-from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+from compressed_tensors.quantization.utils import calculate_qparams
 
 from llmc.quantization.kv_cache import kv_cache_tap
 from llmc.quantization.observers import (
@@ -25,6 +25,7 @@ from llmc.quantization.observers import (
     flatten_for_calibration,
     global_scale,
     make_observer,
+    range_global_scale,
     weight_qparams,
 )
 
@@ -153,8 +154,9 @@ def quantization_disabled(model: torch.nn.Module) -> Iterator[None]:
 def _write_activation_qparams(
     module: torch.nn.Module, base: str, args: QuantizationArgs, lo: torch.Tensor, hi: torch.Tensor
 ) -> None:
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-        _copy(module, f"{base}_global_scale", generate_gparam(lo.min(), hi.max()))
+    gscale = range_global_scale(lo, hi, args)
+    if gscale is not None:
+        _copy(module, f"{base}_global_scale", gscale)
     else:
         scale, zp = calculate_qparams(lo, hi, args)
         _copy(module, f"{base}_scale", scale)

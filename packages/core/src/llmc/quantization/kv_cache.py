@@ -12,9 +12,10 @@ them there, as the cache would hold them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -130,34 +131,20 @@ def kv_cache_tap(module: torch.nn.Module) -> KVCacheTap | None:
     return getattr(module, TAP_ATTRIBUTE, None)
 
 
-def kv_cache_args(model: torch.nn.Module) -> QuantizationArgs | None:
-    """The KV-cache arguments the model's attention modules were given, if any."""
-    for module in model.modules():
-        if kv_cache_tap(module) is not None:
-            return module.quantization_scheme.input_activations
-    return None
-
-
-class _Hidden:
-    """Attention schemes taken off their modules for a while (see :func:`kv_cache_config`)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.modules = [m for m in model.modules() if kv_cache_tap(m) is not None]
-
-    def __enter__(self) -> None:
-        self.schemes = [m.__dict__.pop("quantization_scheme") for m in self.modules]
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, scheme in zip(self.modules, self.schemes, strict=True):
+@contextlib.contextmanager
+def kv_schemes_set_aside(model: torch.nn.Module) -> Iterator[QuantizationArgs | None]:
+    """Take the attention modules' KV schemes off them for the block, and yield their
+    arguments (None without a KV scheme). compressed-tensors' config inference recognises
+    attention modules by transformers' argument name of the day and would otherwise take
+    one for a quantized layer; the saver adds ``kv_cache_scheme`` to the config itself
+    (:func:`with_kv_cache_scheme`)."""
+    modules = [m for m in model.modules() if kv_cache_tap(m) is not None]
+    schemes = [m.__dict__.pop("quantization_scheme") for m in modules]
+    try:
+        yield schemes[0].input_activations if schemes else None
+    finally:
+        for module, scheme in zip(modules, schemes, strict=True):
             module.quantization_scheme = scheme
-
-
-def hidden_kv_schemes(model: torch.nn.Module) -> _Hidden:
-    """A context in which compressed-tensors' config inference does not see the attention
-    modules' KV schemes: it recognises attention modules by transformers' argument name of
-    the day and would otherwise take one for a quantized layer; the saver adds
-    ``kv_cache_scheme`` to the config itself (:func:`with_kv_cache_scheme`)."""
-    return _Hidden(model)
 
 
 def with_kv_cache_scheme(config: QuantizationConfig | None, args: QuantizationArgs) -> QuantizationConfig:

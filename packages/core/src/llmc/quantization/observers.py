@@ -226,12 +226,19 @@ def weight_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Te
     return observer.min, observer.max
 
 
+def range_global_scale(lo: torch.Tensor, hi: torch.Tensor, args: QuantizationArgs) -> torch.Tensor | None:
+    """The per-tensor global scale of TENSOR_GROUP (NVFP4) schemes for a per-group range,
+    else None."""
+    if args.strategy != QuantizationStrategy.TENSOR_GROUP:
+        return None
+    return generate_gparam(lo.min(), hi.max())
+
+
 def global_scale(value: torch.Tensor, args: QuantizationArgs) -> torch.Tensor | None:
     """The per-tensor global scale of TENSOR_GROUP (NVFP4) schemes, else None."""
     if args.strategy != QuantizationStrategy.TENSOR_GROUP:
         return None
-    lo, hi = weight_range(value, args)
-    return generate_gparam(lo.min(), hi.max())
+    return range_global_scale(*weight_range(value, args), args)
 
 
 def weight_qparams(
