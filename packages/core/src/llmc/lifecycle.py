@@ -46,12 +46,17 @@ class State:
         return self.dataloader
 
 
+# a batch's tokens that count in a modifier's objective (use_loss_mask): popped by the
+# pipelines before the model's forward and handed to the modifiers as State.loss_mask
+LOSS_MASK = "loss_mask"
+
+
 def pop_loss_mask(batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
     """A batch without its ``loss_mask`` (the model takes no such argument), and the mask."""
-    if "loss_mask" not in batch:
+    if LOSS_MASK not in batch:
         return batch, None
     batch = dict(batch)
-    return batch, batch.pop("loss_mask")
+    return batch, batch.pop(LOSS_MASK)
 
 
 @contextlib.contextmanager

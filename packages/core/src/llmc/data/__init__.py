@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmc.args import DatasetArguments
+from llmc.lifecycle import LOSS_MASK
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +156,8 @@ def _texts(data: datasets.Dataset, args: DatasetArguments, tokenizer: Any) -> li
 
 
 Row = dict[str, Any]
-# a batch's tokens that count in a modifier's objective (use_loss_mask): popped by the
-# pipelines before the model's forward and handed to the modifiers as State.loss_mask
-LOSS_MASK = "loss_mask"
 # per-token columns: cut and padded with the row's input_ids
-_TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "loss_mask")
+_TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", LOSS_MASK)
 
 
 def _row(ids: list[int]) -> Row:
@@ -228,7 +226,7 @@ def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[Row]
             ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[i, : len(tokens)] = torch.tensor(row["attention_mask"][: len(tokens)], dtype=torch.long)
             if loss_mask is not None:
-                loss_mask[i, : len(tokens)] = torch.tensor(row["loss_mask"][: len(tokens)], dtype=torch.long)
+                loss_mask[i, : len(tokens)] = torch.tensor(row[LOSS_MASK][: len(tokens)], dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask}
         return batch if loss_mask is None else {**batch, LOSS_MASK: loss_mask}
 
