@@ -64,6 +64,7 @@ class KVCacheTap:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self._module = weakref.ref(module)
+        self.argument = cache_argument(module)  # read once: the hook below runs every forward
         self.hooks: dict[str, list[StateHook]] = {"k": [], "v": []}
         self.cache: Any = None
 
@@ -97,10 +98,8 @@ class KVCacheTap:
 
 def _substitute_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     tap: KVCacheTap = getattr(module, TAP_ATTRIBUTE)
-    name = cache_argument(module)
-    assert name is not None
-    tap.cache = kwargs.get(name)
-    kwargs[name] = tap
+    tap.cache = kwargs.get(tap.argument)
+    kwargs[tap.argument] = tap
     return args, kwargs
 
 
