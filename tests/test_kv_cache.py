@@ -128,3 +128,17 @@ def test_attention_states_through_a_config_group_are_refused(llama_path, tmp_pat
     groups = {"attn": {"targets": ["re:.*self_attn$"], "input_activations": {**FP8_KV, "strategy": "tensor"}}}
     with pytest.raises(ValueError, match="kv_cache_scheme"):
         _run(llama_path, tmp_path, {**FP8_KV, "strategy": "tensor"}, config_groups=groups)
+
+
+def test_the_checkpoint_reloads_through_the_decompressor_with_its_kv_scales(llama_path, tmp_path):
+    """llmc.evaluation.load_decompressed (what the benchmarks score) puts the k/v scales back
+    and runs with the keys and values quantized, whatever the installed transformers reloads."""
+    from llmc.evaluation import load_decompressed
+
+    _, _, tensors = _run(llama_path, tmp_path, {**FP8_KV, "strategy": "attn_head"}, scheme="W8A16", ignore=["lm_head"])
+    model = load_decompressed(tmp_path / "out", dtype=torch.float32, via_transformers=False)
+    attn = model.model.layers[1].self_attn
+    torch.testing.assert_close(attn.v_scale.float(), tensors["model.layers.1.self_attn.v_scale"].float())
+    out = model(torch.tensor([_samples()[0]]), use_cache=True)
+    values = out.past_key_values.layers[1].values.float() / attn.v_scale.float()
+    torch.testing.assert_close(values.to(torch.float8_e4m3fn).float(), values)

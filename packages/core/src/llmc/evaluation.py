@@ -81,6 +81,7 @@ def load_decompressed(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmc.patches import matching_patches
+    from llmc.quantization.kv_cache import apply_kv_cache_scheme
 
     if via_transformers:
         try:
@@ -97,6 +98,8 @@ def load_decompressed(
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
     for patch in matching_patches(model):
         patch.apply(model)
+    if config.kv_cache_scheme is not None:  # k/v scales to load, and keys and values quantized as served
+        apply_kv_cache_scheme(model, config.kv_cache_scheme)
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(checkpoint.glob("*.safetensors")):
         tensors.update(load_file(shard))
