@@ -131,6 +131,10 @@ def test_missing_mappings_error(tmp_path):
 
     tiny.build_tokenizer(2048).save_pretrained(path)
     with pytest.raises(ValueError, match="(?s)No default awq mappings for GPT2LMHeadModel.*Pass mappings="):
+        # GPT-2's Conv1D layers are no Linear: only allowed, the run gets as far as its mappings
+        oneshot(model=str(path), recipe={"s": {"quant_modifiers": {"AWQModifier": {"ignore": ["lm_head"]}}}},
+                allow_unmatched_targets=True, **DATA)
+    with pytest.raises(ValueError, match=r"select no module of GPT2LMHeadModel.*Conv1D"):
         oneshot(model=str(path), recipe={"s": {"quant_modifiers": {"AWQModifier": {"ignore": ["lm_head"]}}}}, **DATA)
 
 

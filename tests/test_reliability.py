@@ -351,3 +351,23 @@ def test_a_layer_two_config_groups_target_is_named(llama_path, caplog):
     assert "model.layers.0.mlp.down_proj (and any other module both match) is targeted by config groups 'int8', 'int4'" in caplog.text
     assert model.model.layers[0].mlp.down_proj.quantization_scheme.weights.num_bits == 8  # the regex wins
     assert caplog.text.count("is targeted by config groups") == 1
+
+
+def test_targets_that_select_nothing_are_refused_unless_allowed(llama_path, tmp_path, caplog):
+    """A recipe whose targets select no module would write a full-precision checkpoint."""
+    import logging
+
+    recipe = {"s": {"q_modifiers": {"QuantizationModifier": {"targets": ["re:.*q_prj$"], "scheme": "W4A16"}}}}
+    with pytest.raises(ValueError, match=r"select no module of LlamaForCausalLM.*allow_unmatched_targets"):
+        oneshot(model=str(llama_path), recipe=recipe, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    everything_ignored = quant_recipe("W4A16", ignore=("lm_head", "re:.*proj$"))
+    with pytest.raises(ValueError, match="nothing would be quantized"):
+        oneshot(model=str(llama_path), recipe=everything_ignored)
+    with caplog.at_level(logging.WARNING):
+        model = oneshot(model=str(llama_path), recipe=recipe, allow_unmatched_targets=True)
+    assert "nothing would be quantized" in caplog.text
+    assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
+    with pytest.raises(ValueError, match=r"select no weight of .*model\.layers\.0\."):
+        model_free_ptq(llama_path, tmp_path / "mf", "W4A16", ignore=["lm_head", "re:.*proj$"])
+    assert not (tmp_path / "mf").exists()

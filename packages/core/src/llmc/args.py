@@ -64,6 +64,7 @@ class RecipeArguments:
     recipe: Any = attrs.field(default=None, metadata=_help("Recipe: YAML path or string, a modifier, or a list of modifiers"))
     recipe_args: list[str] | dict[str, Any] | None = attrs.field(default=None, metadata=_help("Recipe overrides as key=value"))
     stage: str | None = attrs.field(default=None, metadata=_help("Run only this recipe stage"))
+    allow_unmatched_targets: bool = attrs.field(default=False, metadata=_help("Run a quantizing modifier whose targets select no module of the model (it then quantizes nothing) instead of refusing"))
 
     @recipe_args.validator
     def _check_recipe_args(self, attribute: attrs.Attribute, value: Any) -> None:
@@ -126,6 +127,8 @@ class OutputArguments:
     saver: str = attrs.field(default="compressed-tensors", metadata=_help("Registered saver that writes the checkpoint"))
     quantization_format: str | None = attrs.field(default=None, metadata=_help("compressed-tensors format for every quantized module (default: inferred per scheme)"))
     clear_sparse_session: bool = attrs.field(default=False, metadata=_help("Accepted for llm-compressor scripts; llmc keeps no session between calls"))
+    resume: bool = attrs.field(default=True, metadata=_help("Keep the sequential pipeline's progress beside output_dir, so that the same command after a crash continues from the last saved layer"))
+    resume_interval: float = attrs.field(default=60.0, validator=v.ge(0), metadata=_help("Seconds between saves of that progress (never more than a tenth of the run's time); 0: after every layer"))
 
 
 GROUPS: tuple[type, ...] = (

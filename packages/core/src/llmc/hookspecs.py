@@ -23,7 +23,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from llmc.state import State
+    from llmc.lifecycle import State
 
 PROJECT = "llmc"
 

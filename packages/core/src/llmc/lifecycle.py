@@ -15,6 +15,7 @@ from llmc.plugins import registered_modifiers
 if TYPE_CHECKING:
     from llmc.args import PipelineArguments
     from llmc.modifiers.base import Modifier
+    from llmc.resume import ResumeStore
 
 
 @attrs.define
@@ -35,6 +36,12 @@ class State:
     # with use_loss_mask, the (batch, tokens) mask of the batch running now, set by the
     # pipeline before each batch's forward: 1 where a token counts in a modifier's objective
     loss_mask: torch.Tensor | None = None
+    # where the sequential pipeline keeps per-layer progress for a rerun to resume from
+    # (beside output_dir; None: no output, or resume=False)
+    progress: ResumeStore | None = None
+    # a quantizing modifier whose targets select nothing only warns (oneshot's
+    # allow_unmatched_targets); by default it is refused, as it would quantize nothing
+    allow_unmatched_targets: bool = False
 
     def require_data(self, who: str) -> Iterable[dict[str, Any]]:
         if self.dataloader is None:

@@ -243,10 +243,26 @@ class AWQModifier(QuantizationModifier):
             self._done.add(name)
             module.quantization_enabled = True
 
-    def _process(self, mappings: list[ResolvedMapping]) -> None:
+    def on_sequential_layer_restored(
+        self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
+    ) -> None:
+        prefix = layer_name + "."
+        self._process([m for m in self._resolved if m.smooth_name.startswith(prefix)], apply=False)
+        for name, module in self._modules:
+            if name.startswith(prefix):
+                self._done.add(name)
+                module.quantization_enabled = True
+
+    def _process(self, mappings: list[ResolvedMapping], apply: bool = True) -> None:
+        """Scale (and clip) for ``mappings``, or only forget their statistics (``apply=False``:
+        a resumed run restored their layer)."""
         for mapping in mappings:
             self._resolved.remove(mapping)
-            self._apply(mapping)
+            if apply:
+                self._apply(mapping)
+            else:
+                for statistics in (self._x_sum, self._x_count, self._moments):
+                    statistics.pop(mapping.smooth_name, None)
         for parent in {_parent_name(m.balance_names) for m in mappings}:
             if not any(_parent_name(m.balance_names) == parent for m in self._resolved):
                 self._inputs.pop(parent, None)

@@ -104,6 +104,14 @@ class GPTQModifier(QuantizationModifier):
         inside = [(n, m) for n, m in self._modules if n.startswith(prefix) and m in self._names]
         self._solve(inside)
 
+    def on_sequential_layer_restored(
+        self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
+    ) -> None:
+        super().on_sequential_layer_restored(state, layer_name, layer, saved)
+        for name, module in self._modules:
+            if name.startswith(layer_name + ".") and self._names.pop(module, None) is not None:
+                self._mark_solved(module)
+
     def on_calibration_end(self, state: State) -> None:
         # modules outside every sequential target (or all of them, on the basic pipeline)
         self._solve([(n, m) for n, m in self._modules if m in self._names])
@@ -116,17 +124,22 @@ class GPTQModifier(QuantizationModifier):
             module.quantization_enabled = True
         super().on_finalize(state)
 
+    @staticmethod
+    def _mark_solved(module: torch.nn.Module) -> None:
+        # A solved weight already holds its quantized values: fake-quantizing it again on
+        # every propagation forward would change nothing, so only activation schemes
+        # re-enable quantization here.
+        scheme = module.quantization_scheme
+        module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
+
     def _solve(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         """Solve ``modules``, as few solves as their Hessians allow (see :mod:`llmc_gptq.batching`)."""
         assert self._hessians is not None
         pending: list[tuple[str, torch.nn.Module]] = []
         for name, module in modules:
             self._names.pop(module, None)
+            self._mark_solved(module)
             scheme = module.quantization_scheme
-            # A solved weight already holds its quantized values: fake-quantizing it again
-            # on every propagation forward would change nothing, so only activation
-            # schemes re-enable quantization here.
-            module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
             if scheme.weights is None:
                 continue
             if self._hessians.owner.get(module) is None:

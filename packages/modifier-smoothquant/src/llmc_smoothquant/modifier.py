@@ -80,6 +80,13 @@ class SmoothQuantModifier(Modifier):
         self._batches = 0  # the sequential pipeline replays the calibration batches per layer
         self._smooth([m for m in self._resolved if m.smooth_name.startswith(layer_name + ".")])
 
+    def on_sequential_layer_restored(
+        self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
+    ) -> None:
+        for mapping in [m for m in self._resolved if m.smooth_name.startswith(layer_name + ".")]:
+            self._resolved.remove(mapping)
+            self._max.pop(mapping.smooth_name, None)
+
     def on_calibration_end(self, state: State) -> None:
         self._smooth(list(self._resolved))
         for handle in self._handles:

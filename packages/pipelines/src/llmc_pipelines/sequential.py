@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from llmc.lifecycle import State, lifecycle, pop_loss_mask
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import quantization_disabled
+from llmc.resume import SequentialProgress
 from llmc_pipelines.basic import to_device
 from llmc_pipelines.onloading import Onloader, lazily_onloaded
-from llmc_pipelines.transfers import Chunk, Transfers, same_tree
+from llmc_pipelines.transfers import Chunk, Transfers, batches, same_tree
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,48 @@ class _PhaseClock:
         return ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items())
 
 
+def _progress(
+    state: State, modifiers: Sequence[Modifier], layers: list[tuple[str, torch.nn.Module]]
+) -> SequentialProgress | None:
+    """This run's saved progress, if the command keeps any and every modifier can resume."""
+    if state.progress is None:
+        return None
+    unable = [type(m).__name__ for m in modifiers if not m.resumable()]
+    if unable:
+        logger.info("%s cannot resume a crashed run: this pipeline keeps no progress.", ", ".join(unable))
+        state.progress.skip_run()
+        return None
+    return state.progress.sequential_run([name for name, _ in layers])
+
+
+def _restore(
+    state: State,
+    modifiers: Sequence[Modifier],
+    layers: list[tuple[str, torch.nn.Module]],
+    progress: SequentialProgress,
+    transfers: Transfers,
+) -> list[Chunk]:
+    """Load the finished layers a crashed run saved, tell the modifiers, and return the saved
+    inputs of the next layer (none when every layer is done)."""
+    logger.info("Resuming: %d of %d layers were finished by an earlier run (%s).", progress.done, len(layers), progress.root)
+    for index in range(progress.done):
+        name, layer = layers[index]
+        saved = progress.restore_layer(index, layer)
+        for position, modifier in enumerate(modifiers):
+            modifier.on_sequential_layer_restored(state, name, layer, saved.get(position, {}))
+    chunks: list[Chunk] = []
+    if progress.done < len(layers):
+        for batch in progress.hidden():
+            transfers.append(chunks, batch)
+        transfers.synchronize()
+    return chunks
+
+
+def _kept(state: State, modifiers: Sequence[Modifier], layer_name: str) -> dict[int, dict[str, torch.Tensor]]:
+    """What each modifier (by position) keeps of a finished layer."""
+    return {i: m.sequential_layer_state(state, layer_name) for i, m in enumerate(modifiers)}
+
+
 def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     loader = state.require_data("The sequential pipeline")
     args = state.pipeline_args
@@ -327,10 +370,15 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
             masked = any(m is not None for m in masks)
             hidden, calls = capture.hidden, capture.calls
             del capture
+            progress = _progress(state, modifiers, layers)
+            start = progress.done if progress is not None else 0
+            if start:
+                hidden = _restore(state, modifiers, layers, progress, transfers)
             disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
             with disabled:
                 for index, (name, layer) in enumerate(
-                    tqdm(layers, desc="Calibrating layers", unit="layer")
+                    tqdm(layers[start:], desc="Calibrating layers", unit="layer", initial=start, total=len(layers)),
+                    start=start,
                 ):
                     layer_calls = [batch_calls[index] for batch_calls in calls]
                     last = index + 1 == len(layers)  # nothing reads the last target's outputs
@@ -373,6 +421,11 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     logger.debug("%s: %s", name, clock)
                     if outputs is not None:
                         hidden = outputs
+                    if progress is not None:
+                        modules, inputs = [m for _, m in layers], None if last else batches(hidden)
+                        if progress.due(index + 1, modules, inputs):
+                            transfers.synchronize()
+                            progress.save(index + 1, modules, lambda k: _kept(state, modifiers, layers[k][0]), inputs)
         finally:
             onloader.close()
             transfers.synchronize()

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+import attrs
 import torch
 from transformers import PreTrainedModel
 
@@ -26,6 +27,7 @@ from llmc.pipelines import resolve_pipelines, run_pipeline
 from llmc.plugins import PluginNotFoundError, Registry, get_registry
 from llmc.quantization.targets import quantizes_output_embeddings
 from llmc.recipe import Recipe
+from llmc.resume import ResumeStore, fingerprint
 from llmc.saving import (
     atomic_directory,
     check_output_apart_from_model,
@@ -66,6 +68,23 @@ def _execution_device(name: str | None) -> torch.device:
     return device
 
 
+def _open_progress(args: OneshotArguments, recipe: Recipe, device: torch.device) -> ResumeStore | None:
+    """Where a crashed run's layers are kept for the same command to resume (beside output_dir)."""
+    if args.output.output_dir is None:
+        return None
+    identity = None
+    if args.output.resume:
+        arguments = {
+            **attrs.asdict(args.model, recurse=False),
+            **attrs.asdict(args.dataset, recurse=False),
+            **attrs.asdict(args.pipeline, recurse=False),
+            "recipe_args": args.recipe.recipe_args,
+            "stage": args.recipe.stage,
+        }
+        identity = fingerprint(arguments, recipe.to_yaml(), device)
+    return ResumeStore.open(args.output.output_dir, identity, args.output.resume_interval, enabled=args.output.resume)
+
+
 def oneshot(**kwargs: Any) -> PreTrainedModel:
     args = parse_oneshot_args(**kwargs)
     handler = logs.configure(args.output.log_dir)
@@ -97,6 +116,8 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
     device = _execution_device(args.pipeline.device)
     rows = load_calibration_rows(args.dataset) if has_data else None  # before the model: fails fast
 
+    progress = _open_progress(args, recipe, device)
+
     modifiers = [m for stage in recipe.stages for m in stage.modifiers]
     model, processor = preprocess(args.model, lambda model: quantizes_output_embeddings(model, modifiers))
     check_fused_weights(model, modifiers, args.model.allow_unquantized_fused_weights)
@@ -115,6 +136,8 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
                 processor=processor,
                 stage=stage.name,
                 stage_modifiers=tuple(stage.modifiers),
+                progress=progress,
+                allow_unmatched_targets=args.recipe.allow_unmatched_targets,
             )
             run_pipeline(pipeline, state, stage.modifiers)
     logger.info("Calibration finished in %.1f s", time.perf_counter() - started)
@@ -133,5 +156,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
                 **extra,
             )
         logger.info("Saved to %s", args.output.output_dir)
+        if progress is not None:
+            progress.remove()
     patch_save_pretrained(model, recipe.to_yaml())  # for users who save by hand afterwards
     return model

@@ -345,6 +345,13 @@ def _process(
     if out.is_dir() and (removed := remove_partial_files(out)):
         logger.info("Removed %d half-written file(s) an interrupted run left: %s", len(removed), ", ".join(removed[:3]))
     kinds = sorted(set().union(*_run_jobs(validate, jobs, max_workers, "Validating")), key=str)
+    if config is not None and not kinds:
+        targets = sorted({t for scheme in groups.values() for t in scheme.targets})
+        raise ValueError(
+            f"The scheme's targets {targets} (ignore {list(config.ignore or [])}) select no weight of "
+            f"{root}: the output would not be quantized at all. Check the ignore patterns (module "
+            f"names look like {_example_module(checkpoint.weight_map)}) or the scheme."
+        )
     # the warm-up overlaps the file copies and the first reads
     warmed = _warm_device([(groups[g], shape, dtype) for g, shape, dtype in kinds], exec_device)
     device_lock = threading.Lock() if exec_device.type == "cuda" else contextlib.nullcontext()
@@ -403,6 +410,11 @@ def _process(
     summary.seconds = time.perf_counter() - start
     logger.info("model_free: %s -> %s: %s", root, out, summary)
     return summary
+
+
+def _example_module(tensor_names: Iterable[str]) -> str:
+    matrices = [n.rpartition(".")[0] for n in tensor_names if n.endswith(".weight") and "proj" in n]
+    return matrices[0] if matrices else next(iter(tensor_names), "?").rpartition(".")[0]
 
 
 def _warn_unmatched_ignore(ignore: Iterable[str], tensor_names: Iterable[str]) -> None:

@@ -55,6 +55,26 @@ class Modifier:
 
     def on_finalize(self, state: State) -> None: ...
 
+    # --- resuming a crashed run (optional) ------------------------------------
+    def sequential_layer_state(self, state: State, layer_name: str) -> dict[str, torch.Tensor]:
+        """What this modifier keeps of a finished sequential target beyond the target's own
+        parameters and buffers (which the pipeline saves): e.g. observed activation ranges
+        it still reads at calibration end. Handed back to :meth:`on_sequential_layer_restored`."""
+        return {}
+
+    def on_sequential_layer_restored(
+        self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
+    ) -> None:
+        """Called, instead of calibrating the target and :meth:`on_sequential_layer_end`, for a
+        target a resumed run restored (its tensors are loaded already). Do the bookkeeping
+        ``on_sequential_layer_end`` would have done (mark its modules done, drop their
+        accumulators), nothing more. A modifier that does not override this is not
+        resumable: a pipeline running it starts over and keeps no progress."""
+        raise NotImplementedError
+
+    def resumable(self) -> bool:
+        return type(self).on_sequential_layer_restored is not Modifier.on_sequential_layer_restored
+
     def handles(self, hook_name: str) -> bool:
         """Whether this modifier acts on hook ``hook_name``: whether its class overrides it, or
         the ``on_*`` method it forwards to.

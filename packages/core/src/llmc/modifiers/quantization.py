@@ -6,6 +6,7 @@ import logging
 from typing import Any, ClassVar
 
 import attrs
+import torch
 from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 from compressed_tensors.utils import match_named_modules
 
@@ -22,6 +23,7 @@ from llmc.quantization.config import (
     apply_observer_overrides,
     as_list,
     build_config,
+    check_targets_select,
     resolve_config_groups,
     scheme_needs_data,
     validate_observers,
@@ -103,6 +105,9 @@ class QuantizationModifier(Modifier):
     def on_initialize(self, state: State) -> None:
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
         warn_unmatched(state.model, targets, self.config.ignore)
+        check_targets_select(
+            state.model, targets, self.config.ignore, type(self).__name__, state.allow_unmatched_targets
+        )
         warn_overlapping_groups(state.model, self.config)
         attention = {n for n, _ in attention_modules(state.model)}
         states = [t for s in self.config.config_groups.values() if s.weights is None for t in s.targets]
@@ -125,8 +130,6 @@ class QuantizationModifier(Modifier):
         check_finite(
             (f"{name}.weight", m.weight) for name, m in self._modules if m.quantization_scheme.weights is not None
         )
-        if not self._modules:
-            logger.warning("%s matched no module: nothing will be quantized.", type(self).__name__)
 
     def on_calibration_start(self, state: State) -> None:
         calibrate_weights(self._modules, state.device)
@@ -138,6 +141,14 @@ class QuantizationModifier(Modifier):
 
     def on_finalize(self, state: State) -> None:
         freeze(self._modules)
+
+    def sequential_layer_state(self, state: State, layer_name: str) -> dict[str, torch.Tensor]:
+        return self._observers.ranges(layer_name + ".")
+
+    def on_sequential_layer_restored(
+        self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
+    ) -> None:
+        self._observers.restore(saved, state.device)
 
 
 def __getattr__(name: str) -> Any:

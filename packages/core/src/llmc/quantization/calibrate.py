@@ -246,6 +246,25 @@ class ActivationObservers:
         assert self._last_statistics is not None
         return self._last_statistics
 
+    def ranges(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The ranges observed so far of every value of the modules under ``prefix`` (a
+        finished layer's, which a resumed run restores with :meth:`restore`)."""
+        kept: dict[str, torch.Tensor] = {}
+        for entry in self._observed:
+            if entry.name.startswith(prefix) and entry.observer.seen:
+                kept[f"{entry.name}.{entry.base}.min"] = entry.observer.min
+                kept[f"{entry.name}.{entry.base}.max"] = entry.observer.max
+        return kept
+
+    def restore(self, ranges: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Ranges :meth:`ranges` gave, as if observed on ``device`` (the module's qparams are
+        restored apart)."""
+        for entry in self._observed:
+            key = f"{entry.name}.{entry.base}"
+            if f"{key}.min" in ranges:
+                entry.observer.min = ranges[f"{key}.min"].to(device)
+                entry.observer.max = ranges[f"{key}.max"].to(device)
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -171,6 +171,31 @@ def warn_unmatched(model: torch.nn.Module, targets: Iterable[str], ignore: Itera
                 )
 
 
+def check_targets_select(
+    model: torch.nn.Module, targets: list[str], ignore: list[str], who: str, allow: bool
+) -> None:
+    """Refuse targets that, less ``ignore``, select no module: the checkpoint would come out
+    unquantized (a warning instead where the caller allows it)."""
+    from compressed_tensors.utils import match_named_modules
+
+    if not targets or next(iter(match_named_modules(model, targets, ignore)), None) is not None:
+        return
+    weighted = [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2
+        and not isinstance(m, torch.nn.Embedding)
+    ]
+    classes = sorted({type(m).__name__ for _, m in weighted})
+    message = (
+        f"{who}'s targets {targets} (ignore {ignore}) select no module of {type(model).__name__}: "
+        f"nothing would be quantized. Its classes with weight matrices are {', '.join(classes) or 'none'}; "
+        f"module names look like {weighted[0][0] if weighted else '?'}."
+    )
+    if not allow:
+        raise ValueError(message + " Fix targets or ignore, or pass allow_unmatched_targets=True to run anyway.")
+    logger.warning(message)
+
+
 def warn_overlapping_groups(model: torch.nn.Module, config: QuantizationConfig) -> None:
     """A module two config groups target gets one scheme (compressed-tensors takes the most
     specific target: exact name, then regex, then class): say which, once per pair of groups."""
