@@ -424,7 +424,8 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     if progress is not None:
                         modules, inputs = [m for _, m in layers], None if last else batches(hidden)
                         if progress.due(index + 1, modules, inputs):
-                            transfers.synchronize()
+                            onloader.settle()  # the finished layers' tensors are home
+                            transfers.synchronize()  # and the next layer's inputs stored
                             progress.save(index + 1, modules, lambda k: _kept(state, modifiers, layers[k][0]), inputs)
         finally:
             onloader.close()
