@@ -351,6 +351,7 @@ def test_a_layer_two_config_groups_target_is_named(llama_path, caplog):
     assert "model.layers.0.mlp.down_proj (and any other module both match) is targeted by config groups 'int8', 'int4'" in caplog.text
     assert model.model.layers[0].mlp.down_proj.quantization_scheme.weights.num_bits == 8  # the regex wins
     assert caplog.text.count("is targeted by config groups") == 1
+    assert "match" not in caplog.text.replace("both match", "")  # no pattern is said to match nothing
 
 
 def test_targets_that_select_nothing_are_refused_unless_allowed(llama_path, tmp_path, caplog):

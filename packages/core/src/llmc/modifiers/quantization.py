@@ -20,6 +20,7 @@ from llmc.quantization.calibrate import (
     initialized_modules,
 )
 from llmc.quantization.config import (
+    accurate_match_warnings,
     apply_observer_overrides,
     as_list,
     build_config,
@@ -120,9 +121,10 @@ class QuantizationModifier(Modifier):
         if not self.bypass_divisibility_checks:
             validate_shapes(state.model, self.config)
         # the KV cache is llmc's to hook (see llmc.quantization.kv_cache), not compressed-tensors'
-        apply_quantization_config(
-            state.model, self.config.model_copy(update={"kv_cache_scheme": None}), show_progress=False
-        )
+        with accurate_match_warnings():
+            apply_quantization_config(
+                state.model, self.config.model_copy(update={"kv_cache_scheme": None}), show_progress=False
+            )
         if self.config.kv_cache_scheme is not None:
             apply_kv_cache_scheme(state.model, self.config.kv_cache_scheme)
         # Modules frozen by an earlier stage keep their parameters.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -169,6 +170,23 @@ def warn_unmatched(model: torch.nn.Module, targets: Iterable[str], ignore: Itera
                     pattern,
                     type(model).__name__,
                 )
+
+
+@contextlib.contextmanager
+def accurate_match_warnings() -> Iterator[None]:
+    """Silence compressed-tensors' "Could not match" warnings for the block: it names a target
+    as unmatched when an earlier target of the list matched its modules first (a regex after
+    ``Linear``); :func:`warn_unmatched` says which patterns really match nothing."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Could not match")
+
+    match_logger = logging.getLogger("compressed_tensors.utils.match")
+    match_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        match_logger.removeFilter(keep)
 
 
 def check_targets_select(
