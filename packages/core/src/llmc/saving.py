@@ -21,6 +21,7 @@ from llmc.locking import output_lock
 from llmc.quantization.calibrate import quantized_modules
 from llmc.quantization.kernels import eager_kernels
 from llmc.quantization.kv_cache import kv_schemes_set_aside, with_kv_cache_scheme
+from llmc.reloading import settle_config
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def save_compressed_tensors(
     model.save_pretrained(output_dir, **save_kwargs)
     copy_python_files(model, output_dir)
     compressor.update_config(str(output_dir))
+    settle_config(Path(output_dir, "config.json"))
     if processor is not None:
         processor.save_pretrained(output_dir)
     if recipe_yaml is not None:

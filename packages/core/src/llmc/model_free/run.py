@@ -43,6 +43,7 @@ from llmc.model_free.shards import (
 )
 from llmc.patches import checkpoint_converters
 from llmc.quantization.config import as_list, build_config, resolve_config_groups, scheme_needs_data
+from llmc.reloading import settle_config
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +463,7 @@ def _write_config(root: Path, out: Path, config: QuantizationConfig | None, conv
     (staging / CONFIG_NAME).write_text(json.dumps(model_config))
     if qconfig is not None:
         ModelCompressor(quantization_config=qconfig).update_config(str(staging))
+        settle_config(staging / CONFIG_NAME)
     os.replace(staging / CONFIG_NAME, out / CONFIG_NAME)
     shutil.rmtree(staging, ignore_errors=True)
 
