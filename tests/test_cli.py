@@ -44,10 +44,12 @@ def test_oneshot_from_yaml(llama_path, tmp_path):
     recipe.write_text("q_stage:\n  q_modifiers:\n    QuantizationModifier:\n      scheme: W8A16\n      ignore: [lm_head]\n")
     out = tmp_path / "out"
     code = main(["oneshot", "--model", str(llama_path), "--recipe", str(recipe), "--output_dir", str(out),
-                 "--save_compressed", "true", "--recipe_args", "unused=1"])
+                 "--save_compressed", "true", "--recipe_args", "q_stage.q_modifiers.QuantizationModifier.scheme=W4A16"])
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert main(["oneshot", "--model", str(llama_path), "--recipe", str(recipe), "--recipe_args", "unused=1"]) == 2
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -72,3 +74,23 @@ def test_console_scripts_are_installed():
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts["llmc"] == "llmc.cli:main" and scripts["oneshot"] == "llmc.cli:oneshot_main"
+
+
+def test_oneshot_shows_its_real_arguments_and_the_stub_is_current():
+    """help(), IDEs and type checkers see oneshot's keyword arguments: the runtime signature
+    and the written stub both come from the argument classes."""
+    import inspect
+    from pathlib import Path
+
+    import llmc
+    from llmc.args import all_field_names, stub
+
+    params = inspect.signature(llmc.oneshot).parameters
+    assert list(params) == all_field_names()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    assert params["num_calibration_samples"].default == 512 and params["model"].default is inspect.Parameter.empty
+    assert "max_seq_length: Tokens per sample" in llmc.oneshot.__doc__
+    written = Path(llmc.__file__).with_suffix(".pyi").read_text()
+    assert written == stub(), "regenerate it: python -m llmc.args > packages/core/src/llmc/__init__.pyi"
+    with pytest.raises(TypeError, match=r"oneshot\(\) is missing the required argument model \(Hugging Face"):
+        llmc.oneshot(recipe="unused")

@@ -195,3 +195,31 @@ def test_a_callable_data_collator_gets_the_rows(tokenizer, llama_path, tmp_path)
     oneshot(model=str(llama_path), dataset=texts, recipe=quant_recipe("W4A16", modifier="GPTQModifier"),
             data_collator=first_row, num_calibration_samples=3, max_seq_length=16, output_dir=str(tmp_path / "o"))
     assert len(seen) > 1 and (tmp_path / "o" / "config.json").exists()
+
+
+def test_the_hub_is_asked_as_huggingface_hub_asks_it(monkeypatch):
+    """HF_HUB_OFFLINE means no request at all; otherwise huggingface_hub's own session (its
+    endpoint, proxies, headers) asks, not a raw socket."""
+    import huggingface_hub.utils
+    from huggingface_hub import constants
+
+    from llmc.data import hub_reachable
+
+    asked = []
+
+    class Session:
+        def __init__(self, fails: bool) -> None:
+            self.fails = fails
+
+        def head(self, url, timeout):
+            asked.append(url)
+            if self.fails:
+                raise OSError("unreachable")
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session(fails=False))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not hub_reachable() and asked == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert hub_reachable() and asked == [constants.ENDPOINT]
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session(fails=True))
+    assert not hub_reachable()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llmc.entrypoints.oneshot as entry
-from llmc import oneshot
+from llmc import oneshot, tiny
 from llmc.modifiers.quantization import QuantizationModifier
 from tests.conftest import ARCHS
 from tests.helpers import quant_recipe
@@ -219,8 +219,19 @@ def test_manual_save_pretrained_after_oneshot(llama_path, tmp_path, sample_ids):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(sample_ids).logits, expected, atol=1e-4, rtol=1e-4)
-    with pytest.raises(FileExistsError):
-        model.save_pretrained(out)  # never writes over a non-empty directory
+    # like transformers: a second save writes into the directory, keeps what else is there
+    # (a tokenizer saved first), and drops the shards of the earlier save it does not hold
+    tiny.build_tokenizer(2048).save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="1MB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    model.save_pretrained(out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample_ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert not list(tmp_path.glob(".manual*"))  # no temporary or lock left beside it
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "above"])

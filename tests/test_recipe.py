@@ -62,6 +62,10 @@ def test_recipe_args_override_variables_and_paths():
         Recipe.load(text, recipe_args=["q_stage.nothing.here=1"])
     with pytest.raises(RecipeError, match="key=value"):
         Recipe.load(text, recipe_args=["novalue"])
+    with pytest.raises(RecipeError, match="'foo' is no variable of the recipe \\(its variables: bits_scheme\\)"):
+        Recipe.load(text, recipe_args=["foo=1"])  # it was accepted, and changed nothing
+    undeclared = "q_modifiers:\n  QuantizationModifier:\n    scheme: eval(bits)\n"
+    assert Recipe.load(undeclared, recipe_args=["bits=W8A16"]).modifiers[0].scheme == "W8A16"
     with pytest.raises(RecipeError, match="references 'missing'"):
         Recipe.load("q_modifiers:\n  QuantizationModifier:\n    scheme: eval(missing)\n")
 

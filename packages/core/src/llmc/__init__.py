@@ -12,13 +12,23 @@ __all__ = ["oneshot", "model_free_ptq", "reindex_fused_weights", "__version__"]
 
 
 def oneshot(**kwargs: Any):
-    """Load a model, run a recipe of modifiers over calibration data, save it.
-
-    Takes llm-compressor's oneshot arguments; see :mod:`llmc.args`.
-    """
     from llmc.entrypoints.oneshot import oneshot as _oneshot
 
     return _oneshot(**kwargs)
+
+
+def _describe_oneshot() -> None:
+    """help(llmc.oneshot) and interactive completion show the real keyword arguments (static
+    tools read them from ``__init__.pyi``), built from the argument classes."""
+    import inspect
+
+    from llmc.args import oneshot_doc, oneshot_parameters
+
+    oneshot.__signature__ = inspect.Signature(oneshot_parameters())  # type: ignore[attr-defined]
+    oneshot.__doc__ = oneshot_doc()
+
+
+_describe_oneshot()
 
 
 def model_free_ptq(*args: Any, **kwargs: Any):

@@ -7,15 +7,17 @@ so the CLI and the Python API cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
 from llmc import __version__
-from llmc.args import GROUPS
+from llmc.args import GROUPS, all_field_names
 
 _TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
@@ -29,11 +31,14 @@ def _bool(text: str) -> bool:
 
 def _add_field(parser: argparse.ArgumentParser, field: attrs.Attribute) -> None:
     kind = str(field.type)
-    help_text = field.metadata.get("help", "")
+    # what the shell can pass (no loaded model, Dataset or DataLoader objects)
+    help_text = field.metadata.get("cli_help") or field.metadata.get("help", "")
     default = field.default if not isinstance(field.default, attrs.Factory) else None  # type: ignore[arg-type]
     if default is not attrs.NOTHING and default is not None:
         help_text += f" (default: {default})"
     options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+    if default is attrs.NOTHING:
+        options["required"] = True
     if kind.startswith("bool"):
         options.update(type=_bool, nargs="?", const=True, metavar="BOOL")
     elif kind.startswith("int"):
@@ -58,10 +63,19 @@ def _oneshot_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+_GLOBAL_OPTIONS = ("command", "func", "debug", "log_level")
+
+
 def _cmd_oneshot(ns: argparse.Namespace) -> int:
+    import logging
+
     from llmc import oneshot
 
-    kwargs = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "debug")}
+    kwargs = {k: v for k, v in vars(ns).items() if k not in _GLOBAL_OPTIONS}
+    if kwargs.get("output_dir") is None:
+        logging.getLogger("llmc").warning(
+            "No --output_dir: the compressed model will not be saved anywhere (the Python API returns it)."
+        )
     oneshot(**kwargs)
     return 0
 
@@ -90,21 +104,17 @@ def _cmd_plugins(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from llmc import logs
     from llmc.demo import run_demo
 
-    logs.configure()
     result = run_demo(workdir=ns.workdir, scheme=ns.scheme)
     print(result.table())
     return 0
 
 
 def _cmd_model_free_ptq(ns: argparse.Namespace) -> int:
-    from llmc import logs
     from llmc.model_free import model_free_ptq
 
-    logs.configure()
-    summary = model_free_ptq(
+    model_free_ptq(
         ns.model_stub,
         ns.save_directory,
         scheme=ns.scheme,
@@ -112,17 +122,14 @@ def _cmd_model_free_ptq(ns: argparse.Namespace) -> int:
         max_workers=ns.max_workers,
         device=ns.device,
         converter=ns.converter,
-    )
-    print(summary)
+    )  # its summary is logged
     return 0
 
 
 def _cmd_reindex(ns: argparse.Namespace) -> int:
-    from llmc import logs
     from llmc.model_free import reindex_fused_weights
 
-    logs.configure()
-    print(reindex_fused_weights(ns.model_stub, ns.save_directory, num_workers=ns.num_workers))
+    reindex_fused_weights(ns.model_stub, ns.save_directory, num_workers=ns.num_workers)  # its summary is logged
     return 0
 
 
@@ -147,21 +154,54 @@ def _model_free_parsers(commands: Any) -> None:
     rx = commands.add_parser(
         "reindex-fused-weights",
         help="Rewrite a checkpoint so q/k/v and gate/up weights share a shard.",
+        description="Rewrite a safetensors checkpoint so that weights quantized with one shared scale "
+        "(q/k/v, gate/up: NVFP4's global scale) sit in one shard, for model_free_ptq to process "
+        "them together (llm-compressor's reindex_fused_weights). Tensors are copied, not changed.",
     )
-    rx.add_argument("model_stub")
-    rx.add_argument("save_directory")
-    rx.add_argument("--num-workers", "--num_workers", type=int, default=5)
+    rx.add_argument("model_stub", help="Folder of *.safetensors shards (or a hub ID in the local cache)")
+    rx.add_argument("save_directory", help="Where to write the reindexed checkpoint")
+    rx.add_argument("--num-workers", "--num_workers", type=int, default=5, help="Shards written at once (default: 5)")
     rx.set_defaults(func=_cmd_reindex)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, naming the closest option to a mistyped one (as the Python API names the
+    closest argument)."""
+
+    _arguments: Sequence[str] = ()
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        self._arguments = list(sys.argv[1:] if args is None else args)  # for error() to check
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        known = {o for action in self._actions for o in action.option_strings}
+        for subparsers in (a for a in self._actions if isinstance(a, argparse._SubParsersAction)):
+            known |= {o for p in subparsers.choices.values() for a in p._actions for o in a.option_strings}
+        hints = []
+        for flag in dict.fromkeys(a.split("=")[0] for a in self._arguments if a.startswith("--")):
+            if flag not in known:
+                close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.6)
+                hints.append(f"unknown option {flag}" + (f": did you mean {close[0]}?" if close else ""))
+        super().error(message + "".join(f"\n  {hint}" for hint in hints))
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also LLMC_DEBUG=1)")
+    parser.add_argument(
+        "--log-level", "--log_level", dest="log_level", default=None, metavar="LEVEL",
+        help="llmc's log level: DEBUG, INFO, WARNING, ERROR (default: $LLMC_LOG_LEVEL, else INFO)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llmc",
         description="Compress Hugging Face LLMs into compressed-tensors checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"llmc {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also LLMC_DEBUG=1)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _global_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     oneshot = commands.add_parser(
         "oneshot",
@@ -176,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="Build a small model, compress it with the strongest installed algorithm, compare.",
+        description="Build and briefly train a small Llama on the offline corpus (no download), compress "
+        "it with the strongest installed algorithm (GPTQ with llmc-gptq, else round-to-nearest), reload "
+        "the result with transformers and print size, perplexity and agreement before and after. "
+        "Checkpoints go to a temporary directory that is removed at the end, unless --workdir keeps them.",
     )
     demo.add_argument("--scheme", default="W4A16", help="Scheme to compress with (default: W4A16)")
-    demo.add_argument("--workdir", default=None, help="Keep the checkpoints here (default: a temp dir)")
+    demo.add_argument("--workdir", default=None, help="Keep the checkpoints in this directory (default: a temporary one, removed)")
     demo.set_defaults(func=_cmd_demo)
     _model_free_parsers(commands)
     return parser
@@ -191,26 +235,62 @@ def _debugging(ns: argparse.Namespace) -> bool:
     return bool(getattr(ns, "debug", False) or os.environ.get("LLMC_DEBUG"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+def shell_message(message: str, flags: set[str]) -> str:
+    """An error written for the Python API, in the shell's words: ``name=True`` is ``--name``,
+    ``name=`` is ``--name`` for every option name of the command."""
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in flags:
+            return match.group(0)
+        return f"--{name}" + ("" if value == "True" else f" {value}" if value else "")
+
+    return re.sub(r"\b([a-z][a-z0-9_]*)=(True\b|'[^']*'|[\w./-]*\w)?", flag, message)
+
+
+def _interrupted(ns: argparse.Namespace, prog: str) -> int:
+    """Ctrl-C: one line saying what is on disk, exit status 130."""
+    from llmc.resume import resume_path
+
+    out = getattr(ns, "output_dir", None) or getattr(ns, "save_directory", None)
+    if out is None:
+        said = "nothing was saved"
+    elif getattr(ns, "command", None) in ("model-free-ptq", "reindex-fused-weights"):
+        said = f"finished shards stay in {out}; the same command resumes"
+    elif resume_path(out).exists():
+        said = f"{out} was not written; the progress in {resume_path(out)} lets the same command continue"
+    else:
+        said = f"{out} was not written"
+    print(f"{prog}: interrupted; {said}.", file=sys.stderr)
+    return 130
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
+    from llmc import logs
+
+    ns = parser.parse_args(argv)
+    name = f"{prog} {ns.command}" if prog == "llmc" else prog
     try:
+        logs.configure_cli(ns.log_level)
         return ns.func(ns)
+    except KeyboardInterrupt:
+        if _debugging(ns):
+            raise
+        return _interrupted(ns, name)
     except USER_ERRORS as exc:
         if _debugging(ns):
             raise
-        print(f"llmc {ns.command}: error: {exc}", file=sys.stderr)
+        flags = {a.dest for a in parser._actions} | set(all_field_names())
+        print(f"{name}: error: {shell_message(str(exc), flags)}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv, "llmc")
 
 
 def oneshot_main(argv: Sequence[str] | None = None) -> int:
     """The ``oneshot`` console script, compatible with llm-compressor's."""
-    parser = _oneshot_parser(argparse.ArgumentParser(prog="oneshot", description="llmc oneshot"))
+    parser = _oneshot_parser(_Parser(prog="oneshot", description="llmc oneshot"))
+    _global_options(parser)
     parser.set_defaults(func=_cmd_oneshot, command="oneshot")
-    ns = parser.parse_args(argv)
-    try:
-        return ns.func(ns)
-    except USER_ERRORS as exc:
-        if _debugging(ns):
-            raise
-        print(f"oneshot: error: {exc}", file=sys.stderr)
-        return 2
+    return _run(parser, argv, "oneshot")

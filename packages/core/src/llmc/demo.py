@@ -71,7 +71,15 @@ def strongest_algorithm() -> tuple[str, dict[str, Any]]:
 
 
 def run_demo(workdir: str | Path | None = None, scheme: str = "W4A16", train_steps: int = 150) -> DemoResult:
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="llmc-demo-"))
+    """The demo, its checkpoints in ``workdir`` (kept), else in a temporary directory removed
+    before this returns."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="llmc-demo-") as tmp:
+            return attrs.evolve(_run(Path(tmp), scheme, train_steps), output_dir="(removed; --workdir keeps it)")
+    return _run(Path(workdir), scheme, train_steps)
+
+
+def _run(workdir: Path, scheme: str, train_steps: int) -> DemoResult:
     tokenizer = tiny.build_tokenizer(2048)
     config = tiny.build_config(
         "llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2

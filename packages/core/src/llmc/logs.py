@@ -1,15 +1,43 @@
-"""Logging setup for entry points: console, and a timestamped file under log_dir."""
+"""Logging for llmc's entry points, as a library should do it.
+
+The application owns the handlers: where the root logger has any (``logging.basicConfig``
+in a script, the ``llmc`` command's own setup), llmc's records propagate to them and llmc
+adds none, so no line prints twice. Only where nothing is configured do the entry points
+add a console handler of their own to llmc's loggers, or a script would show no progress
+at all. Console lines go through ``tqdm.write``, so a live progress bar is not broken
+mid-line. ``LLMC_LOG_LEVEL`` (or the CLI's ``--log-level``) sets llmc's level (INFO by
+default); ``log_dir`` adds a timestamped file for one run.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 LOGGER = "llmc"
-
+LEVEL_VARIABLE = "LLMC_LOG_LEVEL"
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TqdmHandler(logging.StreamHandler):
+    """A console handler that prints above live tqdm bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 (logging must not raise)
+            self.handleError(record)
+
+
+def console_handler() -> logging.Handler:
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    return handler
 
 
 def logger_names() -> list[str]:
@@ -23,18 +51,40 @@ def logger_names() -> list[str]:
     return [LOGGER, *sorted(plugin_packages() - {LOGGER})]
 
 
+def level(name: str | None = None) -> int:
+    """``name`` (or ``$LLMC_LOG_LEVEL``, else INFO) as a logging level; a bad name is an error."""
+    text = (name or os.environ.get(LEVEL_VARIABLE) or "INFO").upper()
+    value = logging.getLevelName(text)
+    if not isinstance(value, int):
+        raise ValueError(f"Unknown log level {text!r}; use DEBUG, INFO, WARNING or ERROR.")
+    return value
+
+
+def configure_cli(log_level: str | None = None) -> None:
+    """The ``llmc`` command's own logging: other libraries' warnings, llmc's chosen level."""
+    chosen = level(log_level)
+    logging.basicConfig(level=logging.WARNING, handlers=[console_handler()], force=True)
+    for name in logger_names():
+        logging.getLogger(name).setLevel(chosen)
+
+
 def configure(log_dir: str | None = None, name: str = "oneshot") -> logging.Handler | None:
-    """Send llmc's and its plugins' logs to stderr (once) and, with ``log_dir``, to a new file there.
+    """Show llmc's and its plugins' logs where the application configured nothing and, with
+    ``log_dir``, write them to a new file there.
 
     Returns the file handler, for the caller to remove when the run ends.
     """
     loggers = [logging.getLogger(n) for n in logger_names()]
+    configured = logging.getLogger().hasHandlers()
     for logger in loggers:
         if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-        if not any(getattr(h, "_llmc_console", False) for h in logger.handlers):
-            console = logging.StreamHandler()
-            console.setFormatter(logging.Formatter(_FORMAT))
+            logger.setLevel(level())
+        ours = [h for h in logger.handlers if getattr(h, "_llmc_console", False)]
+        if configured:  # the application's handlers print llmc's records: ours would repeat them
+            for handler in ours:
+                logger.removeHandler(handler)
+        elif not ours:
+            console = console_handler()
             console._llmc_console = True  # type: ignore[attr-defined]
             logger.addHandler(console)
     if log_dir is None:

@@ -92,11 +92,20 @@ class Recipe:
         data = copy.deepcopy(data)
         variables = dict(data.pop("args", None) or {})
         data.pop("version", None)
+        referenced = _referenced(data)
         for key, value in (overrides or {}).items():
             if "." in key and key not in variables:
                 _set_path(data, key, value)
-            else:
+            elif key in variables or key in referenced:
                 variables[key] = value
+            else:
+                declared = sorted(set(variables) | referenced)
+                raise RecipeError(
+                    f"recipe_args key {key!r} is no variable of the recipe ("
+                    + (f"its variables: {', '.join(declared)}" if declared else "it declares none under 'args:'")
+                    + "). Set a value by its dotted path instead, e.g. "
+                    "quant_stage.quant_modifiers.QuantizationModifier.scheme=W8A16."
+                )
         data = _substitute(data, variables)
         stages: list[Stage] = []
         loose: list[tuple[str, tuple[Modifier, ...]]] = []
@@ -202,6 +211,17 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     if not isinstance(node, dict):
         raise RecipeError(f"recipe_args key {dotted!r} does not lead to a mapping.")
     node[leaf] = value
+
+
+def _referenced(value: Any) -> set[str]:
+    """The variables a recipe's values reference as ``eval(name)``."""
+    if isinstance(value, dict):
+        return set().union(*(_referenced(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_referenced(v) for v in value))
+    if isinstance(value, str) and (match := _EVAL.match(value.strip())):
+        return {match.group(1).strip()}
+    return set()
 
 
 def _substitute(value: Any, variables: Mapping[str, Any]) -> Any:

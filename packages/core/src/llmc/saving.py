@@ -58,14 +58,15 @@ def check_output_apart_from_model(output_dir: str | os.PathLike | None, model: A
 
 
 @contextlib.contextmanager
-def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False, merge: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``output_dir``; move it into place on success.
 
     An interrupted run leaves only the hidden ``.name.tmp-*`` directory, never a
     directory at ``output_dir`` that looks complete, and the next run into ``output_dir``
     removes it (the caller holds the directory's lock). Without ``overwrite``, files that
     appeared in ``output_dir`` meanwhile are kept: the result then stays beside it,
-    named in the error.
+    named in the error. With ``merge`` (transformers' ``save_pretrained`` behaviour), the
+    files move into an existing ``output_dir`` instead (see :func:`merge_into`).
     """
     final = Path(output_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -74,12 +75,15 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         logger.info("Removing %s, left by an interrupted run.", debris)
         shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # a directory like any other once in place (mkdtemp makes it private)
+    tmp.chmod(0o777 & ~_umask())  # a directory like any other once in place (mkdtemp makes it private)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if merge and final.is_dir():
+        merge_into(tmp, final)
+        return
     if not overwrite and final.is_dir() and any(final.iterdir()):
         kept = final.parent / f"{final.name}.llmc-{time.strftime('%Y%m%d-%H%M%S')}"
         tmp.rename(kept)
@@ -94,6 +98,30 @@ def atomic_directory(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def merge_into(tmp: Path, final: Path) -> None:
+    """Move a saved checkpoint's files from ``tmp`` into the existing directory ``final``, as
+    transformers' ``save_pretrained`` writes into one: same-named files are replaced (each
+    by a rename), other files stay, except weight shards and indexes of an earlier save that
+    this one does not hold (they would be loaded with it)."""
+    written = {p.name for p in tmp.iterdir()}
+    for stale in final.iterdir():
+        weights = stale.suffix == ".safetensors" or stale.name.endswith(".safetensors.index.json")
+        if weights and stale.name not in written:
+            stale.unlink()
+    for name in sorted(written):
+        target = final / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    tmp.rmdir()
 
 
 def _fake_quantize_weights(model: torch.nn.Module) -> None:
@@ -173,7 +201,7 @@ def save_compressed_tensors(
         processor.save_pretrained(output_dir)
     if recipe_yaml is not None:
         Path(output_dir, RECIPE_FILE).write_text(recipe_yaml)
-    logger.info("Saved %s checkpoint to %s", "compressed" if save_compressed else "dense", output_dir)
+    logger.debug("Wrote the %s checkpoint into %s", "compressed" if save_compressed else "dense", output_dir)
 
 
 def patch_save_pretrained(model: torch.nn.Module, recipe_yaml: str | None = None) -> None:
@@ -188,8 +216,8 @@ def patch_save_pretrained(model: torch.nn.Module, recipe_yaml: str | None = None
         original = original._llmc_original  # type: ignore[attr-defined]
 
     def save_pretrained(save_directory: str | os.PathLike, *, save_compressed: bool = True, **kwargs: Any) -> None:
-        check_output_dir(save_directory, overwrite=False)
-        with output_lock(save_directory), atomic_directory(save_directory) as tmp:
+        final = Path(save_directory).resolve()
+        with output_lock(final), atomic_directory(final, merge=True) as tmp:
             model.save_pretrained = original  # the saver calls transformers' own method
             try:
                 save_compressed_tensors(
@@ -197,6 +225,7 @@ def patch_save_pretrained(model: torch.nn.Module, recipe_yaml: str | None = None
                 )
             finally:
                 model.save_pretrained = save_pretrained
+        logger.info("Saved to %s", final)
 
     save_pretrained._llmc_patched = True  # type: ignore[attr-defined]
     save_pretrained._llmc_original = original  # type: ignore[attr-defined]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,17 +59,19 @@ def _load_local(path: str) -> datasets.Dataset:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
-    from urllib.parse import urlparse
-
+    """Whether the Hugging Face hub answers within ``timeout`` seconds, asked the way
+    huggingface_hub asks it: never under ``HF_HUB_OFFLINE``, through its own HTTP session
+    (its endpoint, proxy settings and headers)."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
+    if constants.HF_HUB_OFFLINE:
         return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 (any transport failure means: not reachable now)
+        return False
+    return True
 
 
 @contextlib.contextmanager

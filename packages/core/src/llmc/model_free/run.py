@@ -61,12 +61,14 @@ class Summary:
     bytes_out: int = 0
     seconds: float = 0.0
     phase_seconds: dict[str, float] = attrs.Factory(lambda: {"read": 0.0, "quantize": 0.0, "write": 0.0})
+    quantizing: bool = True  # False: tensors only rewritten (reindex_fused_weights, a converter)
 
     def __str__(self) -> str:
         rate = self.bytes_in / self.seconds / 1e9 if self.seconds else float("nan")
         return (
-            f"{self.shards} shards ({self.shards_resumed} already done), {self.quantized} tensors "
-            f"quantized, {self.kept} kept, {self.bytes_in / 1e9:.3f} GB in, "
+            f"{self.shards} shards ({self.shards_resumed} already done), "
+            + (f"{self.quantized} tensors quantized, {self.kept} kept, " if self.quantizing else f"{self.kept} tensors rewritten, ")
+            + f"{self.bytes_in / 1e9:.3f} GB in, "
             f"{self.bytes_out / 1e9:.3f} GB out, {self.seconds:.1f} s ({rate:.2f} GB/s of input; "
             + ", ".join(f"{k} {v:.1f}" for k, v in self.phase_seconds.items())
             + " worker-seconds)"
@@ -361,7 +363,7 @@ def _process(
         if rel != CONFIG_NAME:
             _copy_atomically(root / rel, out / rel)
 
-    summary = Summary(shards=len(jobs), bytes_in=checkpoint.nbytes)
+    summary = Summary(shards=len(jobs), bytes_in=checkpoint.nbytes, quantizing=config is not None)
 
     def run(job: plan.Job) -> dict[str, Any]:
         record = progress.done(out, job.shard)
