@@ -20,6 +20,19 @@ def _quiet_progress(monkeypatch):
     logging.getLogger("llmc").setLevel(logging.INFO)
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI configures the process's logging, as a command does: put it back after a test."""
+    from llmc import logs
+
+    root = logging.getLogger()
+    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in logs.logger_names()}
+    yield
+    root.handlers[:] = handlers
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny.build_tokenizer(2048)

@@ -94,3 +94,98 @@ def test_oneshot_shows_its_real_arguments_and_the_stub_is_current():
     assert written == stub(), "regenerate it: python -m llmc.args > packages/core/src/llmc/__init__.pyi"
     with pytest.raises(TypeError, match=r"oneshot\(\) is missing the required argument model \(Hugging Face"):
         llmc.oneshot(recipe="unused")
+
+
+LOGGED_RUN = """
+import logging, sys
+if sys.argv[2] == "configured":
+    logging.basicConfig(level=logging.INFO)
+from llmc import oneshot
+oneshot(model=sys.argv[1], recipe="q_modifiers:\\n  QuantizationModifier: {scheme: W4A16, ignore: [lm_head]}\\n",
+        output_dir=sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("application", ["configured", "silent"])
+def test_each_log_line_prints_once_whoever_configures_logging(application, llama_path, tmp_path):
+    """With logging.basicConfig in the script, llmc's records go to its handlers only; with
+    nothing configured, llmc's own console handler shows them. Either way, once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", LOGGED_RUN, str(llama_path), application, str(out)],
+                          capture_output=True, text=True, check=True)
+    saved = [line for line in proc.stderr.splitlines() if "Saved to" in line]
+    assert len(saved) == 1 and str(out) in saved[0], proc.stderr[-2000:]
+    assert ".tmp-" not in saved[0]  # the final path, not the temporary one
+
+
+INTERRUPTED = """
+import os, signal, sys, time
+from pathlib import Path
+from llmc.cli import main
+from llmc.hookspecs import hookimpl
+from llmc.plugins import get_plugin_manager
+class Stop:
+    @hookimpl
+    def llmc_sequential_layer_end(self, state, layer_name, layer):
+        if layer_name.endswith(".1"):
+            Path(sys.argv[3]).write_text("calibrating")
+            time.sleep(60)
+get_plugin_manager().register(Stop(), name="stop")
+sys.exit(main(["oneshot", "--model", sys.argv[1], "--recipe", sys.argv[4], "--output_dir", sys.argv[2],
+               "--dataset", "llmc-docs", "--num_calibration_samples", "4", "--max_seq_length", "32",
+               "--resume_interval", "0"]))
+"""
+
+
+def test_ctrl_c_says_in_one_line_what_is_on_disk_and_exits_130(llama_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("q_modifiers:\n  GPTQModifier: {targets: [Linear], scheme: W4A16, ignore: [lm_head]}\n")
+    marker, out = tmp_path / "marker", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(llama_path), str(out), str(marker), str(recipe)],
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if marker.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("llmc oneshot: interrupted;") and ".out.llmc-resume" in last, err[-2000:]
+    assert not out.exists()
+
+
+def test_output_directories_honour_the_umask(llama_path, tmp_path):
+    import os
+    import stat
+
+    from llmc import oneshot
+
+    previous = os.umask(0o027)
+    try:
+        oneshot(model=str(llama_path), recipe="q_modifiers:\n  QuantizationModifier: {scheme: W4A16}\n",
+                output_dir=str(tmp_path / "out"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+
+
+def test_the_cli_log_level_hides_info(llama_path, tmp_path, capsys):
+    import logging
+
+    code = main(["--log-level", "WARNING", "oneshot", "--model", str(llama_path), "--recipe",
+                 "q_modifiers:\n  QuantizationModifier: {scheme: W4A16, ignore: [lm_head]}\n",
+                 "--output_dir", str(tmp_path / "out")])
+    assert code == 0 and logging.getLogger("llmc").level == logging.WARNING
+    assert "Saved to" not in capsys.readouterr().err
+    assert main(["--log-level", "LOUD", "plugins"]) == 2
+    assert "Unknown log level 'LOUD'" in capsys.readouterr().err

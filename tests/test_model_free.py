@@ -328,11 +328,14 @@ def test_no_safetensors(tmp_path):
 def test_cli(sharded_llama, tmp_path, capsys):
     assert cli_main(["model-free-ptq", str(sharded_llama), str(tmp_path / "a"), "--scheme", "NVFP4A16",
                      "--ignore", "lm_head", "--max-workers", "2"]) == 0
-    assert "tensors quantized" in capsys.readouterr().out
+    logged = capsys.readouterr()
+    assert logged.err.count("tensors quantized") == 1 and not logged.out  # the summary, once
+    assert cli_main(["reindex-fused-weights", str(sharded_llama), str(tmp_path / "reindexed")]) == 0
+    logged = capsys.readouterr().err
+    assert logged.count("tensors rewritten") == 1 and "quantized" not in logged
     model_free_ptq(sharded_llama, tmp_path / "b", "NVFP4A16", ignore=["lm_head"])
     assert_same_tensors(tmp_path / "a", tmp_path / "b")
-    assert cli_main(["reindex-fused-weights", str(sharded_llama), str(tmp_path / "r")]) == 0
-    assert split_groups(tmp_path / "r") == 0
+    assert split_groups(tmp_path / "reindexed") == 0
     assert cli_main(["model-free-ptq", str(sharded_llama), str(tmp_path / "c"), "--scheme", "NVFP4"]) == 2
     assert "calibration data" in capsys.readouterr().err
 

@@ -282,3 +282,14 @@ def test_a_model_dispatched_with_device_map_is_accepted(llama_path, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_dispatch_for_generation_as_in_llm_compressor_examples(llama_path, sample_ids):
+    """``from llmcompressor.utils import dispatch_for_generation`` becomes ``llmc.utils``: the
+    compressed model generates what it generated before dispatching."""
+    from llmc.utils import dispatch_for_generation
+
+    model = oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"))
+    expected = model.generate(sample_ids[:1], max_new_tokens=4, do_sample=False)
+    dispatched = dispatch_for_generation(model)
+    assert torch.equal(dispatched.generate(sample_ids[:1], max_new_tokens=4, do_sample=False), expected)

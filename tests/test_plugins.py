@@ -130,7 +130,7 @@ def test_without_the_plugin_the_recipe_names_it_unknown(llama_path, tmp_path):
         oneshot(model=str(llama_path), recipe="s:\n  m_modifiers:\n    ScaleWeightsModifier: {}\n")
 
 
-def test_logs_of_every_plugin_package_are_configured():
+def test_logs_of_every_plugin_package_are_configured(monkeypatch):
     from llmc import logs
     from llmc.hookspecs import hookimpl
     from llmc.modifiers import Modifier
@@ -152,9 +152,14 @@ def test_logs_of_every_plugin_package_are_configured():
             names = logs.logger_names()
         assert __name__.split(".")[0] in names  # a plugin registered at run time, by its package
         assert "elsewhere" not in names
+        monkeypatch.setattr(logging.getLogger(), "handlers", [])  # an application that configured nothing
         logs.configure()
         for name in names:
             assert any(getattr(h, "_llmc_console", False) for h in logging.getLogger(name).handlers)
+        monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])  # now it did
+        logs.configure()
+        for name in names:  # its handlers print llmc's records: a console handler of ours would repeat them
+            assert not any(getattr(h, "_llmc_console", False) for h in logging.getLogger(name).handlers)
     finally:
         pm.unregister(late)
         for name in names:

@@ -10,6 +10,7 @@ import attrs
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from compressed_tensors.utils import is_match
+from tqdm.auto import tqdm
 
 from llmc.lifecycle import State
 from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
@@ -256,9 +257,12 @@ class AWQModifier(QuantizationModifier):
     def _process(self, mappings: list[ResolvedMapping], apply: bool = True) -> None:
         """Scale (and clip) for ``mappings``, or only forget their statistics (``apply=False``:
         a resumed run restored their layer)."""
-        for mapping in mappings:
+        # a layer's searches take minutes on a CPU: say where they are
+        shown = tqdm(mappings, desc="AWQ scale search", unit="mapping", leave=False, disable=not apply or len(mappings) < 2)
+        for mapping in shown:
             self._resolved.remove(mapping)
             if apply:
+                shown.set_postfix_str(mapping.smooth_name, refresh=False)
                 self._apply(mapping)
             else:
                 for statistics in (self._x_sum, self._x_count, self._moments):
