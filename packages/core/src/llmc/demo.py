@@ -70,7 +70,7 @@ def strongest_algorithm() -> tuple[str, dict[str, Any]]:
     return "QuantizationModifier", {}
 
 
-def run_demo(workdir: str | Path | None = None, scheme: str = "W4A16", train_steps: int = 150) -> DemoResult:
+def run_demo(workdir: str | Path | None = None, scheme: str = "W4A16", train_steps: int = 100) -> DemoResult:
     """The demo, its checkpoints in ``workdir`` (kept), else in a temporary directory removed
     before this returns."""
     if workdir is None:
