@@ -1,7 +1,11 @@
 """The ``llmc`` command line: plugins, oneshot, demo.
 
 oneshot's options are generated from the argument classes in :mod:`llmc.args`,
-so the CLI and the Python API cannot drift apart.
+so the CLI and the Python API cannot drift apart. transformers' ``HfArgumentParser``
+(llm-compressor's choice) would need dataclasses, and gives neither the closest
+option to a mistyped one nor errors in the shell's words, which this parser adds:
+errors raised for the Python API are rewritten (``dataset=`` becomes ``--dataset``),
+and a command prints one line and exits 2 for a bad input, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
