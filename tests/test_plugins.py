@@ -208,3 +208,65 @@ def test_llm_compressor_import_paths_resolve_through_the_registry():
 def test_a_missing_modifier_under_an_llm_compressor_path_names_its_package(fancy_provider):
     with pytest.raises(ImportError, match="pip install llmc-fancy"):
         from llmc.modifiers.awq import FancyModifier  # noqa: F401
+
+
+def test_the_plugin_api_module_is_whole_and_builds_a_quantizing_modifier():
+    """Every name of llmc.api exists; a quantizing modifier from it alone overrides one method."""
+    import llmc.api as api
+
+    for name in api.__all__:
+        assert getattr(api, name) is not None, name
+    assert issubclass(api.QuantizationModifier, api.Modifier)
+    assert api.Modifier().pipeline() == "datafree"  # what core ships
+
+
+def test_disabled_plugins_are_not_loaded(monkeypatch):
+    from llmc import plugins
+
+    monkeypatch.setenv(plugins.DISABLE_VARIABLE, "gptq, smoothquant")
+    plugins.get_plugin_manager.cache_clear()
+    try:
+        registry = plugins.get_registry()
+        assert not registry.has("modifier", "GPTQModifier") and not registry.has("modifier", "SmoothQuantModifier")
+        assert registry.has("modifier", "AWQModifier")
+        with pytest.raises(plugins.PluginNotFoundError, match="pip install llmc-gptq"):
+            registry.get("modifier", "GPTQModifier")
+    finally:
+        plugins.get_plugin_manager.cache_clear()
+
+
+def test_a_plugin_asking_for_the_registry_while_loading_gets_a_clear_error(monkeypatch):
+    from llmc import plugins
+
+    def load(self, group, name=None):  # a plugin module that does `from llmc.modifiers import X` on import
+        from llmc.modifiers import QuantizationModifier  # noqa: F401
+
+    monkeypatch.setattr(plugins._PluginManager, "load_setuptools_entrypoints", load)
+    plugins.get_plugin_manager.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"Import what a plugin builds on from llmc.api"):
+            plugins.get_plugin_manager()
+    finally:
+        monkeypatch.undo()
+        plugins.get_plugin_manager.cache_clear()
+
+
+def test_observe_sees_calibration_passes_only_and_removes_its_hook(llama_path):
+    """A modifier's observe() skips the sequential pipeline's propagation passes (a plain
+    forward hook sees every batch twice per layer) and is gone after calibration."""
+    from llmc import oneshot
+    from llmc.api import Modifier
+
+    seen = []
+
+    class Counting(Modifier):
+        def pipeline(self) -> str:
+            return "sequential"
+
+        def on_calibration_start(self, state) -> None:
+            self.observe(state, state.model.model.layers[0].mlp.down_proj, lambda x: seen.append(x.shape[0]))
+
+    model = oneshot(model=str(llama_path), recipe=[Counting()], dataset="llmc-docs", num_calibration_samples=3,
+                    max_seq_length=16)
+    assert len(seen) == 3  # once per batch, not twice
+    assert not model.model.layers[0].mlp.down_proj._forward_pre_hooks

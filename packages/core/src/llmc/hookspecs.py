@@ -7,7 +7,7 @@ registry (see :mod:`llmc.plugins`). Each receives a ``register`` callable; the
 plugin calls it once per thing it provides. The registry remembers which plugin
 registered what, so ``llmc plugins`` can show it and a name clash is an error.
 
-*Lifecycle hooks* are called by a compression session on every modifier that is
+*Lifecycle hooks* are called by a pipeline on every modifier that is
 active in the running stage (modifiers are registered with the plugin manager
 for the duration of their stage) and on any installed plugin that implements
 them (progress reporters, loggers). Modifiers are called in recipe order.
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     import torch
 
     from llmc.lifecycle import State
+    from llmc.mappings import ArchitectureMappings
+    from llmc.modifiers.base import Modifier
+    from llmc.patches import ModelPatch
+    from llmc.quantization.observers import Observer
 
 PROJECT = "llmc"
 
@@ -35,7 +39,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def llmc_register_modifiers(register: Callable[[type], None]) -> None:
+def llmc_register_modifiers(register: Callable[[type[Modifier]], None]) -> None:
     """Register modifier classes.
 
     Called once when the registry is built. Call ``register(cls)`` for each
@@ -49,8 +53,11 @@ def llmc_register_pipelines(register: Callable[[str, Callable[..., None]], None]
     """Register calibration pipelines.
 
     Called once when the registry is built. Call ``register(name, run)`` where
-    ``run(session, modifiers)`` drives the lifecycle hooks for those modifiers
-    over the session's model and calibration data (see :mod:`llmc.pipelines`).
+    ``run(state, modifiers)`` drives the lifecycle hooks for those modifiers over
+    ``state.model`` and ``state.dataloader`` (see :mod:`llmc.pipelines`). Give ``run``
+    the attribute ``requires_data = False`` when it runs no forward pass.
+
+    :param register: ``register(name, run)``; ``name`` is what ``pipeline=`` takes.
     """
 
 
@@ -76,13 +83,13 @@ def llmc_register_datasets(register: Callable[[str, Callable[..., Any]], None]) 
 
 
 @hookspec
-def llmc_register_model_patches(register: Callable[[Any], None]) -> None:
+def llmc_register_model_patches(register: Callable[[ModelPatch], None]) -> None:
     """Register model patches and calibration contexts.
 
     Called once when the registry is built. Call ``register(patch)`` with a
     :class:`llmc.patches.ModelPatch`. Oneshot applies every patch whose
     ``matches(model)`` is true after loading the model (model-specific fixes),
-    and enters each matching patch's ``calibration_context(model, session)``
+    and enters each matching patch's ``calibration_context(model, dataset_args)``
     around calibration (e.g. routing every token through every MoE expert).
     """
 
@@ -100,7 +107,7 @@ def llmc_register_converters(register: Callable[[str, Callable[..., Any]], None]
 
 
 @hookspec
-def llmc_register_mappings(register: Callable[[str, Any], None]) -> None:
+def llmc_register_mappings(register: Callable[[str, ArchitectureMappings], None]) -> None:
     """Register smooth/balance layer mappings for an architecture.
 
     Called once when the registry is built. Call ``register(architecture, mappings)``
@@ -112,7 +119,7 @@ def llmc_register_mappings(register: Callable[[str, Any], None]) -> None:
 
 
 @hookspec
-def llmc_register_observers(register: Callable[[str, type], None]) -> None:
+def llmc_register_observers(register: Callable[[str, type[Observer]], None]) -> None:
     """Register observers: how a weight's or an activation's range is estimated.
 
     Called once when the registry is built. Call ``register(name, cls)`` with a
@@ -132,6 +139,8 @@ def llmc_initialize(state: State) -> None:
 
     Modifiers attach to the model here: apply quantization schemes, resolve
     mappings, validate targets. No calibration data has been seen yet.
+
+    :param state: the model, pipeline arguments, device and data of the stage.
     """
 
 
@@ -140,14 +149,25 @@ def llmc_calibration_start(state: State) -> None:
     """Called when the pipeline is about to run the first calibration forward pass.
 
     Modifiers register their forward hooks (observers, Hessian accumulators)
-    and compute anything that needs only the weights.
+    and compute anything that needs only the weights. A hook that collects data
+    must skip passes with ``state.observing`` false: the sequential pipeline runs
+    each layer a second time only to propagate its outputs
+    (:meth:`llmc.api.Modifier.observe` does this, and removes its hooks itself).
+
+    :param state: as for :func:`llmc_initialize`.
     """
 
 
 @hookspec
 def llmc_batch_end(state: State, batch_index: int) -> None:
     """Called after each calibration batch has passed through the model
-    (or, in the sequential pipeline, through the current layer)."""
+    (or, in the sequential pipeline, through the current layer).
+
+    :param state: as for :func:`llmc_initialize`; ``state.loss_mask`` holds the
+        batch's loss mask with ``use_loss_mask``.
+    :param batch_index: the batch's position in the calibration data (it restarts
+        at 0 for every layer of the sequential pipeline).
+    """
 
 
 @hookspec
@@ -158,6 +178,10 @@ def llmc_sequential_layer_end(state: State, layer_name: str, layer: torch.nn.Mod
     Change only ``layer``'s tensors here: the next target's weights are already
     staged for the device (a replaced tensor is staged again, an in-place edit
     of another layer would be lost).
+
+    :param state: as for :func:`llmc_initialize`.
+    :param layer_name: the target's module name (``model.layers.3``).
+    :param layer: the target itself, its weights on the execution device.
     """
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import os
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,11 +30,10 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "GPTQModifier": "llmc-gptq",
     "AWQModifier": "llmc-awq",
     "SmoothQuantModifier": "llmc-smoothquant",
-    "AutoRoundModifier": "llmc-autoround",
-    "SparseGPTModifier": "llmc-sparsegpt",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
+DISABLE_VARIABLE = "LLMC_DISABLE_PLUGINS"  # comma-separated plugin (entry point) names not to load
 
 _MODIFIER_PREFIX = "modifier:"
 
@@ -96,12 +96,32 @@ class _PluginManager(pluggy.PluginManager):
         return opts
 
 
+class _Loading:
+    """Whether the plugin manager is being built: a plugin that asks for the registry while it
+    is imported (``from llmc.modifiers import X`` at its top) would build a second one."""
+
+    active = False
+
+
 @functools.cache
 def get_plugin_manager() -> pluggy.PluginManager:
-    """The one plugin manager, loaded from the ``llmc`` entry-point group."""
+    """The one plugin manager, loaded from the ``llmc`` entry-point group, less the plugins
+    ``$LLMC_DISABLE_PLUGINS`` names (pluggy's ``set_blocked``)."""
+    if _Loading.active:
+        raise RuntimeError(
+            "An llmc plugin asked for the plugin registry while plugins were being loaded, e.g. with "
+            "`from llmc.modifiers import QuantizationModifier` at the top of its module. Import "
+            "what a plugin builds on from llmc.api instead (from llmc.api import QuantizationModifier)."
+        )
     pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for name in filter(None, (n.strip() for n in os.environ.get(DISABLE_VARIABLE, "").split(","))):
+        pm.set_blocked(name)
+    _Loading.active = True
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    finally:
+        _Loading.active = False
     return pm
 
 

@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from llmc.lifecycle import State
 from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
-from llmc.quantization.calibrate import calibrate_weights
+from llmc.tensors import map_tensors
 from llmc_awq.clip import GroupMoments, clip_group_size, clip_weight
 from llmc_awq.search import search_scales
-from llmc_pipelines.transfers import map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class AWQModifier(QuantizationModifier):
 
     def on_calibration_start(self, state: State) -> None:
         modules = dict(state.model.named_modules())
-        for _, module in self._modules:
+        for _, module in self.targeted_modules():
             module.quantization_enabled = False  # scales are searched on unquantized activations
         for mapping in self._resolved:
             parent = _parent_name(mapping.balance_names)
@@ -227,11 +226,11 @@ class AWQModifier(QuantizationModifier):
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
         prefix = layer_name + "."
         self._process([m for m in self._resolved if m.smooth_name.startswith(prefix)])
-        self._quantize([(n, m) for n, m in self._modules if n.startswith(prefix)])
+        self._quantize([(n, m) for n, m in self.targeted_modules() if n.startswith(prefix)])
 
     def on_calibration_end(self, state: State) -> None:
         self._process(list(self._resolved))
-        self._quantize(list(self._modules))
+        self._quantize(self.targeted_modules())
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -239,7 +238,7 @@ class AWQModifier(QuantizationModifier):
 
     def _quantize(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         todo = [(n, m) for n, m in modules if n not in self._done]
-        calibrate_weights(todo)
+        self.calibrate_weights(todo)
         for name, module in todo:
             self._done.add(name)
             module.quantization_enabled = True
@@ -249,7 +248,7 @@ class AWQModifier(QuantizationModifier):
     ) -> None:
         prefix = layer_name + "."
         self._process([m for m in self._resolved if m.smooth_name.startswith(prefix)], apply=False)
-        for name, module in self._modules:
+        for name, module in self.targeted_modules():
             if name.startswith(prefix):
                 self._done.add(name)
                 module.quantization_enabled = True

@@ -79,20 +79,18 @@ class GPTQModifier(QuantizationModifier):
         return "sequential"
 
     def on_initialize(self, state: State) -> None:
-        if self.sequential_targets is not None and state.pipeline_args.sequential_targets is None:
-            state.pipeline_args.sequential_targets = list(self.sequential_targets)
         super().on_initialize(state)
-        self._names = {module: name for name, module in self._modules}
+        self._names = {module: name for name, module in self.targeted_modules()}
 
     def on_calibration_start(self, state: State) -> None:
         self._hessians = HessianAccumulator(lambda: state.observing, offload=self.offload_hessians)
-        for _, module in self._modules:
+        for _, module in self.targeted_modules():
             if module.quantization_scheme.weights is not None:
                 self._hessians.attach(module)
             # Unsolved weights have no scales yet: run them unquantized until solved.
             module.quantization_enabled = False
         # activation observers (static input scales), if the scheme has any
-        for name, module in self._modules:
+        for name, module in self.targeted_modules():
             self._observers.attach(module, lambda: state.observing, name)
 
     def on_batch_end(self, state: State, batch_index: int) -> None:
@@ -101,26 +99,26 @@ class GPTQModifier(QuantizationModifier):
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
         prefix = layer_name + "."
-        inside = [(n, m) for n, m in self._modules if n.startswith(prefix) and m in self._names]
+        inside = [(n, m) for n, m in self.targeted_modules() if n.startswith(prefix) and m in self._names]
         self._solve(inside)
 
     def on_sequential_layer_restored(
         self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
     ) -> None:
         super().on_sequential_layer_restored(state, layer_name, layer, saved)
-        for name, module in self._modules:
+        for name, module in self.targeted_modules():
             if name.startswith(layer_name + ".") and self._names.pop(module, None) is not None:
                 self._mark_solved(module)
 
     def on_calibration_end(self, state: State) -> None:
         # modules outside every sequential target (or all of them, on the basic pipeline)
-        self._solve([(n, m) for n, m in self._modules if m in self._names])
+        self._solve([(n, m) for n, m in self.targeted_modules() if m in self._names])
         if self._hessians is not None:
             self._hessians.detach()
         self._observers.detach()
 
     def on_finalize(self, state: State) -> None:
-        for _, module in self._modules:
+        for _, module in self.targeted_modules():
             module.quantization_enabled = True
         super().on_finalize(state)
 
@@ -144,7 +142,7 @@ class GPTQModifier(QuantizationModifier):
                 continue
             if self._hessians.owner.get(module) is None:
                 logger.warning("%s saw no calibration data; quantizing it round-to-nearest.", name)
-                calibrate_weight(module)
+                calibrate_weight(module, qparams=self.weight_qparams)
                 continue
             pending.append((name, module))
         for solve in plan_solves(pending, self._hessians, batched=self.batched_quantization is not False):

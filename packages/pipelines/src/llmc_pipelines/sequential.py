@@ -295,6 +295,16 @@ class _PhaseClock:
         return ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items())
 
 
+def declared_targets(modifiers: Sequence[Modifier]) -> list[str] | None:
+    """The ``sequential_targets`` a modifier of the run declares (llm-compressor's GPTQ field),
+    read when oneshot's own argument is unset."""
+    for modifier in modifiers:
+        targets = getattr(modifier, "sequential_targets", None)
+        if targets:
+            return list(targets)
+    return None
+
+
 def _progress(
     state: State, modifiers: Sequence[Modifier], layers: list[tuple[str, torch.nn.Module]]
 ) -> SequentialProgress | None:
@@ -341,7 +351,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     loader = state.require_data("The sequential pipeline")
     args = state.pipeline_args
     model = state.model
-    layers = sequential_targets(model, args.sequential_targets)
+    layers = sequential_targets(model, args.sequential_targets or declared_targets(modifiers))
     device, offload = state.device, torch.device(args.sequential_offload_device)
     qac = args.quantization_aware_calibration
     logger.info(

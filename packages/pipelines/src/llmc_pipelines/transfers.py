@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from llmc.tensors import map_tensors
+
 # A chunk holds up to this many bytes of hidden states, and at most _CHUNK_BATCHES batches.
 # A chunk is on the device at once (and the next one loading, and the last one's outputs
 # returning), so the budget stays small against a layer's own memory.
@@ -96,18 +98,6 @@ def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor], non_blocking
 def batches(chunks: Iterable[Chunk]) -> list[torch.Tensor]:
     """Every batch's hidden states, in order."""
     return [batch for chunk in chunks for batch in chunk.batches]
-
-
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(map_tensors(v, fn) for v in value)
-    if isinstance(value, list):
-        return [map_tensors(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    return value
 
 
 def same_tree(a: Any, b: Any) -> bool:

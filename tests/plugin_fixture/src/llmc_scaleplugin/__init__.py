@@ -5,8 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from llmc.hookspecs import hookimpl
-from llmc.modifiers import Modifier
+from llmc.api import Modifier, hookimpl
 
 
 @attrs.define(kw_only=True)

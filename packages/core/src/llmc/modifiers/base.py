@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -38,9 +39,34 @@ class Modifier:
     update: float | None = None
     requires_calibration_data: bool | None = None
 
+    # forward hooks of :meth:`observe`, removed when calibration ends
+    _observations: list[Any] = attrs.field(factory=list, init=False, repr=False, eq=False)
+
     def pipeline(self) -> str:
-        """Name of the calibration pipeline this modifier needs under ``independent``."""
-        return "basic"
+        """Name of the calibration pipeline this modifier needs under ``independent``: by
+        default ``datafree``, which core ships (initialize and finalize, no forward pass).
+        A modifier that calibrates on data returns ``basic`` (the whole model per batch) or
+        ``sequential`` (layer by layer), both from ``llmc-pipelines``."""
+        return "datafree"
+
+    def observe(
+        self, state: State, module: torch.nn.Module, fn: Callable[[torch.Tensor], None], output: bool = False
+    ) -> None:
+        """Call ``fn(x)`` with ``module``'s input (its first positional argument; its output
+        with ``output=True``) on every calibration forward pass, not on the passes a
+        pipeline runs only to propagate a layer's outputs (``state.observing`` false). The
+        hook is removed when calibration ends."""
+
+        def on_input(module: torch.nn.Module, args: tuple) -> None:
+            if state.observing:
+                fn(args[0])
+
+        def on_output(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            if state.observing:
+                fn(out[0] if isinstance(out, tuple) else out)
+
+        handle = module.register_forward_hook(on_output) if output else module.register_forward_pre_hook(on_input)
+        self._observations.append(handle)
 
     # --- override these -----------------------------------------------------
     def on_initialize(self, state: State) -> None: ...
@@ -83,6 +109,8 @@ class Modifier:
         nobody handles: a per-batch hook call costs the thread that launches the kernels
         about as much as launching one.
         """
+        if hook_name == f"{PROJECT}_calibration_end":
+            return True  # removes what observe() hooked, whether or not the class overrides it
         forwarded = "on_" + hook_name.removeprefix(f"{PROJECT}_")
         cls = type(self)
         return any(getattr(cls, n, None) is not getattr(Modifier, n, None) for n in (hook_name, forwarded))
@@ -107,6 +135,9 @@ class Modifier:
     @hookimpl
     def llmc_calibration_end(self, state: State) -> None:
         self.on_calibration_end(state)
+        for handle in self._observations:
+            handle.remove()
+        self._observations.clear()
 
     @hookimpl
     def llmc_finalize(self, state: State) -> None:

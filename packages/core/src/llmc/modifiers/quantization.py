@@ -7,7 +7,11 @@ from typing import Any, ClassVar
 
 import attrs
 import torch
-from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    apply_quantization_config,
+)
 from compressed_tensors.utils import match_named_modules
 
 from llmc.lifecycle import State
@@ -33,6 +37,7 @@ from llmc.quantization.config import (
     warn_unmatched,
 )
 from llmc.quantization.kv_cache import apply_kv_cache_scheme, attention_modules
+from llmc.quantization.observers import weight_qparams
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +138,28 @@ class QuantizationModifier(Modifier):
             (f"{name}.weight", m.weight) for name, m in self._modules if m.quantization_scheme.weights is not None
         )
 
+    # --- extension points -------------------------------------------------------
+    def targeted_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """(name, module) of every module this modifier quantizes, in model order (known from
+        :meth:`on_initialize` on; each carries its ``quantization_scheme``)."""
+        return list(self._modules)
+
+    def weight_qparams(
+        self, weight: torch.Tensor, args: QuantizationArgs, global_scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of one weight rounded to nearest: by default the range its
+        observer gives (:func:`llmc.api.weight_qparams`). Override to choose the range
+        another way; called for every weight this modifier rounds to nearest, with the
+        NVFP4 global scale its fused group shares (None for other schemes)."""
+        return weight_qparams(weight, args, global_scale)
+
+    def calibrate_weights(self, modules: list[tuple[str, torch.nn.Module]], device: torch.device | None = None) -> None:
+        """Write ``modules``' weight scales and zero points, through :meth:`weight_qparams`."""
+        calibrate_weights(modules, device, self.weight_qparams)
+
+    # --- lifecycle ---------------------------------------------------------------
     def on_calibration_start(self, state: State) -> None:
-        calibrate_weights(self._modules, state.device)
+        self.calibrate_weights(self._modules, state.device)
         for name, module in self._modules:
             self._observers.attach(module, lambda: state.observing, name)
 

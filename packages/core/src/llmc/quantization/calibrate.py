@@ -112,29 +112,35 @@ def fused_global_scales(
     return scales
 
 
+# (weight, its quantization arguments, its global scale or None) -> (scale, zero point)
+QParams = Callable[[torch.Tensor, QuantizationArgs, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
 def calibrate_weight(
     module: torch.nn.Module,
     gscale: torch.Tensor | None = None,
     device: torch.device | None = None,
+    qparams: QParams = weight_qparams,
 ) -> None:
-    """Round-to-nearest min-max scale and zero point for the module's weight."""
+    """The module's weight scale and zero point, written into its qparams: ``qparams``
+    (round to nearest over the observer's range by default)."""
     args = module.quantization_scheme.weights
     if args is None:
         return
     weight = module.weight if device is None else module.weight.to(device)
     if gscale is not None:
         _copy(module, "weight_global_scale", gscale)
-    scale, zero_point = weight_qparams(weight, args, gscale)
+    scale, zero_point = qparams(weight, args, gscale)
     _copy(module, "weight_scale", scale)
     _copy(module, "weight_zero_point", zero_point)
 
 
 def calibrate_weights(
-    modules: list[tuple[str, torch.nn.Module]], device: torch.device | None = None
+    modules: list[tuple[str, torch.nn.Module]], device: torch.device | None = None, qparams: QParams = weight_qparams
 ) -> None:
     gscales = fused_global_scales(modules, device)
     for name, module in modules:
-        calibrate_weight(module, gscales.get(name), device)
+        calibrate_weight(module, gscales.get(name), device, qparams)
 
 
 @contextlib.contextmanager

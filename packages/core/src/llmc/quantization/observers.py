@@ -248,3 +248,17 @@ def weight_qparams(
     range its observer gives)."""
     lo, hi = weight_range(weight, args)
     return calculate_qparams(lo, hi, args, global_scale=gscale)
+
+
+def rounding_error(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: QuantizationArgs,
+    global_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared error of rounding ``weight`` with these qparams, summed per quantization group
+    (shaped as ``scale``): what a search over candidate ranges compares."""
+    quantized = fake_quantize(weight, scale, zero_point, args, global_scale=global_scale)
+    error = (quantized.float() - weight.float()).pow(2)
+    return flatten_for_calibration(error, "weight", args).sum(dim=(0, -1)).reshape(scale.shape)
