@@ -270,3 +270,38 @@ def test_observe_sees_calibration_passes_only_and_removes_its_hook(llama_path):
                     max_seq_length=16)
     assert len(seen) == 3  # once per batch, not twice
     assert not model.model.layers[0].mlp.down_proj._forward_pre_hooks
+
+
+def test_recipe_values_are_checked_by_type_when_the_recipe_is_read(capsys):
+    """Before any model is loaded; a plugin's modifier without @attrs.define is named."""
+    from llmc.cli import main
+    from llmc.plugins import _registrar
+    from llmc.recipe import Recipe, RecipeError
+
+    with pytest.raises(RecipeError, match=r"AWQModifier argument 'n_grid' must be int, got 'abc'"):
+        Recipe.load("q_modifiers:\n  AWQModifier: {n_grid: abc}\n")
+    with pytest.raises(RecipeError, match=r"'dampening_frac' must be float"):
+        Recipe.load("q_modifiers:\n  GPTQModifier: {dampening_frac: [1]}\n")
+    assert Recipe.load("q_modifiers:\n  GPTQModifier: {dampening_frac: 1, targets: Linear, scheme: W4A16}\n").modifiers[0].targets == ["Linear"]
+
+    from llmc.api import QuantizationModifier
+
+    class Undecorated(QuantizationModifier):
+        steps = 3
+
+    with pytest.raises(TypeError, match=r"Undecorated is not an attrs class: decorate it with @attrs.define"):
+        _registrar("modifier", lambda name, obj: None)(Undecorated)
+    assert main(["plugins", "--modifier", "GPTQModifier"]) == 0
+    listed = capsys.readouterr().out
+    assert "dampening_frac" in listed and "0.01" in listed and "block_size" in listed
+
+
+def test_the_saved_recipe_names_the_plugins_that_ran(llama_path, tmp_path):
+    from llmc import __version__, oneshot
+    from llmc.recipe import Recipe
+
+    oneshot(model=str(llama_path), recipe="q_modifiers:\n  GPTQModifier: {scheme: W4A16, ignore: [lm_head]}\n",
+            dataset="llmc-docs", num_calibration_samples=2, max_seq_length=16, output_dir=str(tmp_path / "out"))
+    saved = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert saved.startswith(f"# made by llmc with llmc-gptq {__version__}\n")
+    assert type(Recipe.load(str(tmp_path / "out" / "recipe.yaml")).modifiers[0]).__name__ == "GPTQModifier"

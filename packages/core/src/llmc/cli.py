@@ -84,8 +84,24 @@ def _cmd_oneshot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_modifier_arguments(name: str) -> int:
+    from llmc.plugins import get_registry
+
+    cls = get_registry().get("modifier", name)
+    rows = [(n, t, repr(d), h) for n, t, d, h in cls.describe_arguments()]
+    header = ("argument", "type", "default", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    return 0
+
+
 def _cmd_plugins(ns: argparse.Namespace) -> int:
     from llmc.plugins import get_plugin_manager, get_registry
+
+    if ns.modifier:
+        return _cmd_modifier_arguments(ns.modifier)
 
     pm = get_plugin_manager()
     registry = get_registry()
@@ -214,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _oneshot_parser(oneshot).set_defaults(func=_cmd_oneshot)
 
-    plugins = commands.add_parser("plugins", help="List discovered plugins and what each registers.")
+    plugins = commands.add_parser(
+        "plugins", help="List discovered plugins and what each registers.",
+        description="List every installed plugin, its distribution and version, and what it registers; "
+        "with --modifier, one modifier's recipe arguments.",
+    )
+    plugins.add_argument("--modifier", metavar="NAME", help="List this modifier's recipe arguments: type, default, help")
     plugins.set_defaults(func=_cmd_plugins)
 
     demo = commands.add_parser(

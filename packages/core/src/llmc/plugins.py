@@ -161,7 +161,16 @@ _REGISTRATION_HOOKS: dict[str, str] = {
 def _registrar(kind: str, sink: Callable[[str, Any], None]) -> Callable[..., None]:
     """The ``register`` callable handed to one plugin for one kind."""
     if kind == "modifier":
-        return lambda cls: sink(cls.__name__, cls)
+
+        def register_modifier(cls: type) -> None:
+            if "__attrs_attrs__" not in cls.__dict__:
+                raise TypeError(
+                    f"{cls.__name__} is not an attrs class: decorate it with @attrs.define(kw_only=True) "
+                    "so that its fields are its recipe arguments."
+                )
+            sink(cls.__name__, cls)
+
+        return register_modifier
     if kind == "model_patch":
         return lambda patch: sink(getattr(patch, "name", type(patch).__name__), patch)
     return lambda name, obj: sink(name, obj)

@@ -150,6 +150,19 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def to_saved_yaml(self) -> str:
+        """The recipe as a checkpoint records it: headed by a comment naming the distributions
+        (and versions) of the plugins that provided its modifiers."""
+        registry = get_registry()
+        providers = {}
+        for modifier in self.modifiers:
+            name = type(modifier).__name__
+            entry = next((e for e in registry.of_kind("modifier") if e.name == name), None)
+            if entry is not None:
+                providers[entry.distribution or entry.plugin] = entry.version
+        made_by = ", ".join(f"{d} {v}" if v else d for d, v in providers.items())
+        return f"# made by llmc with {made_by}\n" + self.to_yaml() if made_by else self.to_yaml()
+
 
 class _RecipeLoader(yaml.SafeLoader):
     """The safe loader, plus two tags llm-compressor's recipe.yaml writes, read as data:

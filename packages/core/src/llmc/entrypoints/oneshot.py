@@ -151,12 +151,12 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
                 model,
                 tmp,
                 processor=processor,
-                recipe_yaml=recipe.to_yaml(),
+                recipe_yaml=recipe.to_saved_yaml(),
                 save_compressed=args.model.save_compressed,
                 **extra,
             )
         logger.info("Saved to %s", args.output.output_dir)
         if progress is not None:
             progress.remove()
-    patch_save_pretrained(model, recipe.to_yaml())  # for users who save by hand afterwards
+    patch_save_pretrained(model, recipe.to_saved_yaml())  # for users who save by hand afterwards
     return model

@@ -156,7 +156,26 @@ class Modifier:
                     f"{cls.__name__} has no argument {key!r}.{hint} Valid arguments: "
                     f"{', '.join(valid)}."
                 )
+        fields = attrs.fields_dict(cls)
+        for key, value in args.items():
+            # a field with a converter takes what its converter takes (targets: a name or a list)
+            expected = None if fields[key].converter is not None else _simple_types(str(fields[key].type))
+            if expected is not None and not any(_fits(value, t) for t in expected):
+                raise TypeError(
+                    f"{cls.__name__} argument {key!r} must be {' or '.join(expected)}, got {value!r} "
+                    f"({type(value).__name__})."
+                )
         return cls(**args)
+
+    @classmethod
+    def describe_arguments(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, help) of every recipe argument, for ``llmc plugins --modifier``."""
+        out = []
+        for f in attrs.fields(cls):
+            if f.init:
+                default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[arg-type]
+                out.append((f.name, str(f.type), default, f.metadata.get("help", "")))
+        return out
 
     def recipe_args(self) -> dict[str, Any]:
         """The arguments that differ from their defaults, as plain YAML-able data."""
@@ -171,6 +190,30 @@ class Modifier:
             if value != default:
                 out[field.name] = to_plain(value)
         return out
+
+
+_SIMPLE = {"int", "float", "bool", "str", "None", "list", "dict"}
+
+
+def _simple_types(annotation: str) -> list[str] | None:
+    """The plain types a field's annotation allows (``int | None`` -> int, None), or None when
+    it names anything else (then the modifier's own validators judge)."""
+    kinds = [part.strip().split("[")[0] for part in annotation.split("|")]
+    return kinds if all(kind in _SIMPLE for kind in kinds) else None
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "list":
+        return isinstance(value, (list, tuple))
+    return isinstance(value, {"str": str, "dict": dict}[kind])
 
 
 def to_plain(value: Any) -> Any:
