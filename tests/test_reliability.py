@@ -16,7 +16,7 @@ from llmc import model_free_ptq, oneshot
 from llmc.hookspecs import hookimpl
 from llmc.locking import OutputLockedError, lock_path
 from llmc.plugins import get_plugin_manager
-from tests.helpers import quant_recipe
+from tests.helpers import kill_when_marked, quant_recipe
 
 HOLD = """
 import sys, time
@@ -181,17 +181,7 @@ oneshot(model=sys.argv[1], output_dir=sys.argv[2], saver="stuck",
 
 
 def _kill_when(script: str, source, out, tmp_path) -> None:
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(source), str(out), str(marker)])
-    try:
-        for _ in range(600):
-            if marker.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), "the run never reached the point to kill it at"
-    finally:
-        proc.kill()  # SIGKILL: no cleanup runs
-        proc.wait()
+    kill_when_marked(script, source, out, marker=tmp_path / "marker")
 
 
 def test_model_free_killed_mid_write_leaves_no_debris_after_the_rerun(llama_path, tmp_path):

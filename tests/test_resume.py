@@ -4,9 +4,6 @@ checkpoint is byte-identical to an uninterrupted run's."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ import transformers
 
 from llmc import oneshot, tiny
 from llmc.resume import resume_path
+from tests.helpers import kill_when_marked
 
 # the killed run: the same oneshot, stopped for good while the `when`-th layer end of
 # model.layers.2 runs (layers 0 and 1 of that pipeline run are finished and saved)
@@ -86,17 +84,7 @@ def _run(source, out, recipe, **kwargs):
 
 
 def _kill_at(source, out, recipe, when, tmp_path):
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(source), str(out), str(marker), recipe, str(when)])
-    try:
-        for _ in range(1200):
-            if marker.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), "the run never reached the layer to kill it at"
-    finally:
-        proc.kill()  # SIGKILL: nothing cleans up
-        proc.wait()
+    kill_when_marked(KILLED, source, out, recipe, when, marker=tmp_path / "marker")
 
 
 def _files(directory):
