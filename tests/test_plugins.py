@@ -305,3 +305,28 @@ def test_the_saved_recipe_names_the_plugins_that_ran(llama_path, tmp_path):
     saved = (tmp_path / "out" / "recipe.yaml").read_text()
     assert saved.startswith(f"# made by llmc with llmc-gptq {__version__}\n")
     assert type(Recipe.load(str(tmp_path / "out" / "recipe.yaml")).modifiers[0]).__name__ == "GPTQModifier"
+
+
+def test_the_demo_picks_the_installed_quantizer_that_declares_the_most_strength():
+    import attrs
+
+    from llmc.api import QuantizationModifier, hookimpl
+    from llmc.demo import strongest_algorithm
+
+    assert strongest_algorithm() == "GPTQModifier"  # GPTQ 2, AWQ 1, round-to-nearest 0
+
+    @attrs.define(kw_only=True)
+    class StrongerModifier(QuantizationModifier):
+        strength = 5
+
+    class Plugin:
+        @hookimpl
+        def llmc_register_modifiers(self, register):
+            register(StrongerModifier)
+
+    pm, plugin = get_plugin_manager(), Plugin()
+    pm.register(plugin, name="stronger")
+    try:
+        assert strongest_algorithm() == "StrongerModifier"  # no list of names to edit
+    finally:
+        pm.unregister(plugin)

@@ -23,12 +23,8 @@ from llmc.plugins import get_registry
 
 logger = logging.getLogger(__name__)
 
-# Strongest first; each entry is (modifier, extra oneshot arguments it needs).
-PREFERENCE: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("GPTQModifier", {"dataset": corpus.NAME, "num_calibration_samples": 64, "max_seq_length": 256}),
-    ("AWQModifier", {"dataset": corpus.NAME, "num_calibration_samples": 64, "max_seq_length": 256}),
-    ("QuantizationModifier", {}),
-)
+# calibration data for quantizers that need it (harmless for the others)
+DATA: dict[str, Any] = {"dataset": corpus.NAME, "num_calibration_samples": 64, "max_seq_length": 256}
 
 
 @attrs.frozen
@@ -62,12 +58,13 @@ class DemoResult:
         return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
 
 
-def strongest_algorithm() -> tuple[str, dict[str, Any]]:
-    registry = get_registry()
-    for name, extra in PREFERENCE:
-        if registry.has("modifier", name):
-            return name, extra
-    return "QuantizationModifier", {}
+def strongest_algorithm() -> str:
+    """The installed quantizing modifier that declares the highest ``strength`` (core's
+    round-to-nearest ``QuantizationModifier`` when no plugin adds one)."""
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    quantizers = [e.obj for e in get_registry().of_kind("modifier") if issubclass(e.obj, QuantizationModifier)]
+    return max(quantizers, key=lambda cls: cls.strength).__name__
 
 
 def run_demo(workdir: str | Path | None = None, scheme: str = "W4A16", train_steps: int = 100) -> DemoResult:
@@ -90,7 +87,7 @@ def _run(workdir: Path, scheme: str, train_steps: int) -> DemoResult:
     model.save_pretrained(original)
     tokenizer.save_pretrained(original)
 
-    algorithm, extra = strongest_algorithm()
+    algorithm = strongest_algorithm()
     recipe = {
         "demo_stage": {
             "quant_modifiers": {algorithm: {"targets": ["Linear"], "scheme": scheme, "ignore": ["lm_head"]}}
@@ -100,7 +97,7 @@ def _run(workdir: Path, scheme: str, train_steps: int) -> DemoResult:
     from llmc import oneshot
 
     started = time.perf_counter()
-    oneshot(model=str(original), recipe=recipe, output_dir=str(compressed), overwrite_output_dir=True, **extra)
+    oneshot(model=str(original), recipe=recipe, output_dir=str(compressed), overwrite_output_dir=True, **DATA)
     seconds = time.perf_counter() - started
 
     reference = AutoModelForCausalLM.from_pretrained(original).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -110,6 +110,7 @@ class AWQModifier(QuantizationModifier):
     scheme, which then quantizes. Alone, without a scheme, it quantizes W4A16_ASYM itself.
     """
 
+    strength: ClassVar[int] = 1  # for `llmc demo`: after GPTQ, before round-to-nearest
     mappings: list[Any] | None = None
     duo_scaling: bool | str = attrs.field(default=True, validator=attrs.validators.in_([True, False, "both"]))
     n_grid: int = attrs.field(default=20, validator=attrs.validators.gt(0))

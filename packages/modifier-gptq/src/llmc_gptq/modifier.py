@@ -48,6 +48,7 @@ class GPTQModifier(QuantizationModifier):
     """
 
     weights_round_to_nearest: ClassVar[bool] = False  # solved against the Hessian instead
+    strength: ClassVar[int] = 2  # for `llmc demo`: GPTQ first, then AWQ, then round-to-nearest
 
     block_size: int = attrs.field(default=128, validator=_positive)
     dampening_frac: float = attrs.field(default=0.01, validator=_positive)

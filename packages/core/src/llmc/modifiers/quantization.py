@@ -73,6 +73,9 @@ class QuantizationModifier(Modifier):
     # weights quantized round-to-nearest from their own min-max range: a transform before this
     # modifier (AWQ's clipping) may narrow that range by clamping them
     weights_round_to_nearest: ClassVar[bool] = True
+    # how much closer to the original model than round-to-nearest (0) a quantizer gets, for
+    # `llmc demo` to pick the strongest installed one; a plugin's quantizer declares its own
+    strength: ClassVar[int] = 0
 
     _config: QuantizationConfig | None = attrs.field(default=None, init=False, repr=False)
     _observers: ActivationObservers = attrs.field(factory=ActivationObservers, init=False, repr=False)
