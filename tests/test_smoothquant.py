@@ -157,14 +157,14 @@ def test_mapping_errors():
 def test_a_plugin_adds_mappings_for_a_new_architecture(monkeypatch):
     """A model plugin registers mappings through the hook; resolution then finds them."""
     from llmc.hookspecs import hookimpl
-    from llmc.mappings import ArchitectureMappings, Mapping
+    from llmc.mappings import Mapping
     from llmc.plugins import get_plugin_manager
 
     class GPT2Mappings:
         @hookimpl
         def llmc_register_mappings(self, register):
             m = Mapping("re:.*ln_1", ["re:.*attn\\.c_attn"])
-            register("GPT2LMHeadModel", ArchitectureMappings([m], [m]))
+            register("smoothquant", "GPT2LMHeadModel", [m])
 
     pm = get_plugin_manager()
     plugin = GPT2Mappings()

@@ -26,11 +26,14 @@ from llmc import tiny
 from llmc.hookspecs import hookimpl
 from llmc.lifecycle import State
 from llmc.mappings import (
-    ArchitectureMappings,
+    DENSE_ARCHITECTURES,
     Mapping,
     ResolvedMapping,
     fold_scales,
+    inner_mappings,
+    norm_mappings,
     observe_balance_inputs,
+    phi3_norm_mappings,
     resolve_mappings,
 )
 from llmc.modifiers.base import Modifier
@@ -60,8 +63,11 @@ __all__ = [
     # model patches and smooth/balance mappings
     "ModelPatch",
     "Mapping",
-    "ArchitectureMappings",
     "ResolvedMapping",
+    "DENSE_ARCHITECTURES",
+    "norm_mappings",
+    "inner_mappings",
+    "phi3_norm_mappings",
     "resolve_mappings",
     "fold_scales",
     "observe_balance_inputs",

@@ -48,14 +48,6 @@ def llmc_register_converters(register):
 
 
 @hookimpl
-def llmc_register_mappings(register):
-    from llmc.mappings import builtin_mappings
-
-    for architecture, mappings in builtin_mappings().items():
-        register(architecture, mappings)
-
-
-@hookimpl
 def llmc_register_observers(register):
     from llmc.quantization.observers import BUILTIN_OBSERVERS
 

@@ -15,7 +15,7 @@ them (progress reporters, loggers). Modifiers are called in recipe order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from llmc.lifecycle import State
-    from llmc.mappings import ArchitectureMappings
+    from llmc.mappings import Mapping
     from llmc.modifiers.base import Modifier
     from llmc.patches import ModelPatch
     from llmc.quantization.observers import Observer
@@ -107,14 +107,15 @@ def llmc_register_converters(register: Callable[[str, Callable[..., Any]], None]
 
 
 @hookspec
-def llmc_register_mappings(register: Callable[[str, ArchitectureMappings], None]) -> None:
-    """Register smooth/balance layer mappings for an architecture.
+def llmc_register_mappings(register: Callable[[str, str, Sequence[Mapping]], None]) -> None:
+    """Register one algorithm's default smooth/balance mappings for an architecture.
 
-    Called once when the registry is built. Call ``register(architecture, mappings)``
-    where ``architecture`` is a transformers class name (``"LlamaForCausalLM"``)
-    and ``mappings`` an :class:`llmc.mappings.ArchitectureMappings` (one list of
-    :class:`llmc.mappings.Mapping` per algorithm). SmoothQuant and AWQ use them
-    when a recipe gives no ``mappings``.
+    Called once when the registry is built. Call ``register(algorithm, architecture,
+    mappings)``: ``algorithm`` is the name the modifier resolves its defaults under
+    (``"smoothquant"``, ``"awq"``, or a third party's own), ``architecture`` a
+    transformers class name (``"LlamaForCausalLM"``), ``mappings`` a list of
+    :class:`llmc.api.Mapping`. A recipe without ``mappings`` uses them; an algorithm
+    package registers its own for the dense models, a model plugin for its family.
     """
 
 

@@ -39,14 +39,6 @@ class Mapping:
 
 
 @attrs.frozen
-class ArchitectureMappings:
-    """Default mappings of one architecture, per algorithm (AWQ also balances v→o and up→down)."""
-
-    smoothquant: tuple[Mapping, ...] = attrs.field(converter=tuple)
-    awq: tuple[Mapping, ...] = attrs.field(converter=tuple)
-
-
-@attrs.frozen
 class ResolvedMapping:
     """One smooth module and the modules it balances, by name."""
 
@@ -67,20 +59,26 @@ def _ignored(name: str, ignore: Iterable[str]) -> bool:
 
 
 def default_mappings(model: torch.nn.Module, algorithm: str) -> list[Mapping]:
-    """The registered mappings for ``model``'s class, or a clear error."""
+    """The mappings registered for ``algorithm`` on ``model``'s class, or a clear error."""
     from llmc.plugins import get_registry
 
     registry = get_registry()
     arch = type(model).__name__
-    if not registry.has("mapping", arch):
-        known = ", ".join(sorted(registry.names("mapping"))) or "none"
+    key = mapping_key(algorithm, arch)
+    if not registry.has("mapping", key):
+        known = sorted(n.partition("/")[2] for n in registry.names("mapping") if n.startswith(algorithm + "/"))
         raise ValueError(
             f"No default {algorithm} mappings for {arch}. Pass mappings= in the recipe, e.g. "
             "mappings: [[['re:.*q_proj', 're:.*k_proj', 're:.*v_proj'], 're:.*input_layernorm']], "
             "or install a model plugin that registers them (llmc_register_mappings). "
-            f"Architectures with defaults: {known}."
+            f"Architectures with {algorithm} defaults: {', '.join(known) or 'none'}."
         )
-    return list(getattr(registry.get("mapping", arch), algorithm))
+    return list(registry.get("mapping", key))
+
+
+def mapping_key(algorithm: str, architecture: str) -> str:
+    """The registry name of one algorithm's mappings for one architecture."""
+    return f"{algorithm}/{architecture}"
 
 
 def resolve_mappings(
@@ -180,47 +178,34 @@ def _offset_norm(module: torch.nn.Module) -> bool:
     return type(module).__name__ in {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Qwen3NextRMSNorm"}
 
 
-def _attention(prefix: str = "self_attn") -> Mapping:
-    return Mapping("re:.*input_layernorm", [f"re:.*{prefix}\\.(q|k|v)_proj"])
+# transformers classes whose layers are Llama's: input_layernorm -> self_attn.q/k/v_proj,
+# post_attention_layernorm -> mlp.gate/up_proj, self_attn.v_proj -> o_proj, mlp.up_proj -> down_proj
+DENSE_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "GemmaForCausalLM", "Gemma2ForCausalLM",
+)
 
 
-def _dense(mlp: str = "mlp") -> list[Mapping]:
+def norm_mappings(attention: str = "self_attn", mlp: str = "mlp") -> list[Mapping]:
+    """Each decoder layer's two norms and the projections they feed (Llama's layout)."""
     return [
-        _attention(),
+        Mapping("re:.*input_layernorm", [f"re:.*{attention}\\.(q|k|v)_proj"]),
         Mapping("re:.*post_attention_layernorm", [f"re:.*{mlp}\\.(gate|up)_proj"]),
     ]
 
 
-def _awq_dense(mlp: str = "mlp") -> list[Mapping]:
+def inner_mappings(attention: str = "self_attn", mlp: str = "mlp") -> list[Mapping]:
+    """The linear pairs inside a Llama layer: v_proj -> o_proj (per head), up_proj -> down_proj
+    (the activation is linear in up)."""
     return [
-        *_dense(mlp),
-        Mapping("re:.*v_proj", ["re:.*o_proj"]),
+        Mapping(f"re:.*{attention}\\.v_proj", [f"re:.*{attention}\\.o_proj"]),
         Mapping(f"re:.*{mlp}\\.up_proj", [f"re:.*{mlp}\\.down_proj"]),
     ]
 
 
-def builtin_mappings() -> dict[str, ArchitectureMappings]:
-    """Defaults for the dense architectures; model plugins add more through the hook (llmc-moe:
-    the MoE families)."""
-    dense = ArchitectureMappings(_dense(), _awq_dense())
-    phi3 = ArchitectureMappings(
-        [
-            Mapping("re:.*input_layernorm", ["re:.*qkv_proj"]),
-            Mapping("re:.*post_attention_layernorm", ["re:.*gate_up_proj"]),
-        ],
-        [
-            Mapping("re:.*input_layernorm", ["re:.*qkv_proj"]),
-            Mapping("re:.*post_attention_layernorm", ["re:.*gate_up_proj"]),
-            Mapping("re:.*gate_up_proj", ["re:.*down_proj"]),
-        ],
-    )
-    table = {
-        "LlamaForCausalLM": dense,
-        "MistralForCausalLM": dense,
-        "Qwen2ForCausalLM": dense,
-        "Qwen3ForCausalLM": dense,
-        "GemmaForCausalLM": dense,
-        "Gemma2ForCausalLM": dense,
-        "Phi3ForCausalLM": phi3,
-    }
-    return table
+def phi3_norm_mappings() -> list[Mapping]:
+    """Phi-3's norms feed fused projections (qkv_proj, gate_up_proj)."""
+    return [
+        Mapping("re:.*input_layernorm", ["re:.*qkv_proj"]),
+        Mapping("re:.*post_attention_layernorm", ["re:.*gate_up_proj"]),
+    ]

@@ -171,6 +171,14 @@ def _registrar(kind: str, sink: Callable[[str, Any], None]) -> Callable[..., Non
             sink(cls.__name__, cls)
 
         return register_modifier
+    if kind == "mapping":
+
+        def register_mappings(algorithm: str, architecture: str, mappings: Iterable[Any]) -> None:
+            from llmc.mappings import Mapping, mapping_key
+
+            sink(mapping_key(algorithm, architecture), tuple(Mapping.parse(m) for m in mappings))
+
+        return register_mappings
     if kind == "model_patch":
         return lambda patch: sink(getattr(patch, "name", type(patch).__name__), patch)
     return lambda name, obj: sink(name, obj)

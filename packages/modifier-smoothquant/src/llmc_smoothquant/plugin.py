@@ -1,8 +1,8 @@
-"""Entry-point plugin: registers SmoothQuantModifier."""
+"""Entry-point plugin: registers SmoothQuantModifier and its default mappings."""
 
 from __future__ import annotations
 
-from llmc.hookspecs import hookimpl
+from llmc.api import DENSE_ARCHITECTURES, hookimpl, norm_mappings, phi3_norm_mappings
 
 
 @hookimpl
@@ -10,3 +10,11 @@ def llmc_register_modifiers(register):
     from llmc_smoothquant.modifier import SmoothQuantModifier
 
     register(SmoothQuantModifier)
+
+
+@hookimpl
+def llmc_register_mappings(register):
+    """Each norm and the projections it feeds (the activation outliers SmoothQuant moves)."""
+    for architecture in DENSE_ARCHITECTURES:
+        register("smoothquant", architecture, norm_mappings())
+    register("smoothquant", "Phi3ForCausalLM", phi3_norm_mappings())

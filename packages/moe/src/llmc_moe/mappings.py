@@ -11,7 +11,10 @@ clamped).
 
 from __future__ import annotations
 
-from llmc.mappings import ArchitectureMappings, Mapping
+from llmc.api import Mapping
+
+# (SmoothQuant's mappings, AWQ's) of one architecture
+AlgorithmMappings = tuple[list[Mapping], list[Mapping]]
 
 _ROUTERS = r"gate|router|shared_expert_gate"
 _GATE_UP = r"(gate_proj|up_proj|w1|w3)"
@@ -39,19 +42,19 @@ def _up_down() -> Mapping:
 
 def moe_mappings(
     block: str = "mlp", attention: Mapping | None = None, extra_awq: tuple[Mapping, ...] = (), up_down: bool = True
-) -> ArchitectureMappings:
+) -> AlgorithmMappings:
     attention = attention or _attention()
     smoothquant = [attention, _moe_inputs(block)]
     awq = [attention, *extra_awq, Mapping("re:.*v_proj$", ["re:.*o_proj$"]), _moe_inputs(block)]
     if up_down:
         awq.append(_up_down())
-    return ArchitectureMappings(smoothquant, awq)
+    return smoothquant, awq
 
 
-def builtin_moe_mappings() -> dict[str, ArchitectureMappings]:
+def builtin_moe_mappings() -> dict[str, AlgorithmMappings]:
     standard = moe_mappings()
     deepseek_attention = _attention(r"(q_proj|q_a_proj|kv_a_proj_with_mqa)")
-    deepseek = ArchitectureMappings(
+    deepseek = (
         [deepseek_attention, _moe_inputs("mlp")],
         [
             deepseek_attention,

@@ -17,8 +17,9 @@ def llmc_register_model_patches(register):
 def llmc_register_mappings(register):
     from llmc_moe.mappings import builtin_moe_mappings
 
-    for architecture, mappings in builtin_moe_mappings().items():
-        register(architecture, mappings)
+    for architecture, (smoothquant, awq) in builtin_moe_mappings().items():
+        register("smoothquant", architecture, smoothquant)
+        register("awq", architecture, awq)
 
 
 def _clear_stacks(model) -> None:
