@@ -39,6 +39,7 @@ from llmc.mappings import (
 from llmc.modifiers.base import Modifier
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.patches import ModelPatch
+from llmc.pipelines import Pipeline
 from llmc.plugins import PluginNotFoundError, get_registry
 from llmc.quantization.observers import (
     Observer,
@@ -60,6 +61,7 @@ __all__ = [
     "Modifier",
     "QuantizationModifier",
     "State",
+    "Pipeline",
     # model patches and smooth/balance mappings
     "ModelPatch",
     "Mapping",

@@ -17,7 +17,7 @@ def llmc_register_pipelines(register):
     from llmc.pipelines.datafree import run_datafree
     from llmc.pipelines.independent import run_independent
 
-    register("datafree", run_datafree)
+    register("datafree", run_datafree, requires_data=False)
     register("independent", run_independent)
 
 

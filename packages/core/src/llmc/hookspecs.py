@@ -49,15 +49,14 @@ def llmc_register_modifiers(register: Callable[[type[Modifier]], None]) -> None:
 
 
 @hookspec
-def llmc_register_pipelines(register: Callable[[str, Callable[..., None]], None]) -> None:
+def llmc_register_pipelines(register: Callable[..., None]) -> None:
     """Register calibration pipelines.
 
-    Called once when the registry is built. Call ``register(name, run)`` where
-    ``run(state, modifiers)`` drives the lifecycle hooks for those modifiers over
-    ``state.model`` and ``state.dataloader`` (see :mod:`llmc.pipelines`). Give ``run``
-    the attribute ``requires_data = False`` when it runs no forward pass.
-
-    :param register: ``register(name, run)``; ``name`` is what ``pipeline=`` takes.
+    Called once when the registry is built. Call ``register(name, run,
+    requires_data=True)``: ``run(state, modifiers)`` drives the lifecycle hooks for
+    those modifiers over ``state.model`` and ``state.dataloader`` (see
+    :mod:`llmc.pipelines`); ``requires_data=False`` for one that runs no forward pass.
+    ``name`` is what ``pipeline=`` and ``Modifier.pipeline()`` take.
     """
 
 

@@ -171,6 +171,14 @@ def _registrar(kind: str, sink: Callable[[str, Any], None]) -> Callable[..., Non
             sink(cls.__name__, cls)
 
         return register_modifier
+    if kind == "pipeline":
+
+        def register_pipeline(name: str, run: Callable[..., None], requires_data: bool = True) -> None:
+            from llmc.pipelines import Pipeline
+
+            sink(name, Pipeline(run, requires_data))
+
+        return register_pipeline
     if kind == "mapping":
 
         def register_mappings(algorithm: str, architecture: str, mappings: Iterable[Any]) -> None:

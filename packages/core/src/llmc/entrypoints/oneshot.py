@@ -102,7 +102,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
     pipeline = args.pipeline.pipeline or "independent"
     pipelines = _concrete_pipelines(recipe, pipeline)
     _check_plugins(registry, [pipeline, *pipelines], args.output.saver)
-    needs_data = any(getattr(registry.get("pipeline", p), "requires_data", True) for p in pipelines)
+    needs_data = any(registry.get("pipeline", p).requires_data for p in pipelines)
     has_data = args.dataset.dataset is not None or args.dataset.dataset_path is not None
     if needs_data and not has_data:
         raise ValueError(

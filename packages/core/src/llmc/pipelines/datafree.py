@@ -13,5 +13,3 @@ def run_datafree(state: State, modifiers: Sequence[Modifier]) -> None:
         hook.llmc_calibration_start(state=state)
         hook.llmc_calibration_end(state=state)
 
-
-run_datafree.requires_data = False  # type: ignore[attr-defined]
