@@ -29,10 +29,10 @@ from llmc.mappings import (
     DENSE_ARCHITECTURES,
     Mapping,
     ResolvedMapping,
+    balance_input_source,
     fold_scales,
     inner_mappings,
     norm_mappings,
-    observe_balance_inputs,
     phi3_norm_mappings,
     resolve_mappings,
 )
@@ -72,7 +72,7 @@ __all__ = [
     "phi3_norm_mappings",
     "resolve_mappings",
     "fold_scales",
-    "observe_balance_inputs",
+    "balance_input_source",
     # quantization arithmetic (compressed-tensors' arguments and qparams, llmc's observers)
     "QuantizationArgs",
     "QuantizationScheme",

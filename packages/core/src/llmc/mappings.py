@@ -11,7 +11,7 @@ pass their own in llm-compressor's shape: ``[[balance regexes...], smooth regex]
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -129,10 +129,9 @@ def resolve_mappings(
     return resolved
 
 
-def observe_balance_inputs(
-    mapping: ResolvedMapping, observe: Callable[[torch.Tensor], None]
-) -> torch.utils.hooks.RemovableHandle:
-    """Call ``observe`` with every tensor the mapping's balance layers read.
+def balance_input_source(mapping: ResolvedMapping) -> tuple[torch.nn.Module, bool]:
+    """Where to observe every tensor the mapping's balance layers read: ``(module, output)``,
+    its output when ``output`` is true, else its input (for :meth:`Modifier.observe`).
 
     A norm's output is exactly that, for every token, even when a balance layer
     sees only some tokens (an MoE expert its router did not choose); a linear smooth
@@ -140,12 +139,8 @@ def observe_balance_inputs(
     the first balance layer's input is observed.
     """
     if isinstance(mapping.smooth, torch.nn.Linear):
-        return mapping.balance[0].register_forward_pre_hook(lambda module, args: observe(args[0]))
-
-    def output(module: torch.nn.Module, args: tuple, out: Any) -> None:
-        observe(out[0] if isinstance(out, (tuple, list)) else out)
-
-    return mapping.smooth.register_forward_hook(output)
+        return mapping.balance[0], False
+    return mapping.smooth, True
 
 
 def fold_scales(mapping: ResolvedMapping, scales: torch.Tensor) -> None:

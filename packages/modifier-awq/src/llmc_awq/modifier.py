@@ -13,7 +13,7 @@ from compressed_tensors.utils import is_match
 from tqdm.auto import tqdm
 
 from llmc.lifecycle import State
-from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
+from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.tensors import map_tensors
 from llmc_awq.clip import GroupMoments, clip_group_size, clip_weight
@@ -127,7 +127,6 @@ class AWQModifier(QuantizationModifier):
     _x_count: dict[str, int] = attrs.field(factory=dict, init=False, repr=False)
     _moments: dict[str, GroupMoments] = attrs.field(factory=dict, init=False, repr=False)
     _clipping: bool = attrs.field(default=False, init=False, repr=False)
-    _handles: list[Any] = attrs.field(factory=list, init=False, repr=False)
     _done: set[str] = attrs.field(factory=set, init=False, repr=False)
     _modules_by_name: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
     _searching: bool = attrs.field(default=False, init=False, repr=False)
@@ -176,18 +175,18 @@ class AWQModifier(QuantizationModifier):
             if parent not in self._inputs:
                 self._inputs[parent] = []
 
-                def keep(module: torch.nn.Module, args: tuple, kwargs: dict, parent: str = parent) -> None:
-                    if state.observing and not self._searching:  # the search's own passes are not data
+                def keep(args: tuple, kwargs: dict, parent: str = parent) -> None:
+                    if not self._searching:  # the search's own passes are not data
                         self._inputs[parent].append(_move((args, kwargs, state.loss_mask), self.offload_device))
 
-                self._handles.append(modules[parent].register_forward_pre_hook(keep, with_kwargs=True))
+                self.observe(state, modules[parent], keep, call=True)
             name = mapping.smooth_name
             moments = self._clip_moments(mapping)
             if moments is not None:
                 self._moments[name] = moments
 
             def mean(x: torch.Tensor, name: str = name, moments: GroupMoments | None = moments) -> None:
-                if state.observing and not self._searching:
+                if not self._searching:
                     x = masked_tokens(x.detach(), state.loss_mask)
                     total = x.abs().float().sum(dim=0)
                     self._x_sum[name] = self._x_sum[name] + total if name in self._x_sum else total
@@ -195,7 +194,8 @@ class AWQModifier(QuantizationModifier):
                     if moments is not None:
                         moments.add(x)
 
-            self._handles.append(observe_balance_inputs(mapping, mean))
+            module, output = balance_input_source(mapping)
+            self.observe(state, module, mean, output=output)
         self._modules_by_name = modules
 
     def _clip_moments(self, mapping: ResolvedMapping) -> GroupMoments | None:
@@ -232,9 +232,6 @@ class AWQModifier(QuantizationModifier):
     def on_calibration_end(self, state: State) -> None:
         self._process(list(self._resolved))
         self._quantize(self.targeted_modules())
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._inputs.clear()
 
     def _quantize(self, modules: list[tuple[str, torch.nn.Module]]) -> None:

@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from llmc.lifecycle import State
-from llmc.mappings import ResolvedMapping, fold_scales, observe_balance_inputs, resolve_mappings
+from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, resolve_mappings
 from llmc.modifiers.base import Modifier
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ class SmoothQuantModifier(Modifier):
 
     _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
     _max: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
-    _handles: list[Any] = attrs.field(factory=list, init=False, repr=False)
     _batches: int = attrs.field(default=0, init=False, repr=False)
 
     def pipeline(self) -> str:
@@ -62,16 +61,15 @@ class SmoothQuantModifier(Modifier):
             name = mapping.smooth_name
 
             def record(x: torch.Tensor, name: str = name) -> None:
-                if not state.observing or (
-                    self.num_calibration_steps is not None and self._batches >= self.num_calibration_steps
-                ):
+                if self.num_calibration_steps is not None and self._batches >= self.num_calibration_steps:
                     return
                 x = x.detach()
                 current = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
                 previous = self._max.get(name)
                 self._max[name] = current if previous is None else torch.maximum(previous, current)
 
-            self._handles.append(observe_balance_inputs(mapping, record))
+            module, output = balance_input_source(mapping)
+            self.observe(state, module, record, output=output)
 
     def on_batch_end(self, state: State, batch_index: int) -> None:
         self._batches += 1
@@ -89,9 +87,6 @@ class SmoothQuantModifier(Modifier):
 
     def on_calibration_end(self, state: State) -> None:
         self._smooth(list(self._resolved))
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _smooth(self, mappings: list[ResolvedMapping]) -> None:
         for mapping in mappings:

@@ -50,22 +50,37 @@ class Modifier:
         return "datafree"
 
     def observe(
-        self, state: State, module: torch.nn.Module, fn: Callable[[torch.Tensor], None], output: bool = False
+        self,
+        state: State,
+        module: torch.nn.Module,
+        fn: Callable[..., None],
+        output: bool = False,
+        call: bool = False,
     ) -> None:
         """Call ``fn(x)`` with ``module``'s input (its first positional argument; its output
-        with ``output=True``) on every calibration forward pass, not on the passes a
-        pipeline runs only to propagate a layer's outputs (``state.observing`` false). The
-        hook is removed when calibration ends."""
+        with ``output=True``; ``fn(args, kwargs)``, the whole call, with ``call=True``) on
+        every calibration forward pass, not on the passes a pipeline runs only to propagate
+        a layer's outputs (``state.observing`` false). The hook is removed when calibration
+        ends, so a modifier keeps no hook handles of its own."""
 
         def on_input(module: torch.nn.Module, args: tuple) -> None:
             if state.observing:
                 fn(args[0])
 
+        def on_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if state.observing:
+                fn(args, kwargs)
+
         def on_output(module: torch.nn.Module, args: tuple, out: Any) -> None:
             if state.observing:
-                fn(out[0] if isinstance(out, tuple) else out)
+                fn(out[0] if isinstance(out, (tuple, list)) else out)
 
-        handle = module.register_forward_hook(on_output) if output else module.register_forward_pre_hook(on_input)
+        if call:
+            handle = module.register_forward_pre_hook(on_call, with_kwargs=True)
+        elif output:
+            handle = module.register_forward_hook(on_output)
+        else:
+            handle = module.register_forward_pre_hook(on_input)
         self._observations.append(handle)
 
     # --- override these -----------------------------------------------------
