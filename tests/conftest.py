@@ -1,14 +1,10 @@
-"""Shared fixtures: tiny checkpoints built locally from transformers configs."""
+"""Fixtures of the cross-package tests; the tiny checkpoints come from llmc.testing (a pytest plugin)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
-import torch
-
-from llmc import tiny
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma"]
 
@@ -31,36 +27,6 @@ def _restore_logging():
     root.handlers[:] = handlers
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny.build_tokenizer(2048)
-
-
-@pytest.fixture(scope="session")
-def checkpoint_factory(tmp_path_factory):
-    """``make(arch)`` saves (once per session) a tiny checkpoint of that architecture."""
-    cache: dict[str, Path] = {}
-
-    def make(arch: str = "llama") -> Path:
-        if arch not in cache:
-            path = tmp_path_factory.mktemp(f"tiny-{arch}")
-            tiny.save_tiny(path, arch=arch, hidden_size=128, intermediate_size=256, seed=0)
-            cache[arch] = path
-        return cache[arch]
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def llama_path(checkpoint_factory) -> Path:
-    return checkpoint_factory("llama")
-
-
-@pytest.fixture
-def sample_ids() -> torch.Tensor:
-    return torch.randint(4, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture

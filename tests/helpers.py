@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 
-def quant_recipe(scheme: str, ignore=("lm_head",), modifier: str = "QuantizationModifier") -> dict:
-    return {"quant_stage": {"quant_modifiers": {modifier: {"targets": ["Linear"], "scheme": scheme, "ignore": list(ignore)}}}}
-
-
 def kill_when_marked(script: str, *args: object, marker) -> None:
     """Run ``script`` (``python -c``) with ``args`` then ``marker``'s path, and SIGKILL it once
     it writes ``marker`` (the point it was told to stop at): nothing of it cleans up."""

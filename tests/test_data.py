@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from llmc.args import DatasetArguments
 from llmc.data import build_calibration_dataloader, corpus
-from tests.helpers import quant_recipe
+from llmc.testing import quant_recipe
 
 TEXTS = [f"Sample number {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 5) for i in range(40)]
 

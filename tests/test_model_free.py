@@ -19,25 +19,7 @@ from llmc.model_free import quantize as mf_quantize
 from llmc.model_free import shards
 from llmc.model_free.shards import CheckpointError
 from llmc.quantization.calibrate import fused_group_key
-from tests.helpers import quant_recipe
-
-
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
-
-def assert_same_tensors(a: Path, b: Path, untied: bool = False) -> None:
-    """Same names, dtypes and bits. ``untied``: ``a`` (oneshot) untied a tied lm_head."""
-    ta, tb = load_all(a), load_all(b)
-    if untied:
-        assert torch.equal(ta.pop("lm_head.weight"), ta["model.embed_tokens.weight"])
-    assert set(ta) == set(tb)
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype, name
-        assert torch.equal(ta[name], tb[name]), name
+from llmc.testing import assert_same_tensors, load_checkpoint_tensors, quant_recipe
 
 
 def quantization_config(folder: Path) -> dict:
@@ -126,7 +108,7 @@ def test_nvfp4_fused_groups_split_across_shards(sharded_llama, tmp_path, monkeyp
     reference = oneshot_reference(sharded_llama, tmp_path / "oneshot", "NVFP4A16")
     assert_same_tensors(reference, tmp_path / "free")
     assert split_groups(tmp_path / "free") == 0
-    out = load_all(tmp_path / "free")
+    out = load_checkpoint_tensors(tmp_path / "free")
     q, k = (out[f"model.layers.0.self_attn.{p}.weight_global_scale"] for p in ("q_proj", "k_proj"))
     assert torch.equal(q, k)
 
@@ -151,7 +133,7 @@ def test_mixtral_experts_share_global_scales(tmp_path):
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src", max_shard_size="40KB")
     summary = model_free_ptq(tmp_path / "src", tmp_path / "out", "NVFP4A16", ignore=["lm_head", "re:.*gate$"])
-    out = load_all(tmp_path / "out")
+    out = load_checkpoint_tensors(tmp_path / "out")
     assert summary.quantized == 4 + 4 * 3  # attention projections + 3 per expert; router ignored
     assert "model.layers.0.block_sparse_moe.gate.weight" in out
     for e in range(4):

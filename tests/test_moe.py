@@ -14,9 +14,8 @@ from safetensors import safe_open
 from llmc import model_free_ptq, oneshot, tiny
 from llmc.fused_weights import UnquantizedFusedWeightsError
 from llmc.mappings import resolve_mappings
+from llmc.testing import assert_same_tensors, load_checkpoint_tensors, quant_recipe
 from llmc_moe import linearize
-from tests.helpers import quant_recipe
-from tests.test_model_free import assert_same_tensors, load_all
 
 IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*mlp.router$"]
 EXPERTS, LAYERS = 4, 2
@@ -122,7 +121,7 @@ def test_model_free_splits_fused_experts_as_oneshot_does(gpt_oss, tmp_path):
         summary = model_free_ptq(gpt_oss, b, scheme, ignore=IGNORE)
         assert summary.quantized == LAYERS * (4 + 3 * EXPERTS)
         assert_same_tensors(a, b)
-    tensors = load_all(tmp_path / "free-NVFP4A16")
+    tensors = load_checkpoint_tensors(tmp_path / "free-NVFP4A16")
     for expert in range(EXPERTS):
         prefix = f"model.layers.1.mlp.experts.{expert}"
         gate, up = tensors[f"{prefix}.gate_proj.weight_global_scale"], tensors[f"{prefix}.up_proj.weight_global_scale"]
@@ -224,7 +223,7 @@ def test_nvfp4_static_inputs_on_every_expert(qwen3_moe, tmp_path, all_experts, c
     fake_quant = oneshot(model=str(qwen3_moe), **args)  # the in-memory reference (saving compresses it)
     with caplog.at_level("WARNING", logger="llmc_moe"):
         oneshot(model=str(qwen3_moe), output_dir=str(out), **args)
-    tensors = load_all(out)
+    tensors = load_checkpoint_tensors(out)
     for layer in range(LAYERS):
         for expert in range(EXPERTS):
             prefix = f"model.layers.{layer}.mlp.experts.{expert}"

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 import llmc.entrypoints.oneshot as entry
 from llmc import oneshot, tiny
 from llmc.modifiers.quantization import QuantizationModifier
+from llmc.testing import quant_recipe
 from tests.conftest import ARCHS
-from tests.helpers import quant_recipe
 
 
 @pytest.mark.parametrize("arch", ARCHS)

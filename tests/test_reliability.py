@@ -16,7 +16,8 @@ from llmc import model_free_ptq, oneshot
 from llmc.hookspecs import hookimpl
 from llmc.locking import OutputLockedError, lock_path
 from llmc.plugins import get_plugin_manager
-from tests.helpers import kill_when_marked, quant_recipe
+from llmc.testing import quant_recipe
+from tests.helpers import kill_when_marked
 
 HOLD = """
 import sys, time

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from llmc import oneshot
-from tests.helpers import quant_recipe
+from llmc.testing import quant_recipe
 
 CALIBRATION = dict(dataset="llmc-docs", num_calibration_samples=8, max_seq_length=64)
 

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from llmc import oneshot
-from llmc.api import get_registry, rounding_error, tiny, weight_qparams
+from llmc.api import get_registry, rounding_error, weight_qparams
 from llmc.plugins import get_plugin_manager
 
 RECIPE = """
@@ -26,8 +26,8 @@ def registered():
     pm.unregister(llmc_cliprtn)
 
 
-def test_cliprtn_rounds_no_group_worse_than_rtn_and_all_better(registered, tmp_path):
-    source = tiny.save_tiny(tmp_path / "tiny", hidden_size=128, intermediate_size=256)
+def test_cliprtn_rounds_no_group_worse_than_rtn_and_all_better(registered, llama_path, tmp_path):
+    source = llama_path  # llmc.testing's fixture: a tiny Llama built locally
     assert get_registry().has("modifier", "ClipRTNModifier")
     reference = transformers.AutoModelForCausalLM.from_pretrained(source)
     original = {n: m.weight.detach() for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from llmc import oneshot
 from llmc.mappings import fold_scales, resolve_mappings
+from llmc.testing import needs
 from llmc_awq.search import fake_quantized, search_scales
 
 DATA = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
@@ -143,7 +144,7 @@ def test_bad_awq_arguments():
         oneshot(model="unused", recipe={"s": {"quant_modifiers": {"AWQModifier": {"duo_scaling": "sometimes"}}}})
 
 
-@pytest.mark.parametrize("quantizer", ["QuantizationModifier", "GPTQModifier"])
+@pytest.mark.parametrize("quantizer", ["QuantizationModifier", pytest.param("GPTQModifier", marks=needs("llmc_gptq"))])
 def test_awq_as_a_transform_takes_the_next_modifiers_quantization(quantizer, llama_path, tmp_path, caplog):
     """llm-compressor 0.14's shape: AWQ (no scheme) scales, the modifier after it quantizes
     with its own ignore and scheme: lm_head stays dense, one config group."""
@@ -236,6 +237,15 @@ def test_clipping_follows_the_quantizer(llama_path, tmp_path, caplog):
     unclipped = run(stage + "    AWQModifier: {n_grid: 2, ignore: [lm_head], apply_clip: false}\n", "unclipped")
     key = "model.layers.0.mlp.down_proj.weight_scale"
     assert (alone[key] <= unclipped[key]).all() and (alone[key] < unclipped[key]).any()  # narrower ranges
+
+
+@needs("llmc_gptq")
+def test_clipping_is_off_before_gptq(llama_path, tmp_path):
+    def run(recipe: str, name: str) -> dict:
+        oneshot(model=str(llama_path), recipe=recipe, output_dir=str(tmp_path / name), **DATA)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    stage = "quant_stage:\n  quant_modifiers:\n"
     gptq = "    GPTQModifier: {targets: [Linear], scheme: W4A16_ASYM, ignore: [lm_head]}\n"
     auto = run(stage + "    AWQModifier: {n_grid: 2}\n" + gptq, "gptq-auto")
     off = run(stage + "    AWQModifier: {n_grid: 2, apply_clip: false}\n" + gptq, "gptq-off")

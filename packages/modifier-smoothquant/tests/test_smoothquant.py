@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from llmc import oneshot, tiny
 from llmc.mappings import resolve_mappings
+from llmc.testing import needs
 from llmc_smoothquant.modifier import smoothing_scales
 
 DATA = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
@@ -87,7 +88,7 @@ def test_smoothing_reduces_w8a8_error_with_outliers(outlier_llama, sample_ids):
     assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
 
 
-@pytest.mark.parametrize("modifier", ["GPTQModifier", "QuantizationModifier"])
+@pytest.mark.parametrize("modifier", [pytest.param("GPTQModifier", marks=needs("llmc_gptq")), "QuantizationModifier"])
 def test_w8a8_yaml_saves_int8_with_dynamic_token_activations(outlier_llama, tmp_path, sample_ids, modifier):
     out = tmp_path / "out"
     model = oneshot(model=str(outlier_llama), recipe=W8A8_YAML.format(modifier=modifier), output_dir=str(out), **DATA)
