@@ -293,3 +293,15 @@ def test_dispatch_for_generation_as_in_llm_compressor_examples(llama_path, sampl
     expected = model.generate(sample_ids[:1], max_new_tokens=4, do_sample=False)
     dispatched = dispatch_for_generation(model)
     assert torch.equal(dispatched.generate(sample_ids[:1], max_new_tokens=4, do_sample=False), expected)
+
+
+def test_data_given_to_a_recipe_that_needs_none_is_not_loaded(llama_path, tmp_path, monkeypatch, caplog):
+    def fail(*args, **kwargs):
+        raise AssertionError("calibration data loaded for a data-free recipe")
+
+    monkeypatch.setattr(entry, "load_calibration_rows", fail)
+    with caplog.at_level(logging.INFO, logger="llmc"):
+        oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "out"),
+                dataset="llmc-docs", num_calibration_samples=4)
+    assert "the dataset is not loaded" in caplog.text
+    assert (tmp_path / "out" / "config.json").exists()

@@ -179,6 +179,7 @@ class SequentialProgress:
                 self.done = self._saved = int(kept["done"])
         self._since = time.monotonic()
         self._rate = _ASSUMED_WRITE_RATE  # bytes per second the last save reached
+        self._sizes: dict[int, int] = {}  # bytes of each finished layer, counted once
 
     # --- restoring ----------------------------------------------------------
     def restore_layer(self, index: int, layer: torch.nn.Module) -> dict[int, dict[str, torch.Tensor]]:
@@ -211,7 +212,10 @@ class SequentialProgress:
         elapsed = time.monotonic() - self._since
         if elapsed < self.interval:
             return False
-        size = sum(_nbytes(layers[k].state_dict().values()) for k in range(self._saved, done))
+        for k in range(self._saved, done):
+            if k not in self._sizes:
+                self._sizes[k] = _nbytes(layers[k].state_dict().values())
+        size = sum(self._sizes[k] for k in range(self._saved, done))
         size += _nbytes(hidden or ())
         return elapsed >= 10 * size / self._rate
 

@@ -109,6 +109,9 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
             f"The recipe runs the {', '.join(pipelines)} pipeline, which needs calibration "
             "data: pass dataset= (e.g. 'llmc-docs', the offline corpus) or dataset_path=."
         )
+    if has_data and not needs_data:
+        logger.info("No modifier of this recipe calibrates on data (%s): the dataset is not loaded.", ", ".join(pipelines))
+        has_data = False
     check_output_dir(args.output.output_dir, args.output.overwrite_output_dir)
     check_output_apart_from_model(args.output.output_dir, args.model.model)
     check_model_source(args.model.model)
