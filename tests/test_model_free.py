@@ -164,8 +164,11 @@ def test_interrupted_run_resumes(sharded_llama, tmp_path, monkeypatch):
     monkeypatch.setattr("llmc.model_free.run.quantize_tensors", original)
     with pytest.raises(FileExistsError, match="other arguments"):
         model_free_ptq(sharded_llama, out, "W8A16", ignore=["lm_head"])
+    assert len(done) >= 2
+    damaged = out / done[0]  # a finished shard cut short after its record was written is redone
+    damaged.write_bytes(damaged.read_bytes()[:-8])
     summary = model_free_ptq(sharded_llama, out, "W4A16", ignore=["lm_head"])
-    assert summary.shards_resumed == len(done)
+    assert summary.shards_resumed == len(done) - 1
     model_free_ptq(sharded_llama, tmp_path / "clean", "W4A16", ignore=["lm_head"])
     assert_same_tensors(tmp_path / "clean", out)
     assert (out / "config.json").is_file()
@@ -374,16 +377,52 @@ def test_to_host_keeps_every_tensor_and_dtype():
         assert host[name].dtype == t.dtype and torch.equal(host[name], t), name
 
 
-def test_warm_up_runs_every_data_free_scheme():
-    """The GPU warm-up quantizes a weight of each (scheme, shape, dtype) the checkpoint holds;
-    it must accept every scheme model_free does."""
-    from llmc.model_free.quantize import warm_up
+def test_warm_up_quantizes_one_weight_of_every_kind(monkeypatch):
+    """The GPU warm-up quantizes a weight of each (scheme, shape, dtype) the checkpoint holds,
+    for every scheme model_free accepts."""
+    from llmc.model_free import quantize
     from llmc.model_free.run import resolve_scheme
 
-    for scheme in ("FP8_BLOCK", "NVFP4A16", "W4A16", "W8A16", "MXFP4", "FP8_DYNAMIC"):
+    seen = []
+    original = quantize.quantize_tensors
+
+    def recording(tensors, selected, device):
+        ((name, weight),) = tensors.items()
+        shape, dtype = weight.shape, weight.dtype
+        out = original(tensors, selected, device)
+        seen.append((shape, dtype, f"{name}_scale" in out))
+        return out
+
+    monkeypatch.setattr(quantize, "quantize_tensors", recording)
+    schemes = ("FP8_BLOCK", "NVFP4A16", "W4A16", "W8A16", "MXFP4", "FP8_DYNAMIC")
+    kinds = [(torch.Size((256, 512)), torch.bfloat16), (torch.Size((128, 256)), torch.float16)]
+    for scheme in schemes:
         (group,) = resolve_scheme(scheme, []).config_groups.values()
-        kinds = [(group, torch.Size((256, 512)), torch.bfloat16), (group, torch.Size((128, 256)), torch.float16)]
-        warm_up(kinds, torch.device("cpu"))
+        quantize.warm_up([(group, shape, dtype) for shape, dtype in kinds], torch.device("cpu"))
+    assert seen == [(shape, dtype, True) for _ in schemes for shape, dtype in kinds]
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W8A16"])
+def test_packed_weights_are_compressed_tensors_own_rounding(llama_path, tmp_path, scheme):
+    """Every stored integer and scale, recomputed from the original weight with a plain
+    min/max per group (or row) and compressed-tensors' calculate_qparams and quantize."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import preset_name_to_scheme, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    out = tmp_path / "free"
+    model_free_ptq(llama_path, out, scheme, ignore=["lm_head"])
+    stored, original = load_checkpoint_tensors(out), load_checkpoint_tensors(llama_path)
+    args = preset_name_to_scheme(scheme, ["Linear"]).weights
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w = original[f"{name}.weight"]
+        size = args.group_size or w.shape[1]
+        blocks = w.reshape(w.shape[0], -1, size)
+        scale, zero = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args)
+        expected = quantize(w, scale, zero, args)
+        torch.testing.assert_close(stored[f"{name}.weight_scale"], scale.to(stored[f"{name}.weight_scale"].dtype), rtol=0, atol=0)
+        values = unpack_from_int32(stored[f"{name}.weight_packed"], args.num_bits, w.shape)
+        assert torch.equal(values, expected.to(values.dtype)), name
 
 
 def test_eager_kernels_switch_is_scoped_and_shared_by_threads():

@@ -222,6 +222,29 @@ def test_nvfp4_fused_layers_share_global_scale():
     mlp = "model.layers.0.mlp."
     assert scales[mlp + "gate_proj"] == scales[mlp + "up_proj"]
 
+    # compressed-tensors' own global scale of the group's joint range: the widest member's
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    def joint(names: list[str]) -> torch.Tensor:
+        w = torch.cat([model.get_submodule(n).weight.detach().flatten() for n in names])
+        return generate_gparam(w.min().clamp(max=0)[None], w.max().clamp(min=0)[None])
+
+    qkv = [attn + p for p in ("q_proj", "k_proj", "v_proj")]
+    torch.testing.assert_close(scales[attn + "q_proj"].flatten(), joint(qkv).flatten(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(scales[attn + "o_proj"].flatten(), joint([attn + "o_proj"]).flatten(), rtol=1e-6, atol=0)
+
+    # with it, the 10x wider k_proj quantizes as well as alone (a global scale fitted to a
+    # narrower member would saturate its FP8 group scales)
+    from compressed_tensors.quantization import fake_quantize
+
+    for name in qkv:
+        w = model.get_submodule(name).weight.detach()
+        args = model.get_submodule(name).quantization_scheme.weights
+        scale, zp = weight_qparams(w, args, scales[name])
+        q = fake_quantize(w, scale, zp, args, global_scale=scales[name])
+        relative = float((q - w).pow(2).sum() / w.pow(2).sum())
+        assert relative < 0.05, (name, relative)
+
 
 def _fp8_static_linear() -> torch.nn.Linear:
     from compressed_tensors.quantization.lifecycle.initialize import (

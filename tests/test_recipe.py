@@ -46,6 +46,14 @@ def test_groups_without_stage_and_list_form():
     assert [m.scheme for m in again.modifiers] == ["W4A16", "W8A16"]
 
 
+def test_top_level_groups_run_before_the_named_stages_wherever_written():
+    text = ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {scheme: W8A16}\n"
+            "first_modifiers:\n  QuantizationModifier: {scheme: W4A16}\n")
+    recipe = Recipe.load(text)
+    assert [s.name for s in recipe.stages] == ["default_stage", "quant_stage"]
+    assert [m.scheme for m in recipe.modifiers] == ["W4A16", "W8A16"]
+
+
 def test_modifier_objects():
     mod = QuantizationModifier(scheme="W4A16")
     assert Recipe.load(mod).modifiers == [mod]

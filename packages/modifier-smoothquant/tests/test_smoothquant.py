@@ -51,15 +51,15 @@ def test_smoothing_alone_keeps_the_function(checkpoint_factory, arch, sample_ids
     torch.testing.assert_close(logits(model, sample_ids), logits(reference, sample_ids), atol=2e-4, rtol=2e-4)
 
 
-def test_scales_follow_the_formula():
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.25])
+def test_scales_follow_the_formula(alpha):
     act = torch.tensor([4.0, 1.0, 9.0, 0.0])
     w1 = torch.tensor([[1.0, -2.0, 0.5, 1.0], [0.25, 1.0, -1.0, 1.0]])
     w2 = torch.tensor([[-3.0, 0.5, 0.5, 1.0]])
-    alpha = 0.5
-    weight_max = torch.tensor([3.0, 2.0, 1.0, 1.0])
-    expected = act.pow(alpha) / weight_max.pow(1 - alpha)
-    expected[3] = 1.0  # a channel that never fired keeps its scale
-    torch.testing.assert_close(smoothing_scales(act, [w1, w2], alpha), expected)
+    weight_max = [3.0, 2.0, 1.0, 1.0]
+    # s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), written out per channel
+    expected = torch.tensor([a**alpha / w ** (1 - alpha) for a, w in zip([4.0, 1.0, 9.0], weight_max, strict=False)] + [1.0])
+    torch.testing.assert_close(smoothing_scales(act, [w1, w2], alpha), expected)  # channel 3 never fired: kept
     with pytest.raises(ValueError, match="smoothing_strength"):
         oneshot(model="unused", recipe={"s": {"smooth_modifiers": {"SmoothQuantModifier": {"smoothing_strength": 1.5}}}})
 
@@ -179,3 +179,44 @@ def test_a_plugin_adds_mappings_for_a_new_architecture(monkeypatch):
         ]
     finally:
         pm.unregister(plugin)
+
+
+@pytest.mark.parametrize("steps", [None, 2])
+def test_every_layer_smooths_on_the_max_of_its_first_calibration_steps(outlier_llama, steps):
+    """The scales of every layer, from activations maxed here, directly, over the first
+    ``num_calibration_steps`` batches (all of them when None): the sequential pipeline replays
+    the batches per layer, so each layer counts its own steps. Smoothing keeps the function, so
+    the original model's norm outputs are what each layer saw."""
+    from llmc.args import DatasetArguments
+    from llmc.data import build_calibration_dataloader
+
+    alpha = 0.8
+    recipe = {"smooth": {"smooth_modifiers": {"SmoothQuantModifier": {"smoothing_strength": alpha, "num_calibration_steps": steps}}}}
+    smoothed = oneshot(model=str(outlier_llama), recipe=recipe, **DATA)
+    original = transformers.AutoModelForCausalLM.from_pretrained(outlier_llama)
+    norms = {f"{i}.{n}": getattr(layer, n) for i, layer in enumerate(original.model.layers)
+             for n in ("input_layernorm", "post_attention_layernorm")}
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        current = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)
+        maxima[name] = torch.maximum(maxima[name], current) if name in maxima else current
+
+    hooks = [m.register_forward_hook(lambda m, a, out, n=n: record(n, out)) for n, m in norms.items()]
+    loader = build_calibration_dataloader(DatasetArguments(**DATA), tiny.build_tokenizer(2048))
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            if steps is not None and index == steps:
+                break
+            original(**batch)
+    for hook in hooks:
+        hook.remove()
+    for name, norm in norms.items():
+        index, norm_name = name.split(".")
+        layer = original.model.layers[int(index)]
+        balance = ([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+                   if norm_name == "input_layernorm" else [layer.mlp.gate_proj, layer.mlp.up_proj])
+        weight_max = torch.stack([b.weight.abs().amax(0) for b in balance]).amax(0)
+        scales = maxima[name] ** alpha / weight_max ** (1 - alpha)
+        got = getattr(smoothed.model.layers[int(index)], norm_name).weight
+        torch.testing.assert_close(got, norm.weight / scales, rtol=1e-4, atol=1e-6, msg=name)

@@ -7,6 +7,8 @@
           scheme: W4A16
           ignore: ["lm_head"]
 
+``*_modifiers`` groups written at the top level, outside any stage, form one stage that
+runs before the named stages (llm-compressor 0.14 ignores them; llmc runs what it is given).
 A recipe may also be a modifier object or a list of them. An optional top-level
 ``args:`` mapping holds variables that values reference as ``eval(name)``;
 ``recipe_args`` entries (``key=value``) override those variables, or set any
