@@ -31,13 +31,23 @@ def machine() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["git"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except OSError:
-        info["git"] = None
+    info["git"] = git_commit()
     return info
+
+
+def git_commit() -> str | None:
+    """The commit the benchmark ran: ``git rev-parse`` where the tree is a clone, else
+    ``LLMC_GIT_COMMIT`` (the device machine gets a copy of the tree without .git: its
+    command sets it). A tree with uncommitted changes is marked ``-dirty``."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
+    except OSError:
+        commit, dirty = "", ""
+    if commit:
+        return commit + ("-dirty" if dirty else "")
+    return os.environ.get("LLMC_GIT_COMMIT") or None
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
