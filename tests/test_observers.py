@@ -66,7 +66,9 @@ def test_unsupported_strategy_is_refused():
 def _batches(seed: int, n: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # ranges that differ from batch to batch, off-centre, so every observer disagrees
-    return [torch.randn(2, 5, 16, generator=g) * (1 + i) + 0.3 * i for i in range(n)]
+    # the widest batch in the middle: a range that forgets the past is told apart
+    spread = [1.0, 6.0, 2.0, 3.0, 1.5, 2.5]
+    return [torch.randn(2, 5, 16, generator=g) * spread[i % 6] + 0.3 * i for i in range(n)]
 
 
 def _static_fp8(**input_args) -> dict:
@@ -166,6 +168,25 @@ def test_weight_mse_observer_searches_each_groups_clipping_range():
         assert (p < 1).any() and (p == 1).any()  # the search did choose, differently per group
     plain, _ = weight_qparams(w, QuantizationModifier(scheme="W4A16").config.config_groups["group_0"].weights)
     assert not torch.equal(plain, scale)
+
+
+def test_mse_search_stops_after_patience_steps_that_improve_nothing():
+    """One int4 group whose error, over the shrink steps, improves again only after more than
+    ``patience`` steps that did not: the observer must stop where the reference does."""
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    args = QuantizationModifier(scheme="W4A16", weight_observer="mse").config.config_groups["group_0"].weights
+    w = torch.randn(1, 128, generator=torch.Generator().manual_seed(12))
+    absmax = w.abs().amax(-1, keepdim=True)
+
+    def int4(x: torch.Tensor, p: float) -> torch.Tensor:
+        s = absmax * p / 7.5
+        return torch.clamp(torch.round(x / s), -8, 7) * s
+
+    patient, exhaustive = _reference_shrink(w, int4), _reference_shrink(w, int4, patience=100)
+    assert patient != exhaustive  # this group tells the two apart
+    scale, _ = weight_qparams(w, args)
+    torch.testing.assert_close(scale.reshape(-1), absmax.reshape(-1) * patient.float() / 7.5)
 
 
 def test_activation_mse_observer_matches_a_reference_search():

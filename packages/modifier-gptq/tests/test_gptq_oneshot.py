@@ -95,8 +95,9 @@ def test_bad_gptq_arguments():
         oneshot(model="unused", recipe=YAML.format(scheme="W4A16").replace("block_size: 64", "block_size: 0"))
 
 
+@pytest.mark.parametrize("actorder", ["static", None])
 @pytest.mark.parametrize("batched", [True, False])
-def test_first_layer_equals_gptq_on_hessians_computed_directly(llama_path, batched):
+def test_first_layer_equals_gptq_on_hessians_computed_directly(llama_path, batched, actorder):
     """Layer 0 sees the original model's activations, so each of its Linears must come out as
     the solve of its weight against X^T X summed here, directly, over the calibration batches:
     q/k/v (and gate/up) share one input, and each must be solved with all of it, not with what
@@ -107,6 +108,7 @@ def test_first_layer_equals_gptq_on_hessians_computed_directly(llama_path, batch
     from llmc_gptq.solver import gptq_quantize
 
     recipe = YAML.format(scheme="W4A16") + f"      batched_quantization: {str(batched).lower()}\n"
+    recipe += f"      actorder: {actorder or 'null'}\n"
     quantized = oneshot(model=str(llama_path), recipe=recipe, device="cpu", **DATA)
     original = AutoModelForCausalLM.from_pretrained(llama_path)
     layer = original.model.layers[0]
