@@ -1,0 +1,1 @@
+"""llmc-autoround: AutoRound (Cheng et al., 2024) as an llmc plugin."""

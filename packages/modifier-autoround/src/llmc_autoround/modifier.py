@@ -1,0 +1,259 @@
+"""AutoRoundModifier: per decoder layer, rounding and clipping learned from the layer's outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationType
+
+from llmc.api import QuantizationModifier, State, weight_qparams
+from llmc.quantization.calibrate import fused_global_scales
+from llmc_autoround.rounding import SUPPORTED_STRATEGIES, RoundingParams, WeightRounding
+from llmc_autoround.samples import LayerSamples
+from llmc_autoround.tuning import BatchSampler, signed_gradient_descent
+
+logger = logging.getLogger(__name__)
+
+
+def _at_least_one(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"{attribute.name} must be a positive integer, got {value!r}"
+            + (" (AutoRound without iterations is round-to-nearest: use QuantizationModifier)." if attribute.name == "iters" else ".")
+        )
+
+
+def _positive_or_none(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be positive (or None for 1/iters), got {value!r}.")
+
+
+def _one_device(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and ("," in str(value) or str(value).strip() == "auto"):
+        raise ValueError(
+            f"device_ids={value!r}: llmc tunes each layer on one device, the one the pipeline "
+            "runs it on (oneshot's device=); spreading a layer over several GPUs is not supported."
+        )
+
+
+def _device_of(device_ids: str) -> torch.device:
+    text = str(device_ids).strip()
+    return torch.device(f"cuda:{text}" if text.isdigit() else text)
+
+
+def _check_scheme(args: QuantizationArgs, group: str) -> None:
+    if args.strategy not in SUPPORTED_STRATEGIES:
+        raise ValueError(
+            f"AutoRoundModifier: config group {group!r} uses the {args.strategy.value!r} weight strategy; "
+            f"AutoRound supports {', '.join(s.value for s in SUPPORTED_STRATEGIES)} "
+            "(e.g. W4A16, W4A16_ASYM, W8A16, NVFP4A16, MXFP4A16)."
+        )
+    if args.type == QuantizationType.FLOAT and args.num_bits not in (4, 8):
+        raise ValueError(f"AutoRoundModifier: config group {group!r}: float weights of {args.num_bits} bits are not supported.")
+
+
+@attrs.define(kw_only=True)
+class AutoRoundModifier(QuantizationModifier):
+    """AutoRound (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for
+    the Quantization of LLMs", 2024) over the modules a quantization scheme targets.
+
+    For each decoder layer of the sequential pipeline, on the inputs that the already
+    quantized layers before it produce: per weight, a rounding offset V in [-0.5, 0.5] per
+    element and factors in [0, 1] on each group's min and max are trained with signed
+    gradient descent (``iters`` steps, ``batch_size`` sequences each, learning rate ``lr``
+    decaying linearly to 0) to minimise the mean squared error between the layer's output
+    with quantized weights and its unquantized output; the iteration with the lowest loss
+    is kept and written as compressed-tensors weights and qparams.
+    """
+
+    weights_round_to_nearest: ClassVar[bool] = False  # learned rounding, not the nearest
+    strength: ClassVar[int] = 3  # for `llmc demo`: AutoRound first, then GPTQ, AWQ, round-to-nearest
+
+    iters: int = attrs.field(default=200, validator=_at_least_one)
+    batch_size: int = attrs.field(default=8, validator=_at_least_one)
+    lr: float | None = attrs.field(default=None, validator=_positive_or_none)
+    # compile the weights' rounding (elementwise, run every iteration) on CUDA
+    enable_torch_compile: bool = True
+    # modules AutoRound cannot tune (outside every decoder layer, or given no data) are
+    # rounded to nearest: over the range with the least rounding error (AutoRound's
+    # "optimized RTN"), or with disable_opt_rtn over the plain min-max range
+    disable_opt_rtn: bool = False
+    # llm-compressor's device map for tuning; llmc tunes on one device, oneshot's by default
+    device_ids: str | None = attrs.field(default=None, validator=_one_device)
+
+    _captured: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
+    _layers: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
+    _pending: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
+    _quantize: Any = attrs.field(default=None, init=False, repr=False)
+    tuning_seconds: float = attrs.field(default=0.0, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        tuned = False
+        for group, scheme in self.config.config_groups.items():
+            if scheme.weights is not None:
+                _check_scheme(scheme.weights, group)
+                tuned = True
+            for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
+                if args is not None and not args.dynamic:
+                    raise ValueError(
+                        f"AutoRoundModifier: config group {group!r} has static {base} activation scales; "
+                        "AutoRound tunes weights (with dynamic or no activation quantization)."
+                    )
+        if not tuned:
+            raise ValueError("AutoRoundModifier: no config group quantizes weights; AutoRound has nothing to tune.")
+        if self.config.kv_cache_scheme is not None:
+            raise ValueError("AutoRoundModifier: kv_cache_scheme is calibrated by QuantizationModifier; add one after AutoRound.")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / self.iters
+
+    def pipeline(self) -> str:
+        return "sequential"
+
+    def on_initialize(self, state: State) -> None:
+        if self.device_ids is not None and _device_of(self.device_ids) != torch.device(state.device):
+            raise ValueError(
+                f"device_ids={self.device_ids!r} differs from the device the pipeline runs on "
+                f"({state.device}): pass oneshot(device={self.device_ids!r}) instead."
+            )
+        super().on_initialize(state)
+        self._pending = {m: n for n, m in self.targeted_modules() if m.quantization_scheme.weights is not None}
+        self._quantize = WeightRounding.fake_quantize
+        if self.enable_torch_compile and torch.device(state.device).type == "cuda":
+            self._quantize = torch.compile(WeightRounding.fake_quantize, dynamic=False)
+
+    def on_calibration_start(self, state: State) -> None:
+        from llmc_pipelines.sequential import declared_targets, sequential_targets
+
+        for module in self._pending:
+            module.quantization_enabled = False  # unquantized until tuned
+        targets = state.pipeline_args.sequential_targets or declared_targets(state.stage_modifiers)
+        for name, layer in sequential_targets(state.model, targets):
+            if not any(n.startswith(name + ".") for n in self._pending.values()):
+                continue
+            self._layers[name] = layer
+            calls = self._captured.setdefault(name, [])
+
+            def keep(args: tuple, kwargs: dict, calls: list = calls) -> None:
+                calls.append((args, kwargs, state.loss_mask))
+
+            self.observe(state, layer, keep, call=True)
+
+    def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        self._tune_layer(layer_name, layer)
+
+    def on_calibration_end(self, state: State) -> None:
+        # on the basic pipeline every layer's inputs were captured in one pass
+        for name, layer in list(self._layers.items()):
+            self._tune_layer(name, layer)
+        leftover = [(n, m) for m, n in self._pending.items()]
+        if leftover:
+            logger.info("AutoRound: %d modules outside the decoder layers are rounded to nearest.", len(leftover))
+            self._round_to_nearest(leftover)
+
+    def on_sequential_layer_restored(
+        self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
+    ) -> None:
+        self._captured.pop(layer_name, None)
+        self._layers.pop(layer_name, None)
+        for module in layer.modules():
+            if self._pending.pop(module, None) is not None:
+                self._mark_done(module)
+
+    def on_finalize(self, state: State) -> None:
+        for _, module in self.targeted_modules():
+            module.quantization_enabled = True
+        super().on_finalize(state)
+
+    # --- per layer ---------------------------------------------------------------
+    @staticmethod
+    def _mark_done(module: torch.nn.Module) -> None:
+        # the weight holds its quantized values: only activation schemes quantize on forward
+        scheme = module.quantization_scheme
+        module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
+
+    def weight_qparams(
+        self, weight: torch.Tensor, args: QuantizationArgs, global_scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the modules AutoRound cannot tune: the range with the least rounding error
+        (AutoRound's optimized round-to-nearest), or the min-max range with disable_opt_rtn."""
+        if not self.disable_opt_rtn:
+            args = args.model_copy(update={"observer": "memoryless_mse"})
+        return weight_qparams(weight, args, global_scale)
+
+    def _round_to_nearest(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
+        self.calibrate_weights(modules)
+        for _, module in modules:
+            self._pending.pop(module, None)
+            module.quantization_enabled = True
+
+    def _tune_layer(self, layer_name: str, layer: torch.nn.Module) -> None:
+        self._layers.pop(layer_name, None)
+        calls = self._captured.pop(layer_name, [])
+        prefix = layer_name + "."
+        modules = [(n, m) for m, n in self._pending.items() if n.startswith(prefix)]
+        if not modules:
+            return
+        if not calls:
+            logger.warning("AutoRound %s saw no calibration data; rounding it to nearest.", layer_name)
+            self._round_to_nearest(modules)
+            return
+        started = time.perf_counter()
+        with torch.enable_grad():
+            result, roundings, best = self._tune(layer, prefix, modules, LayerSamples(calls))
+        del calls
+        with torch.no_grad():
+            for (name, module), rounding, params in zip(modules, roundings, best, strict=True):
+                scale, zero_point = rounding.qparams(params)
+                module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+                zp = getattr(module, "weight_zero_point", None)
+                if zp is not None:
+                    zp.data.copy_(zero_point.reshape(zp.shape).to(zp.dtype))
+                if rounding.global_scale is not None:
+                    module.weight_global_scale.data.copy_(rounding.global_scale.reshape(module.weight_global_scale.shape))
+                module.weight.data.copy_(rounding.fake_quantize(params, straight_through=False))
+                self._pending.pop(module, None)
+                self._mark_done(module)
+        seconds = time.perf_counter() - started
+        self.tuning_seconds += seconds
+        logger.info(
+            "AutoRound %s: loss %.3e at iteration 0, %.3e at iteration %d (kept); %.2f s",
+            layer_name, result.initial_loss, result.best_loss, result.best_iteration, seconds,
+        )
+
+    def _tune(self, layer: torch.nn.Module, prefix: str, modules: list[tuple[str, torch.nn.Module]], samples: LayerSamples):
+        def run(args: tuple, kwargs: dict, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+            out = layer(*args, **kwargs) if weights is None else torch.func.functional_call(layer, weights, args, kwargs)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        with torch.no_grad():
+            targets = samples.outputs(run, self.batch_size)
+            gscales = fused_global_scales(modules)
+            roundings = [
+                WeightRounding.of(m.weight, m.quantization_scheme.weights, m.weight_scale.dtype, gscales.get(n))
+                for n, m in modules
+            ]
+        params = [r.initial() for r in roundings]
+        names = [n[len(prefix):] + ".weight" for n, _ in modules]
+        sampler = BatchSampler(len(samples), self.batch_size)
+
+        def loss(iteration: int) -> torch.Tensor:
+            weights = {name: self._quantize(r, p) for name, r, p in zip(names, roundings, params, strict=True)}
+            return samples.squared_error(sampler.next(), lambda a, k: run(a, k, weights), targets)
+
+        best, result = signed_gradient_descent(
+            loss,
+            [p.value for p in params],
+            [t for p in params for t in (p.min_scale, p.max_scale)],
+            self.iters,
+            self.learning_rate,
+        )
+        count = len(params)
+        kept = [RoundingParams(best[i], best[count + 2 * i], best[count + 2 * i + 1]) for i in range(count)]
+        return result, roundings, kept
