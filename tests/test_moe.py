@@ -90,6 +90,30 @@ def test_gptq_quantizes_every_expert_and_reloads(qwen3_moe, tmp_path, sample_ids
     torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)
 
 
+def test_autoround_tunes_every_expert_and_reloads(qwen3_moe, tmp_path, sample_ids):
+    """AutoRound on an MoE layer: the tuning forward routes tokens as the model does, every
+    expert a token reaches is tuned (its weights leave round-to-nearest), all are packed."""
+    from llmc.modifiers import AutoRoundModifier
+
+    out = tmp_path / "autoround"
+    modifier = AutoRoundModifier(targets=["Linear"], scheme="W4A16", ignore=IGNORE, iters=20, batch_size=4,
+                                 enable_torch_compile=False)
+    model = run(qwen3_moe, out, modifier)
+    run(qwen3_moe, tmp_path / "rtn", quant_recipe("W4A16", ignore=IGNORE))
+    for name, result in modifier.results.items():
+        assert result.best_loss < result.initial_loss, name
+    saved, reference = load_checkpoint_tensors(out), load_checkpoint_tensors(tmp_path / "rtn")
+    changed = 0
+    for layer in range(LAYERS):
+        for expert in range(EXPERTS):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                key = f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight_packed"
+                changed += not torch.equal(saved[key], reference[key])
+    assert changed == LAYERS * EXPERTS * 3  # with 16 x 64 tokens every expert gets some
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)
+
+
 def test_fused_experts_are_refused_without_a_patch(qwen3_moe, tmp_path, monkeypatch):
     """Core alone: a recipe targeting Linear on fused experts stops before calibration."""
     monkeypatch.setattr("llmc.model_loading.matching_patches", lambda model: [])

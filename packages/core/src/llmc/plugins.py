@@ -29,6 +29,7 @@ ENTRY_POINT_GROUP = "llmc"
 KNOWN_PROVIDERS: dict[str, str] = {
     "GPTQModifier": "llmc-gptq",
     "AWQModifier": "llmc-awq",
+    "AutoRoundModifier": "llmc-autoround",
     "SmoothQuantModifier": "llmc-smoothquant",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",

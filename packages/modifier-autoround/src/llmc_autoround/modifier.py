@@ -8,13 +8,13 @@ from typing import Any, ClassVar
 
 import attrs
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationType
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 
 from llmc.api import QuantizationModifier, State, weight_qparams
 from llmc.quantization.calibrate import fused_global_scales
 from llmc_autoround.rounding import SUPPORTED_STRATEGIES, RoundingParams, WeightRounding
 from llmc_autoround.samples import LayerSamples
-from llmc_autoround.tuning import BatchSampler, signed_gradient_descent
+from llmc_autoround.tuning import BatchSampler, TuningResult, signed_gradient_descent
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _device_of(device_ids: str) -> torch.device:
 def _check_scheme(args: QuantizationArgs, group: str) -> None:
     if args.strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(
-            f"AutoRoundModifier: config group {group!r} uses the {args.strategy.value!r} weight strategy; "
+            f"AutoRoundModifier: config group {group!r} uses the {QuantizationStrategy(args.strategy).value!r} weight strategy; "
             f"AutoRound supports {', '.join(s.value for s in SUPPORTED_STRATEGIES)} "
             "(e.g. W4A16, W4A16_ASYM, W8A16, NVFP4A16, MXFP4A16)."
         )
@@ -87,8 +87,14 @@ class AutoRoundModifier(QuantizationModifier):
 
     _captured: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
     _layers: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
+    _previous: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)  # layer -> the one before
+    # the last tuned layer's unquantized outputs on unquantized inputs: the next layer's
+    # unquantized inputs, from which its targets are computed
+    _reference: tuple[str, list[torch.Tensor]] | None = attrs.field(default=None, init=False, repr=False)
     _pending: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
     _quantize: Any = attrs.field(default=None, init=False, repr=False)
+    # per decoder layer, every iteration's loss and the one kept (for logs, tests, benchmarks)
+    results: dict[str, TuningResult] = attrs.field(factory=dict, init=False, repr=False)
     tuning_seconds: float = attrs.field(default=0.0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -134,7 +140,9 @@ class AutoRoundModifier(QuantizationModifier):
         for module in self._pending:
             module.quantization_enabled = False  # unquantized until tuned
         targets = state.pipeline_args.sequential_targets or declared_targets(state.stage_modifiers)
-        for name, layer in sequential_targets(state.model, targets):
+        layers = sequential_targets(state.model, targets)
+        self._previous = {name: before for (before, _), (name, _) in zip(layers, layers[1:], strict=False)}
+        for name, layer in layers:
             if not any(n.startswith(name + ".") for n in self._pending.values()):
                 continue
             self._layers[name] = layer
@@ -152,6 +160,7 @@ class AutoRoundModifier(QuantizationModifier):
         # on the basic pipeline every layer's inputs were captured in one pass
         for name, layer in list(self._layers.items()):
             self._tune_layer(name, layer)
+        self._reference = None
         leftover = [(n, m) for m, n in self._pending.items()]
         if leftover:
             logger.info("AutoRound: %d modules outside the decoder layers are rounded to nearest.", len(leftover))
@@ -198,6 +207,7 @@ class AutoRoundModifier(QuantizationModifier):
         calls = self._captured.pop(layer_name, [])
         prefix = layer_name + "."
         modules = [(n, m) for m, n in self._pending.items() if n.startswith(prefix)]
+        reference, self._reference = self._reference, None
         if not modules:
             return
         if not calls:
@@ -206,10 +216,15 @@ class AutoRoundModifier(QuantizationModifier):
             return
         started = time.perf_counter()
         with torch.enable_grad():
-            result, roundings, best = self._tune(layer, prefix, modules, LayerSamples(calls))
+            samples = LayerSamples(calls)
+            inputs = None
+            if reference is not None and reference[0] == self._previous.get(layer_name) and samples.fits(reference[1]):
+                inputs = reference[1]
+            result, roundings, best = self._tune(layer_name, layer, modules, samples, inputs)
+            del samples
         del calls
         with torch.no_grad():
-            for (name, module), rounding, params in zip(modules, roundings, best, strict=True):
+            for (_, module), rounding, params in zip(modules, roundings, best, strict=True):
                 scale, zero_point = rounding.qparams(params)
                 module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
                 zp = getattr(module, "weight_zero_point", None)
@@ -222,25 +237,40 @@ class AutoRoundModifier(QuantizationModifier):
                 self._mark_done(module)
         seconds = time.perf_counter() - started
         self.tuning_seconds += seconds
+        self.results[layer_name] = result
         logger.info(
-            "AutoRound %s: loss %.3e at iteration 0, %.3e at iteration %d (kept); %.2f s",
-            layer_name, result.initial_loss, result.best_loss, result.best_iteration, seconds,
+            "AutoRound %s: loss %.3e at iteration 0, %.3e at iteration %d (kept), towards %s; %.2f s",
+            layer_name, result.initial_loss, result.best_loss, result.best_iteration,
+            "the unquantized model's outputs" if inputs is not None else "its unquantized outputs", seconds,
         )
 
-    def _tune(self, layer: torch.nn.Module, prefix: str, modules: list[tuple[str, torch.nn.Module]], samples: LayerSamples):
+    def _tune(
+        self,
+        layer_name: str,
+        layer: torch.nn.Module,
+        modules: list[tuple[str, torch.nn.Module]],
+        samples: LayerSamples,
+        unquantized_inputs: list[torch.Tensor] | None,
+    ) -> tuple[TuningResult, list[WeightRounding], list[RoundingParams]]:
+        """Tune ``modules`` of ``layer`` on ``samples`` (its inputs through the quantized layers
+        before it), towards its unquantized outputs on the unquantized model's inputs where
+        they are known (every layer but the first), as AutoRound does: the rounding then also
+        makes up for the error of the layers before."""
+
         def run(args: tuple, kwargs: dict, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
             out = layer(*args, **kwargs) if weights is None else torch.func.functional_call(layer, weights, args, kwargs)
             return out[0] if isinstance(out, (tuple, list)) else out
 
         with torch.no_grad():
-            targets = samples.outputs(run, self.batch_size)
+            targets = samples.outputs(run, self.batch_size, unquantized_inputs)
+            self._reference = (layer_name, targets)
             gscales = fused_global_scales(modules)
             roundings = [
                 WeightRounding.of(m.weight, m.quantization_scheme.weights, m.weight_scale.dtype, gscales.get(n))
                 for n, m in modules
             ]
         params = [r.initial() for r in roundings]
-        names = [n[len(prefix):] + ".weight" for n, _ in modules]
+        names = [n[len(layer_name) + 1 :] + ".weight" for n, _ in modules]
         sampler = BatchSampler(len(samples), self.batch_size)
 
         def loss(iteration: int) -> torch.Tensor:

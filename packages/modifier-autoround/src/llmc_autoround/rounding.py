@@ -64,7 +64,7 @@ class WeightRounding:
         global_scale: torch.Tensor | None = None,
     ) -> WeightRounding:
         if args.strategy not in SUPPORTED_STRATEGIES:
-            raise ValueError(f"AutoRound rounds tensor, channel and group strategies, not {args.strategy.value}.")
+            raise ValueError(f"AutoRound rounds tensor, channel and group strategies, not {QuantizationStrategy(args.strategy).value}.")
         grouped = flatten_for_calibration(weight.detach().float(), "weight", args)[0]
         return cls(
             args=args,

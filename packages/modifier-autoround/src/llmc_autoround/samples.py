@@ -42,16 +42,20 @@ class _Group:
     mask: torch.Tensor | None = None
     rows: int = 0
 
-    def accepts(self, leaves: list[torch.Tensor], per_row: list[bool]) -> bool:
-        if per_row != self.per_row or len(leaves) != len(self.parts):
+    def accepts(self, leaves: list[torch.Tensor], per_row: list[bool], rows: int) -> bool:
+        """Whether a call can stack onto this group. In a one-sequence call a tensor whose first
+        dimension is 1 may be either kind: it is taken as the group takes it."""
+        if len(leaves) != len(self.parts):
             return False
-        for tensor, row, part in zip(leaves, per_row, self.parts, strict=True):
+        for tensor, row, group_row, part in zip(leaves, per_row, self.per_row, self.parts, strict=True):
             first = part[0]
-            if tensor.dtype != first.dtype or tensor.device != first.device:
+            if rows == 1 and tensor.dim() >= 1 and tensor.shape[0] == 1:
+                row = group_row
+            if row != group_row or tensor.dtype != first.dtype or tensor.device != first.device:
                 return False
             if row and tensor.shape[1:] != first.shape[1:]:
                 return False
-            if not row and (tensor is not first and (tensor.shape != first.shape or not torch.equal(tensor, first))):
+            if not row and tensor is not first and (tensor.shape != first.shape or not torch.equal(tensor, first)):
                 return False
         return True
 
@@ -70,12 +74,15 @@ class _Group:
         self.mask = torch.cat(self.masks) if masked else None
         self.parts, self.masks = [], []
 
-    def call(self, rows: torch.Tensor | None) -> Call:
-        """The layer's arguments for these rows (all of them: None)."""
-        if rows is None:
-            return _rebuild(self.template, self.stacked)
-        chosen = [t.index_select(0, rows) if row else t for t, row in zip(self.stacked, self.per_row, strict=True)]
-        return _rebuild(self.template, chosen)
+    def call(self, rows: torch.Tensor | None, hidden: torch.Tensor | None = None) -> Call:
+        """The layer's arguments for these rows (all of them: None); ``hidden`` replaces the
+        captured hidden states (the first argument) of every row."""
+        leaves = list(self.stacked)
+        if hidden is not None:
+            leaves[0] = hidden
+        if rows is not None:
+            leaves = [t.index_select(0, rows) if row else t for t, row in zip(leaves, self.per_row, strict=True)]
+        return _rebuild(self.template, leaves)
 
     def row_mask(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         if self.mask is None:
@@ -93,7 +100,7 @@ class LayerSamples:
             leaves = _leaves((args, kwargs))
             rows = args[0].shape[0]
             per_row = [t.dim() >= 1 and t.shape[0] == rows for t in leaves]
-            group = next((g for g in self.groups if g.accepts(leaves, per_row)), None)
+            group = next((g for g in self.groups if g.accepts(leaves, per_row, rows)), None)
             if group is None:
                 template = _rebuild((args, kwargs), leaves)
                 group = _Group(template, per_row, [[] for _ in leaves], [])
@@ -123,14 +130,24 @@ class LayerSamples:
                 device = self.groups[index].stacked[0].device
                 yield index, chosen.to(device, non_blocking=True)
 
-    def outputs(self, run: Callable[[tuple, dict], torch.Tensor], batch_size: int) -> list[torch.Tensor]:
-        """``run``'s outputs for every sample, stacked per group, ``batch_size`` at a time."""
+    def fits(self, hidden: list[torch.Tensor]) -> bool:
+        """Whether ``hidden`` (per group, as :meth:`outputs` gives) can stand for the captured
+        hidden states."""
+        return len(hidden) == len(self.groups) and all(
+            h.shape == g.stacked[0].shape for h, g in zip(hidden, self.groups, strict=True)
+        )
+
+    def outputs(
+        self, run: Callable[[tuple, dict], torch.Tensor], batch_size: int, hidden: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """``run``'s outputs for every sample, stacked per group, ``batch_size`` at a time; on
+        ``hidden`` (see :meth:`fits`) in place of the captured hidden states if given."""
         results = []
-        for group in self.groups:
+        for index, group in enumerate(self.groups):
             pieces = []
             for start in range(0, group.rows, batch_size):
                 rows = torch.arange(start, min(start + batch_size, group.rows), device=group.stacked[0].device)
-                pieces.append(run(*group.call(rows)))
+                pieces.append(run(*group.call(rows, None if hidden is None else hidden[index])))
             results.append(torch.cat(pieces))
         return results
 

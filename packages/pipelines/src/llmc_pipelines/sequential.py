@@ -373,10 +373,13 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 Capture(model, layers, device, transfers) as capture,
             ):
                 masks = []
+                # the targets' own hooks fire while their calls are recorded: not calibration
+                state.observing = False
                 for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
                     batch, mask = pop_loss_mask(batch)
                     masks.append(mask)
                     capture.batch(batch)
+            state.observing = True
             masked = any(m is not None for m in masks)
             hidden, calls = capture.hidden, capture.calls
             del capture

@@ -1,0 +1,93 @@
+"""WeightRounding against compressed-tensors' own round-to-nearest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+from llmc.api import global_scale, weight_qparams
+from llmc_autoround.rounding import RoundingParams, WeightRounding
+
+SCHEMES = ["W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16"]
+
+
+def _args(preset: str):
+    scheme: QuantizationScheme = preset_name_to_scheme(preset, ["Linear"])
+    return scheme.weights
+
+
+def _weight(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 256, generator=generator) * 0.05
+    w[3, 7] = 0.9  # an outlier widens one group's range
+    return w
+
+
+@pytest.mark.parametrize("preset", SCHEMES)
+def test_no_offset_full_range_is_round_to_nearest(preset):
+    """V = 0 and range factors 1: compressed-tensors' qparams and fake quantization exactly."""
+    args = _args(preset)
+    w = _weight()
+    gscale = global_scale(w, args)
+    rounding = WeightRounding.of(w, args, torch.float32, gscale)
+    params = rounding.initial()
+    scale, zero_point = rounding.qparams(params)
+    expected_scale, expected_zp = weight_qparams(w, args, gscale)
+    torch.testing.assert_close(scale, expected_scale.float(), rtol=0, atol=0)
+    torch.testing.assert_close(zero_point.float(), expected_zp.float(), rtol=0, atol=0)
+    expected = fake_quantize(w, expected_scale, expected_zp, args, global_scale=gscale)
+    torch.testing.assert_close(rounding.fake_quantize(params, straight_through=False), expected, rtol=0, atol=0)
+    # the straight-through form has the same values, up to the float error of x + (r - x)
+    torch.testing.assert_close(rounding.fake_quantize(params), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_offsets_move_values_across_rounding_boundaries():
+    """V shifts each value by V steps before rounding: +0.5 - eps rounds a value just above
+    a grid point up to the next one; the range scales shrink the scale."""
+    args = _args("W4A16")
+    w = _weight()
+    rounding = WeightRounding.of(w, args, torch.float32)
+    base = rounding.initial()
+    plain = rounding.fake_quantize(base, straight_through=False)
+    scale, _ = rounding.qparams(base)
+    step = scale.repeat_interleave(args.group_size, dim=1)
+    shifted = RoundingParams(torch.full_like(base.value, 0.49), base.min_scale, base.max_scale)
+    moved = rounding.fake_quantize(shifted, straight_through=False)
+    delta = ((moved - plain) / step).round()
+    inside = (w / step).abs() < 7  # clamped at the grid's ends otherwise
+    assert set(delta[inside].unique().tolist()) <= {0.0, 1.0}
+    assert 0.3 < delta[inside].mean() < 0.7  # about half the values cross up
+    clipped = RoundingParams(base.value, base.min_scale * 0.5, base.max_scale * 0.5)
+    torch.testing.assert_close(rounding.qparams(clipped)[0], scale * 0.5)
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "W4A16_ASYM", "NVFP4A16"])
+def test_gradients_reach_offsets_and_range_scales(preset):
+    args = _args(preset)
+    w = _weight()
+    rounding = WeightRounding.of(w, args, torch.float32, global_scale(w, args))
+    params = rounding.initial()
+    for t in params.tensors():
+        t.requires_grad_(True)
+    target = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    (rounding.fake_quantize(params) @ target).pow(2).sum().backward()
+    assert params.value.grad.abs().sum() > 0
+    assert params.max_scale.grad.abs().sum() > 0
+    # the gradient to V is the gradient to the weight times its step (straight through)
+    assert params.value.grad.shape == params.value.shape
+
+
+def test_scale_is_rounded_to_its_stored_dtype():
+    args = _args("W4A16")
+    w = _weight().to(torch.bfloat16)
+    rounding = WeightRounding.of(w, args, torch.bfloat16)
+    scale, _ = rounding.qparams(rounding.initial())
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())
+    assert rounding.fake_quantize(rounding.initial()).dtype == torch.bfloat16
+
+
+def test_block_strategy_is_refused():
+    with pytest.raises(ValueError, match="block"):
+        WeightRounding.of(_weight(), _args("FP8_BLOCK"), torch.float32)
