@@ -91,3 +91,26 @@ def test_scale_is_rounded_to_its_stored_dtype():
 def test_block_strategy_is_refused():
     with pytest.raises(ValueError, match="block"):
         WeightRounding.of(_weight(), _args("FP8_BLOCK"), torch.float32)
+
+
+def test_compiled_round_trip_agrees_with_eager():
+    """enable_torch_compile's form (compiled on CUDA by the modifier; compiled here on the CPU
+    to check it): the same values, the same gradients up to summation order."""
+    from llmc_autoround.rounding import int_round_trip_eager
+
+    g = torch.Generator().manual_seed(0)
+    grouped = torch.randn(16, 4, 32, generator=g)
+    step = torch.rand(16, 4, 1, generator=g) + 0.05
+    zero = torch.zeros(16, 4, 1)
+    bounds = torch.tensor(-8.0), torch.tensor(7.0)
+    results = []
+    for fn in (torch.compile(int_round_trip_eager, dynamic=True), int_round_trip_eager):
+        value = torch.full_like(grouped, 0.2).requires_grad_(True)
+        scale = step.clone().requires_grad_(True)
+        out = fn(grouped, value, scale, zero, *bounds, True)
+        (out * grouped).sum().backward()
+        results.append((out.detach(), value.grad, scale.grad))
+    (a, va, sa), (b, vb, sb) = results
+    assert torch.equal(a, b)
+    torch.testing.assert_close(va, vb)
+    torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-5)

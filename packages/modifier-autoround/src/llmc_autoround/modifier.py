@@ -12,7 +12,13 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStrate
 
 from llmc.api import QuantizationModifier, State, weight_qparams
 from llmc.quantization.calibrate import fused_global_scales
-from llmc_autoround.rounding import SUPPORTED_STRATEGIES, RoundingParams, WeightRounding
+from llmc_autoround.rounding import (
+    SUPPORTED_STRATEGIES,
+    RoundingParams,
+    RoundTrip,
+    WeightRounding,
+    int_round_trip_eager,
+)
 from llmc_autoround.samples import LayerSamples
 from llmc_autoround.tuning import BatchSampler, TuningResult, signed_gradient_descent
 
@@ -92,7 +98,7 @@ class AutoRoundModifier(QuantizationModifier):
     # unquantized inputs, from which its targets are computed
     _reference: tuple[str, list[torch.Tensor]] | None = attrs.field(default=None, init=False, repr=False)
     _pending: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
-    _quantize: Any = attrs.field(default=None, init=False, repr=False)
+    _round_trip: RoundTrip = attrs.field(default=int_round_trip_eager, init=False, repr=False)
     # per decoder layer, every iteration's loss and the one kept (for logs, tests, benchmarks)
     results: dict[str, TuningResult] = attrs.field(factory=dict, init=False, repr=False)
     tuning_seconds: float = attrs.field(default=0.0, init=False, repr=False)
@@ -130,9 +136,11 @@ class AutoRoundModifier(QuantizationModifier):
             )
         super().on_initialize(state)
         self._pending = {m: n for n, m in self.targeted_modules() if m.quantization_scheme.weights is not None}
-        self._quantize = WeightRounding.fake_quantize
+        self._round_trip = int_round_trip_eager
         if self.enable_torch_compile and torch.device(state.device).type == "cuda":
-            self._quantize = torch.compile(WeightRounding.fake_quantize, dynamic=False)
+            # one fused kernel per weight and direction instead of about ten; on CPUs the
+            # compilation costs more than it saves
+            self._round_trip = torch.compile(int_round_trip_eager, dynamic=True)
 
     def on_calibration_start(self, state: State) -> None:
         from llmc_pipelines.sequential import declared_targets, sequential_targets
@@ -274,7 +282,10 @@ class AutoRoundModifier(QuantizationModifier):
         sampler = BatchSampler(len(samples), self.batch_size)
 
         def loss(iteration: int) -> torch.Tensor:
-            weights = {name: self._quantize(r, p) for name, r, p in zip(names, roundings, params, strict=True)}
+            weights = {
+                name: r.fake_quantize(p, int_round_trip=self._round_trip)
+                for name, r, p in zip(names, roundings, params, strict=True)
+            }
             return samples.squared_error(sampler.next(), lambda a, k: run(a, k, weights), targets)
 
         best, result = signed_gradient_descent(

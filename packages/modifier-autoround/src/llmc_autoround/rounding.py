@@ -10,9 +10,11 @@ passes gradients straight through, so both are trained by the layer's output err
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.quant_args import round_to_quantized_type_args
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
@@ -93,16 +95,44 @@ class WeightRounding:
         )
         return scale.to(self.scale_dtype).float(), zero_point
 
-    def fake_quantize(self, params: RoundingParams, straight_through: bool = True) -> torch.Tensor:
+    def fake_quantize(
+        self, params: RoundingParams, straight_through: bool = True, int_round_trip: RoundTrip | None = None
+    ) -> torch.Tensor:
         """The weight quantized and dequantized with ``params``, in its own shape and dtype.
         ``straight_through``: rounding passes gradients to V and the range scales; without
-        it, the exact values that packing the weight with :meth:`qparams` reproduces."""
+        it, the exact values that packing the weight with :meth:`qparams` reproduces.
+        ``int_round_trip``: :func:`int_round_trip` or a compiled form of it, for integer types."""
         scale, zero_point = self.qparams(params)
         step = scale if self.global_scale is None else scale / self.global_scale
         step, zero = step.unsqueeze(-1), zero_point.unsqueeze(-1).float()
         q_min, q_max = calculate_range(self.args, self.grouped.device)
-        scaled = torch.clamp(self.grouped / step + params.value + zero, q_min, q_max)
-        rounded = round_to_quantized_type_args(scaled.detach(), self.args, q_min, q_max)
-        if straight_through:
-            rounded = scaled + (rounded - scaled.detach())
-        return ((rounded - zero) * step).reshape(self.shape).to(self.dtype)
+        if self.args.type == QuantizationType.INT:
+            rounded = (int_round_trip or int_round_trip_eager)(self.grouped, params.value, step, zero, q_min, q_max, straight_through)
+        else:  # compressed-tensors' FP4/FP8 rounding (a Triton kernel on GPUs)
+            scaled = torch.clamp(self.grouped / step + params.value + zero, q_min, q_max)
+            rounded = round_to_quantized_type_args(scaled.detach(), self.args, q_min, q_max)
+            if straight_through:
+                rounded = scaled + (rounded - scaled.detach())
+            rounded = (rounded - zero) * step
+        return rounded.reshape(self.shape).to(self.dtype)
+
+
+RoundTrip = Callable[..., torch.Tensor]
+
+
+def int_round_trip_eager(
+    grouped: torch.Tensor,
+    value: torch.Tensor,
+    step: torch.Tensor,
+    zero: torch.Tensor,
+    q_min: torch.Tensor,
+    q_max: torch.Tensor,
+    straight_through: bool,
+) -> torch.Tensor:
+    """Offset, round onto the integer grid and dequantize, as compressed-tensors rounds
+    (``round(clamp(w / step + zero))``); elementwise only, so ``torch.compile`` fuses it."""
+    scaled = torch.clamp(grouped / step + value + zero, q_min, q_max)
+    rounded = torch.round(scaled.detach())
+    if straight_through:
+        rounded = scaled + (rounded - scaled.detach())
+    return (rounded - zero) * step
