@@ -313,7 +313,7 @@ def test_the_demo_picks_the_installed_quantizer_that_declares_the_most_strength(
     from llmc.api import QuantizationModifier, hookimpl
     from llmc.demo import strongest_algorithm
 
-    assert strongest_algorithm() == "GPTQModifier"  # GPTQ 2, AWQ 1, round-to-nearest 0
+    assert strongest_algorithm() == "AutoRoundModifier"  # AutoRound 3, GPTQ 2, AWQ 1, round-to-nearest 0
 
     @attrs.define(kw_only=True)
     class StrongerModifier(QuantizationModifier):
