@@ -92,7 +92,9 @@ def test_tuning_lowers_each_layers_loss_and_beats_round_to_nearest(llama_path, t
     modifier = AutoRoundModifier(**_recipe(scheme, iters=40)["quant_stage"]["quant_modifiers"]["AutoRoundModifier"])
     model = oneshot(model=str(llama_path), recipe=modifier, **DATA)
     assert set(modifier.results) == {"model.layers.0", "model.layers.1"}
+    assert not modifier._captured  # nothing kept past its layer (the tuning's own calls neither)
     for name, result in modifier.results.items():
+        assert result.samples == DATA["num_calibration_samples"], name  # each sequence once
         assert result.best_loss < 0.8 * result.initial_loss, name
         assert len(result.losses) == 40
     rtn = oneshot(model=str(llama_path), recipe=quant_recipe(scheme), **DATA)

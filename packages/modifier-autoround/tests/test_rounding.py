@@ -98,11 +98,12 @@ def test_compiled_round_trip_agrees_with_eager():
     to check it): the same values, the same gradients up to summation order."""
     from llmc_autoround.rounding import int_round_trip_eager
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA: the modifier's own path
     g = torch.Generator().manual_seed(0)
-    grouped = torch.randn(16, 4, 32, generator=g)
-    step = torch.rand(16, 4, 1, generator=g) + 0.05
-    zero = torch.zeros(16, 4, 1)
-    bounds = torch.tensor(-8.0), torch.tensor(7.0)
+    grouped = torch.randn(16, 4, 32, generator=g).to(device)
+    step = (torch.rand(16, 4, 1, generator=g) + 0.05).to(device)
+    zero = torch.zeros(16, 4, 1, device=device)
+    bounds = torch.tensor(-8.0, device=device), torch.tensor(7.0, device=device)
     results = []
     for fn in (torch.compile(int_round_trip_eager, dynamic=True), int_round_trip_eager):
         value = torch.full_like(grouped, 0.2).requires_grad_(True)

@@ -93,6 +93,7 @@ class AutoRoundModifier(QuantizationModifier):
 
     _captured: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
     _layers: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
+    _tuning: bool = attrs.field(default=False, init=False, repr=False)
     _previous: dict[str, str] = attrs.field(factory=dict, init=False, repr=False)  # layer -> the one before
     # the last tuned layer's unquantized outputs on unquantized inputs: the next layer's
     # unquantized inputs, from which its targets are computed
@@ -154,10 +155,12 @@ class AutoRoundModifier(QuantizationModifier):
             if not any(n.startswith(name + ".") for n in self._pending.values()):
                 continue
             self._layers[name] = layer
-            calls = self._captured.setdefault(name, [])
 
-            def keep(args: tuple, kwargs: dict, calls: list = calls) -> None:
-                calls.append((args, kwargs, state.loss_mask))
+            def keep(args: tuple, kwargs: dict, name: str = name) -> None:
+                # the tuning's own calls are not data; by name: a finished layer's calls must
+                # not stay reachable from its hook
+                if not self._tuning:
+                    self._captured.setdefault(name, []).append((args, kwargs, state.loss_mask))
 
             self.observe(state, layer, keep, call=True)
 
@@ -223,12 +226,17 @@ class AutoRoundModifier(QuantizationModifier):
             self._round_to_nearest(modules)
             return
         started = time.perf_counter()
+        self._tuning = True
         with torch.enable_grad():
             samples = LayerSamples(calls)
+            count = len(samples)
             inputs = None
             if reference is not None and reference[0] == self._previous.get(layer_name) and samples.fits(reference[1]):
                 inputs = reference[1]
-            result, roundings, best = self._tune(layer_name, layer, modules, samples, inputs)
+            try:
+                result, roundings, best = self._tune(layer_name, layer, modules, samples, inputs)
+            finally:
+                self._tuning = False
             del samples
         del calls
         with torch.no_grad():
@@ -245,7 +253,7 @@ class AutoRoundModifier(QuantizationModifier):
                 self._mark_done(module)
         seconds = time.perf_counter() - started
         self.tuning_seconds += seconds
-        self.results[layer_name] = result
+        self.results[layer_name] = attrs.evolve(result, samples=count)
         logger.info(
             "AutoRound %s: loss %.3e at iteration 0, %.3e at iteration %d (kept), towards %s; %.2f s",
             layer_name, result.initial_loss, result.best_loss, result.best_iteration,

@@ -17,6 +17,7 @@ import torch
 class TuningResult:
     losses: list[float]  # the loss of each iteration's mini-batch, before its step
     best_iteration: int  # the iteration whose parameters were kept
+    samples: int = 0  # sequences the layer was tuned on
 
     @property
     def initial_loss(self) -> float:
