@@ -108,6 +108,7 @@ def parser(description: str, samples: int, seq: int) -> argparse.ArgumentParser:
     parser.add_argument("--eval-batches", type=int, default=40)
     parser.add_argument("--peer-path", default=None, help="site directory holding llmcompressor")
     parser.add_argument("--peer-python", default=None, help="an interpreter with llmcompressor (e.g. a side venv)")
+    parser.add_argument("--tools", default=None, help="comma-separated rows to run (default: all)")
     return parser
 
 
@@ -131,7 +132,7 @@ def compare_rows(name: str, rows: list[Row], args: argparse.Namespace, speedup: 
     held_out = eval_batches(tokenizer, corpus.split_texts(corpus.EVALUATION, corpus_name), 256, args.eval_batches)
     layers = AutoConfig.from_pretrained(path).num_hidden_layers
     with_peer = bool(args.peer_path or args.peer_python)
-    rows = [r for r in rows if with_peer or not r.peer]
+    rows = [r for r in rows if (with_peer or not r.peer) and (not args.tools or r.tool in args.tools.split(","))]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.pt"
         torch.save({"calib": calib, "eval": held_out}, data)

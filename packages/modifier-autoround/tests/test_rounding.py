@@ -31,16 +31,21 @@ def test_no_offset_full_range_is_round_to_nearest(preset):
     args = _args(preset)
     w = _weight()
     gscale = global_scale(w, args)
-    rounding = WeightRounding.of(w, args, torch.float32, gscale)
+    other = _weight(1)[:16]  # a second weight, stacked with the first, another global scale
+    gscales = [global_scale(w, args), global_scale(other, args)]
+    rounding = WeightRounding.of([w, other], args, torch.float32, gscales)
     params = rounding.initial()
     scale, zero_point = rounding.qparams(params)
-    expected_scale, expected_zp = weight_qparams(w, args, gscale)
-    torch.testing.assert_close(scale, expected_scale.float(), rtol=0, atol=0)
-    torch.testing.assert_close(zero_point.float(), expected_zp.float(), rtol=0, atol=0)
-    expected = fake_quantize(w, expected_scale, expected_zp, args, global_scale=gscale)
-    torch.testing.assert_close(rounding.fake_quantize(params, straight_through=False), expected, rtol=0, atol=0)
-    # the straight-through form has the same values, up to the float error of x + (r - x)
-    torch.testing.assert_close(rounding.fake_quantize(params), expected, rtol=1e-5, atol=1e-6)
+    exact = rounding.fake_quantize(params, straight_through=False)
+    through = rounding.fake_quantize(params)
+    for i, (weight, gscale) in enumerate(zip([w, other], gscales, strict=True)):
+        expected_scale, expected_zp = weight_qparams(weight, args, gscale)
+        torch.testing.assert_close(rounding.split(scale, qparams=True)[i], expected_scale.float(), rtol=0, atol=0)
+        torch.testing.assert_close(rounding.split(zero_point, qparams=True)[i].float(), expected_zp.float(), rtol=0, atol=0)
+        expected = fake_quantize(weight, expected_scale, expected_zp, args, global_scale=gscale)
+        torch.testing.assert_close(exact[i], expected, rtol=0, atol=0)
+        # the straight-through form has the same values, up to the float error of x + (r - x)
+        torch.testing.assert_close(through[i], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_offsets_move_values_across_rounding_boundaries():
@@ -48,13 +53,13 @@ def test_offsets_move_values_across_rounding_boundaries():
     a grid point up to the next one; the range scales shrink the scale."""
     args = _args("W4A16")
     w = _weight()
-    rounding = WeightRounding.of(w, args, torch.float32)
+    rounding = WeightRounding.of([w], args, torch.float32)
     base = rounding.initial()
-    plain = rounding.fake_quantize(base, straight_through=False)
+    [plain] = rounding.fake_quantize(base, straight_through=False)
     scale, _ = rounding.qparams(base)
-    step = scale.repeat_interleave(args.group_size, dim=1)
+    step = rounding.split(scale, qparams=True)[0].repeat_interleave(args.group_size, dim=1)
     shifted = RoundingParams(torch.full_like(base.value, 0.49), base.min_scale, base.max_scale)
-    moved = rounding.fake_quantize(shifted, straight_through=False)
+    [moved] = rounding.fake_quantize(shifted, straight_through=False)
     delta = ((moved - plain) / step).round()
     inside = (w / step).abs() < 7  # clamped at the grid's ends otherwise
     assert set(delta[inside].unique().tolist()) <= {0.0, 1.0}
@@ -67,12 +72,12 @@ def test_offsets_move_values_across_rounding_boundaries():
 def test_gradients_reach_offsets_and_range_scales(preset):
     args = _args(preset)
     w = _weight()
-    rounding = WeightRounding.of(w, args, torch.float32, global_scale(w, args))
+    rounding = WeightRounding.of([w], args, torch.float32, [global_scale(w, args)])
     params = rounding.initial()
     for t in params.tensors():
         t.requires_grad_(True)
     target = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
-    (rounding.fake_quantize(params) @ target).pow(2).sum().backward()
+    (rounding.fake_quantize(params)[0] @ target).pow(2).sum().backward()
     assert params.value.grad.abs().sum() > 0
     assert params.max_scale.grad.abs().sum() > 0
     # the gradient to V is the gradient to the weight times its step (straight through)
@@ -82,15 +87,15 @@ def test_gradients_reach_offsets_and_range_scales(preset):
 def test_scale_is_rounded_to_its_stored_dtype():
     args = _args("W4A16")
     w = _weight().to(torch.bfloat16)
-    rounding = WeightRounding.of(w, args, torch.bfloat16)
+    rounding = WeightRounding.of([w], args, torch.bfloat16)
     scale, _ = rounding.qparams(rounding.initial())
     assert torch.equal(scale, scale.to(torch.bfloat16).float())
-    assert rounding.fake_quantize(rounding.initial()).dtype == torch.bfloat16
+    assert rounding.fake_quantize(rounding.initial())[0].dtype == torch.bfloat16
 
 
 def test_block_strategy_is_refused():
     with pytest.raises(ValueError, match="block"):
-        WeightRounding.of(_weight(), _args("FP8_BLOCK"), torch.float32)
+        WeightRounding.of([_weight()], _args("FP8_BLOCK"), torch.float32)
 
 
 def test_compiled_round_trip_agrees_with_eager():

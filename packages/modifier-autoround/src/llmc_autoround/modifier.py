@@ -51,6 +51,25 @@ def _device_of(device_ids: str) -> torch.device:
     return torch.device(f"cuda:{text}" if text.isdigit() else text)
 
 
+def _stackable(modules: list[tuple[str, torch.nn.Module]]) -> list[list[tuple[str, torch.nn.Module]]]:
+    """``modules`` in sets that one :class:`WeightRounding` rounds together: the same weight
+    arguments, dtypes and group length (the tensor strategy's groups are whole weights)."""
+    sets: dict[tuple, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in modules:
+        args = module.quantization_scheme.weights
+        length = {QuantizationStrategy.TENSOR: module.weight.numel(), QuantizationStrategy.CHANNEL: module.weight.shape[-1]}
+        key = (args.model_dump_json(), module.weight.dtype, module.weight_scale.dtype,
+               length.get(QuantizationStrategy(args.strategy), args.group_size))
+        sets.setdefault(key, []).append((name, module))
+    return list(sets.values())
+
+
+def _write(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    param = getattr(module, name, None)
+    if param is not None:
+        param.data.copy_(value.reshape(param.shape).to(param.dtype))
+
+
 def _check_scheme(args: QuantizationArgs, group: str) -> None:
     if args.strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(
@@ -240,17 +259,18 @@ class AutoRoundModifier(QuantizationModifier):
             del samples
         del calls
         with torch.no_grad():
-            for (_, module), rounding, params in zip(modules, roundings, best, strict=True):
+            for (members, rounding), params in zip(roundings, best, strict=True):
                 scale, zero_point = rounding.qparams(params)
-                module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-                zp = getattr(module, "weight_zero_point", None)
-                if zp is not None:
-                    zp.data.copy_(zero_point.reshape(zp.shape).to(zp.dtype))
-                if rounding.global_scale is not None:
-                    module.weight_global_scale.data.copy_(rounding.global_scale.reshape(module.weight_global_scale.shape))
-                module.weight.data.copy_(rounding.fake_quantize(params, straight_through=False))
-                self._pending.pop(module, None)
-                self._mark_done(module)
+                weights = rounding.fake_quantize(params, straight_through=False)
+                gscales = rounding.split(rounding.global_scale, qparams=True) if rounding.global_scale is not None else None
+                for i, (_, module) in enumerate(members):
+                    _write(module, "weight", weights[i])
+                    _write(module, "weight_scale", rounding.split(scale, qparams=True)[i])
+                    _write(module, "weight_zero_point", rounding.split(zero_point, qparams=True)[i])
+                    if gscales is not None:
+                        _write(module, "weight_global_scale", gscales[i].flatten()[:1])
+                    self._pending.pop(module, None)
+                    self._mark_done(module)
         seconds = time.perf_counter() - started
         self.tuning_seconds += seconds
         self.results[layer_name] = attrs.evolve(result, samples=count)
@@ -267,7 +287,7 @@ class AutoRoundModifier(QuantizationModifier):
         modules: list[tuple[str, torch.nn.Module]],
         samples: LayerSamples,
         unquantized_inputs: list[torch.Tensor] | None,
-    ) -> tuple[TuningResult, list[WeightRounding], list[RoundingParams]]:
+    ) -> tuple[TuningResult, list[tuple[list[tuple[str, torch.nn.Module]], WeightRounding]], list[RoundingParams]]:
         """Tune ``modules`` of ``layer`` on ``samples`` (its inputs through the quantized layers
         before it), towards its unquantized outputs on the unquantized model's inputs where
         they are known (every layer but the first), as AutoRound does: the rounding then also
@@ -282,18 +302,22 @@ class AutoRoundModifier(QuantizationModifier):
             self._reference = (layer_name, targets)
             gscales = fused_global_scales(modules)
             roundings = [
-                WeightRounding.of(m.weight, m.quantization_scheme.weights, m.weight_scale.dtype, gscales.get(n))
-                for n, m in modules
+                (members, WeightRounding.of(
+                    [m.weight for _, m in members],
+                    members[0][1].quantization_scheme.weights,
+                    members[0][1].weight_scale.dtype,
+                    [gscales.get(n) for n, _ in members],
+                ))
+                for members in _stackable(modules)
             ]
-        params = [r.initial() for r in roundings]
-        names = [n[len(layer_name) + 1 :] + ".weight" for n, _ in modules]
+        params = [r.initial() for _, r in roundings]
         sampler = BatchSampler(len(samples), self.batch_size)
 
         def loss(iteration: int) -> torch.Tensor:
-            weights = {
-                name: r.fake_quantize(p, int_round_trip=self._round_trip)
-                for name, r, p in zip(names, roundings, params, strict=True)
-            }
+            weights = {}
+            for (members, rounding), p in zip(roundings, params, strict=True):
+                quantized = rounding.fake_quantize(p, int_round_trip=self._round_trip)
+                weights.update((n[len(layer_name) + 1 :] + ".weight", w) for (n, _), w in zip(members, quantized, strict=True))
             return samples.squared_error(sampler.next(), lambda a, k: run(a, k, weights), targets)
 
         best, result = signed_gradient_descent(

@@ -10,7 +10,7 @@ passes gradients straight through, so both are trained by the layer's output err
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -30,53 +30,75 @@ SUPPORTED_STRATEGIES = (
 
 @attrs.define
 class RoundingParams:
-    """What AutoRound learns for one weight (float32)."""
+    """What AutoRound learns for a set of weights' groups (float32)."""
 
-    value: torch.Tensor  # offset added before rounding, shaped as the grouped weight
-    min_scale: torch.Tensor  # factor on each group's minimum, shaped as the scale
+    value: torch.Tensor  # offset added before rounding, one per element: (groups, group length)
+    min_scale: torch.Tensor  # factor on each group's minimum: (groups,)
     max_scale: torch.Tensor  # factor on each group's maximum
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.value, self.min_scale, self.max_scale]
 
 
+@attrs.frozen
+class _Part:
+    shape: torch.Size  # the weight's
+    scale_shape: torch.Size  # its scale's (compressed-tensors' layout)
+    start: int  # its rows (groups) in the stacked matrix
+    stop: int
+
+
 @attrs.define(eq=False)
 class WeightRounding:
-    """A weight (out, in) laid out by its quantization groups, with its unclipped range.
+    """Weights (out, in) that share quantization arguments, each laid out by its groups, the
+    groups of all of them stacked as the rows of one matrix with their unclipped ranges: a
+    step rounds a whole layer with one chain of kernels, not one per weight.
 
-    ``scale_dtype`` is the dtype the checkpoint stores the scale in: the scale is rounded
-    to it before rounding the weight, as the saved scale will be when packed.
+    ``scale_dtype`` is the dtype the checkpoint stores the scales in: a scale is rounded to it
+    before rounding the weight, as the saved scale will be when packed.
     """
 
     args: QuantizationArgs
-    shape: torch.Size
     dtype: torch.dtype
     scale_dtype: torch.dtype
-    grouped: torch.Tensor  # (*scale shape, group size), float32
-    low: torch.Tensor  # each group's minimum, shaped as the scale
+    grouped: torch.Tensor  # (groups, group length), float32
+    low: torch.Tensor  # each group's minimum, (groups,)
     high: torch.Tensor
-    global_scale: torch.Tensor | None = None  # NVFP4's per-tensor scale, fixed
+    global_scale: torch.Tensor | None  # NVFP4's per-tensor scales, fixed, one per group
+    parts: list[_Part]
 
     @classmethod
     def of(
         cls,
-        weight: torch.Tensor,
+        weights: Sequence[torch.Tensor],
         args: QuantizationArgs,
         scale_dtype: torch.dtype,
-        global_scale: torch.Tensor | None = None,
+        global_scales: Sequence[torch.Tensor | None] | None = None,
     ) -> WeightRounding:
+        """``weights`` of one dtype whose groups have one length (the same group size, or the
+        same input size for channel strategies), with their NVFP4 global scales."""
         if args.strategy not in SUPPORTED_STRATEGIES:
             raise ValueError(f"AutoRound rounds tensor, channel and group strategies, not {QuantizationStrategy(args.strategy).value}.")
-        grouped = flatten_for_calibration(weight.detach().float(), "weight", args)[0]
+        global_scales = list(global_scales) if global_scales is not None else [None] * len(weights)
+        rows, parts, gscales, start = [], [], [], 0
+        for weight, gscale in zip(weights, global_scales, strict=True):
+            grouped = flatten_for_calibration(weight.detach().float(), "weight", args)[0]
+            flat = grouped.reshape(-1, grouped.shape[-1])
+            parts.append(_Part(weight.shape, grouped.shape[:-1], start, start + len(flat)))
+            start += len(flat)
+            rows.append(flat)
+            if gscale is not None:
+                gscales.append(gscale.float().reshape(()).expand(len(flat)))
+        grouped = torch.cat(rows)
         return cls(
             args=args,
-            shape=weight.shape,
-            dtype=weight.dtype,
+            dtype=weights[0].dtype,
             scale_dtype=scale_dtype,
             grouped=grouped,
             low=grouped.amin(dim=-1),
             high=grouped.amax(dim=-1),
-            global_scale=None if global_scale is None else global_scale.float(),
+            global_scale=torch.cat(gscales) if gscales else None,
+            parts=parts,
         )
 
     def initial(self) -> RoundingParams:
@@ -88,20 +110,28 @@ class WeightRounding:
         )
 
     def qparams(self, params: RoundingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale (rounded to its stored dtype, as float32) and zero point of the clipped range,
-        by compressed-tensors' own rule; differentiable in the range scales."""
+        """Scale (rounded to its stored dtype, as float32) and zero point of each group's
+        clipped range, by compressed-tensors' own rule; differentiable in the range scales."""
         scale, zero_point = calculate_qparams(
             self.low * params.min_scale, self.high * params.max_scale, self.args, global_scale=self.global_scale
         )
         return scale.to(self.scale_dtype).float(), zero_point
 
+    def split(self, stacked: torch.Tensor, qparams: bool = False) -> list[torch.Tensor]:
+        """Each weight's part of ``stacked`` (groups first), in its own shape (its scale's
+        shape with ``qparams``)."""
+        return [
+            stacked[p.start : p.stop].reshape(p.scale_shape if qparams else p.shape) for p in self.parts
+        ]
+
     def fake_quantize(
         self, params: RoundingParams, straight_through: bool = True, int_round_trip: RoundTrip | None = None
-    ) -> torch.Tensor:
-        """The weight quantized and dequantized with ``params``, in its own shape and dtype.
-        ``straight_through``: rounding passes gradients to V and the range scales; without
-        it, the exact values that packing the weight with :meth:`qparams` reproduces.
-        ``int_round_trip``: :func:`int_round_trip` or a compiled form of it, for integer types."""
+    ) -> list[torch.Tensor]:
+        """The weights quantized and dequantized with ``params``, each in its own shape and
+        the weights' dtype. ``straight_through``: rounding passes gradients to V and the range
+        scales; without it, the exact values that packing the weights with :meth:`qparams`
+        reproduces. ``int_round_trip``: :func:`int_round_trip_eager` or a compiled form of it,
+        for integer types."""
         scale, zero_point = self.qparams(params)
         step = scale if self.global_scale is None else scale / self.global_scale
         step, zero = step.unsqueeze(-1), zero_point.unsqueeze(-1).float()
@@ -114,7 +144,7 @@ class WeightRounding:
             if straight_through:
                 rounded = scaled + (rounded - scaled.detach())
             rounded = (rounded - zero) * step
-        return rounded.reshape(self.shape).to(self.dtype)
+        return self.split(rounded.to(self.dtype))
 
 
 RoundTrip = Callable[..., torch.Tensor]

@@ -176,6 +176,10 @@ class WeightStacks:
         self._stacks: dict[tuple[int, str], tuple[tuple, torch.Tensor]] = {}
 
     def get(self, owner: nn.Module, key: tuple[int, str], modules: Sequence[nn.Linear]) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in modules):
+            # weights a caller differentiates through (AutoRound's, new every step): never kept,
+            # a fresh tensor may reuse a freed one's memory and version
+            return torch.stack([quantized(m, m.weight, "weight") for m in modules])
         if self._owner != id(owner):
             self._stacks.clear()
             self._owner = id(owner)
