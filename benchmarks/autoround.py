@@ -2,9 +2,9 @@
 with GPTQ (the bar AutoRound must clear) and round-to-nearest from the same run.
 
 Rows (see ``benchmarks.quality`` for how each runs and is scored): llmc's AutoRound (and
-without torch.compile, which matters on GPUs only), llmc's GPTQ, llmc's round-to-nearest, llm-compressor 0.14's AutoRoundModifier (auto-round 0.15)
-and its GPTQ; AutoRound with llm-compressor's defaults (200 iterations, batches of 8,
-lr 1/iters, torch.compile on) on both sides.
+with torch.compile, which acts on GPUs only), llmc's GPTQ, llmc's round-to-nearest, llm-compressor 0.14's AutoRoundModifier (auto-round 0.15)
+and its GPTQ; AutoRound with each tool's defaults (200 iterations, batches of 8, lr 1/iters;
+torch.compile on in llm-compressor, off in llmc) on both sides.
 
     python -m benchmarks.autoround --model tiny --samples 64 --seq 256 --peer-python /tmp/lcvenv/bin/python  # CPU
     python -m benchmarks.autoround --model small --peer-path /tmp/peer:/tmp/deps   # GPU machine
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     autoround = {**common, "iters": args.iters, "batch_size": 8}
     rows = [
         Row("llmc-autoround", "AutoRoundModifier", autoround),
-        Row("llmc-autoround-eager", "AutoRoundModifier", {**autoround, "enable_torch_compile": False}),
+        Row("llmc-autoround-compile", "AutoRoundModifier", {**autoround, "enable_torch_compile": True}),
         Row("llmc-gptq", "GPTQModifier", common),
         Row("llmc-rtn", "QuantizationModifier", common),
         Row("llm-compressor-autoround", "AutoRoundModifier", autoround, peer=True),
