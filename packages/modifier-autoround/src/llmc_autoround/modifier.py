@@ -205,20 +205,9 @@ class AutoRoundModifier(QuantizationModifier):
         self._layers.pop(layer_name, None)
         for module in layer.modules():
             if self._pending.pop(module, None) is not None:
-                self._mark_done(module)
-
-    def on_finalize(self, state: State) -> None:
-        for _, module in self.targeted_modules():
-            module.quantization_enabled = True
-        super().on_finalize(state)
+                self.mark_quantized_weight(module)
 
     # --- per layer ---------------------------------------------------------------
-    @staticmethod
-    def _mark_done(module: torch.nn.Module) -> None:
-        # the weight holds its quantized values: only activation schemes quantize on forward
-        scheme = module.quantization_scheme
-        module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
-
     def weight_qparams(
         self, weight: torch.Tensor, args: QuantizationArgs, global_scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +261,7 @@ class AutoRoundModifier(QuantizationModifier):
                     if gscales is not None:
                         _write(module, "weight_global_scale", gscales[i].flatten()[:1])
                     self._pending.pop(module, None)
-                    self._mark_done(module)
+                    self.mark_quantized_weight(module)
         seconds = time.perf_counter() - started
         self.tuning_seconds += seconds
         self.results[layer_name] = attrs.evolve(result, samples=count)

@@ -109,7 +109,7 @@ class GPTQModifier(QuantizationModifier):
         super().on_sequential_layer_restored(state, layer_name, layer, saved)
         for name, module in self.targeted_modules():
             if name.startswith(layer_name + ".") and self._names.pop(module, None) is not None:
-                self._mark_solved(module)
+                self.mark_quantized_weight(module)
 
     def on_calibration_end(self, state: State) -> None:
         # modules outside every sequential target (or all of them, on the basic pipeline)
@@ -118,26 +118,13 @@ class GPTQModifier(QuantizationModifier):
             self._hessians.detach()
         self._observers.detach()
 
-    def on_finalize(self, state: State) -> None:
-        for _, module in self.targeted_modules():
-            module.quantization_enabled = True
-        super().on_finalize(state)
-
-    @staticmethod
-    def _mark_solved(module: torch.nn.Module) -> None:
-        # A solved weight already holds its quantized values: fake-quantizing it again on
-        # every propagation forward would change nothing, so only activation schemes
-        # re-enable quantization here.
-        scheme = module.quantization_scheme
-        module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
-
     def _solve(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
         """Solve ``modules``, as few solves as their Hessians allow (see :mod:`llmc_gptq.batching`)."""
         assert self._hessians is not None
         pending: list[tuple[str, torch.nn.Module]] = []
         for name, module in modules:
             self._names.pop(module, None)
-            self._mark_solved(module)
+            self.mark_quantized_weight(module)
             scheme = module.quantization_scheme
             if scheme.weights is None:
                 continue

@@ -156,6 +156,14 @@ class QuantizationModifier(Modifier):
         NVFP4 global scale its fused group shares (None for other schemes)."""
         return weight_qparams(weight, args, global_scale)
 
+    @staticmethod
+    def mark_quantized_weight(module: torch.nn.Module) -> None:
+        """``module``'s weight now holds its quantized values (a modifier that solves or learns
+        the rounding wrote them with its qparams): until finalize, forward passes fake-quantize
+        only its activations, if its scheme has any (doing the weight again changes nothing)."""
+        scheme = module.quantization_scheme
+        module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
+
     def calibrate_weights(self, modules: list[tuple[str, torch.nn.Module]], device: torch.device | None = None) -> None:
         """Write ``modules``' weight scales and zero points, through :meth:`weight_qparams`."""
         calibrate_weights(modules, device, self.weight_qparams)
@@ -170,6 +178,8 @@ class QuantizationModifier(Modifier):
         self._observers.detach()
 
     def on_finalize(self, state: State) -> None:
+        for _, module in self._modules:  # a subclass may have switched quantization off meanwhile
+            module.quantization_enabled = True
         freeze(self._modules)
 
     def sequential_layer_state(self, state: State, layer_name: str) -> dict[str, torch.Tensor]:
