@@ -29,6 +29,7 @@ logger = logging.getLogger("llmc.mutants")
 
 CORE = "packages/core/src/llmc"
 GPTQ, AWQ, SQ = "packages/modifier-gptq", "packages/modifier-awq", "packages/modifier-smoothquant"
+AR = "packages/modifier-autoround"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,31 @@ MUTANTS = [
            "target = ids[:, 1:]", "target = ids[:, :-1]", ("tests/test_evaluation.py",)),
     Mutant("resume: a restored layer's state not loaded", f"{CORE}/resume.py",
            "        layer.load_state_dict(tensors, strict=True)\n", "", ("tests/test_resume.py",)),
+    # --- AutoRound ----------------------------------------------------------------------
+    Mutant("autoround: the learning rate does not decay", f"{AR}/src/llmc_autoround/tuning.py",
+           "step = lr * (1.0 - iteration / iters)", "step = lr", (f"{AR}/tests/test_tuning.py",)),
+    Mutant("autoround: gradient ascent", f"{AR}/src/llmc_autoround/tuning.py",
+           "p.sub_(p.grad.sign(), alpha=step)", "p.add_(p.grad.sign(), alpha=step)", (f"{AR}/tests/test_tuning.py",)),
+    Mutant("autoround: the last iteration kept, not the best", f"{AR}/src/llmc_autoround/tuning.py",
+           "better = value < best_loss", "better = torch.ones((), dtype=torch.bool, device=value.device)",
+           (f"{AR}/tests/test_tuning.py",)),
+    Mutant("autoround: range factors not kept in [0, 1]", f"{AR}/src/llmc_autoround/tuning.py",
+           "p.clamp_(0.0, 1.0)", "pass", (f"{AR}/tests/test_tuning.py",)),
+    Mutant("autoround: no straight-through gradient", f"{AR}/src/llmc_autoround/rounding.py",
+           "        rounded = scaled + (rounded - scaled.detach())\n    return (rounded - zero) * step",
+           "        rounded = rounded\n    return (rounded - zero) * step", (f"{AR}/tests/test_rounding.py",)),
+    Mutant("autoround: the offsets V not added", f"{AR}/src/llmc_autoround/rounding.py",
+           "torch.clamp(grouped / step + value + zero, q_min, q_max)", "torch.clamp(grouped / step + zero + value * 0, q_min, q_max)",
+           (f"{AR}/tests/test_rounding.py",)),
+    Mutant("autoround: the minimum's factor ignored", f"{AR}/src/llmc_autoround/rounding.py",
+           "self.low * params.min_scale, self.high", "self.low, self.high", (f"{AR}/tests/test_rounding.py",)),
+    Mutant("autoround: targets from the quantized inputs", f"{AR}/src/llmc_autoround/modifier.py",
+           "targets = samples.outputs(run, self.batch_size, unquantized_inputs)", "targets = samples.outputs(run, self.batch_size)",
+           (f"{AR}/tests/test_autoround_oneshot.py",)),
+    Mutant("autoround: the captured rows not the rows drawn", f"{AR}/src/llmc_autoround/samples.py",
+           "leaves = [t.index_select(0, rows) if row else t for t, row in zip(leaves, self.per_row, strict=True)]",
+           "leaves = [t[: len(rows)] if row else t for t, row in zip(leaves, self.per_row, strict=True)]",
+           (f"{AR}/tests/test_tuning.py",)),
 ]
 
 

@@ -148,3 +148,34 @@ def test_without_the_plugin_the_error_names_the_package(monkeypatch, tmp_path):
             oneshot(model=str(tmp_path / "no-such-model"), recipe=_recipe(), **DATA)
     finally:
         plugins.get_plugin_manager.cache_clear()
+
+
+def test_targets_are_the_unquantized_models_outputs(llama_path):
+    """Iteration 0 measures the loss at round-to-nearest (one iteration keeps it), over every
+    sample when a batch holds them all: for the second layer that is the error of its output,
+    on the inputs the quantized first layer gives, against the unquantized model's own output
+    there, computed here by running both models whole."""
+    from llmc.args import DatasetArguments
+    from llmc.data import build_calibration_dataloader
+    from llmc.modifiers import AutoRoundModifier
+    from llmc.tiny import build_tokenizer
+
+    data = dict(DATA, num_calibration_samples=8)
+    modifier = AutoRoundModifier(**_recipe(iters=1, batch_size=8)["quant_stage"]["quant_modifiers"]["AutoRoundModifier"])
+    quantized = oneshot(model=str(llama_path), recipe=modifier, **data)
+    original = AutoModelForCausalLM.from_pretrained(llama_path)
+
+    def second_layer_output(model, batch) -> torch.Tensor:
+        seen = []
+        handle = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        model(**batch)
+        handle.remove()
+        return seen[0].double()
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in build_calibration_dataloader(DatasetArguments(**data), build_tokenizer(2048)):
+            ours, reference = second_layer_output(quantized, batch), second_layer_output(original, batch)
+            total += (ours - reference).pow(2).sum().item()
+            count += ours.numel()
+    assert modifier.results["model.layers.1"].initial_loss == pytest.approx(total / count, rel=1e-4)
