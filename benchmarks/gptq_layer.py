@@ -111,15 +111,20 @@ def run_peer(path: Path, args: argparse.Namespace) -> dict | None:
     return {"tool": "llm-compressor", **result, "seconds_per_layer": result["seconds_total"] / args.layers}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
+    """The Llama-3-8B shape and 512 × 2048 calibration tokens, each overridable."""
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seq", type=int, default=2048)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shape_arguments(parser, layers=3)
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device for llmc")
     parser.add_argument("--peer-path", default=None, help="site directory holding llmcompressor")
     parser.add_argument("--skip-llmc", action="store_true")

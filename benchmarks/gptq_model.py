@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import LayerTimer, peak_memory, table, write_json
-from benchmarks.gptq_layer import build, dataset
+from benchmarks.gptq_layer import build, dataset, shape_arguments
 from llmc.api import hookimpl
 
 
@@ -94,13 +94,7 @@ def run(path: Path, out: Path, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--seq", type=int, default=2048)
+    shape_arguments(parser, layers=32)
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device")
     parser.add_argument("--workdir", default=None, help="where the model and its output go (default: a temporary folder)")
     args = parser.parse_args(argv)
