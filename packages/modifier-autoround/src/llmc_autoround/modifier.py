@@ -11,7 +11,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 
 from llmc.api import QuantizationModifier, State, weight_qparams
-from llmc.quantization.calibrate import fused_global_scales
+from llmc.quantization.calibrate import copy_into, fused_global_scales
 from llmc_autoround.rounding import (
     SUPPORTED_STRATEGIES,
     RoundingParams,
@@ -62,12 +62,6 @@ def _stackable(modules: list[tuple[str, torch.nn.Module]]) -> list[list[tuple[st
                length.get(QuantizationStrategy(args.strategy), args.group_size))
         sets.setdefault(key, []).append((name, module))
     return list(sets.values())
-
-
-def _write(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    param = getattr(module, name, None)
-    if param is not None:
-        param.data.copy_(value.reshape(param.shape).to(param.dtype))
 
 
 def _check_scheme(args: QuantizationArgs, group: str) -> None:
@@ -252,14 +246,16 @@ class AutoRoundModifier(QuantizationModifier):
         with torch.no_grad():
             for (members, rounding), params in zip(roundings, best, strict=True):
                 scale, zero_point = rounding.qparams(params)
-                weights = rounding.fake_quantize(params, straight_through=False)
-                gscales = rounding.split(rounding.global_scale, qparams=True) if rounding.global_scale is not None else None
+                written = {
+                    "weight": rounding.fake_quantize(params, straight_through=False),
+                    "weight_scale": rounding.split(scale, qparams=True),
+                    "weight_zero_point": rounding.split(zero_point, qparams=True),
+                }
+                if rounding.global_scale is not None:  # one per weight, repeated over its groups
+                    written["weight_global_scale"] = [g.flatten()[:1] for g in rounding.split(rounding.global_scale, qparams=True)]
                 for i, (_, module) in enumerate(members):
-                    _write(module, "weight", weights[i])
-                    _write(module, "weight_scale", rounding.split(scale, qparams=True)[i])
-                    _write(module, "weight_zero_point", rounding.split(zero_point, qparams=True)[i])
-                    if gscales is not None:
-                        _write(module, "weight_global_scale", gscales[i].flatten()[:1])
+                    for name, values in written.items():
+                        copy_into(module, name, values[i])
                     self._pending.pop(module, None)
                     self.mark_quantized_weight(module)
         seconds = time.perf_counter() - started

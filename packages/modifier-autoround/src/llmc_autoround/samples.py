@@ -37,7 +37,7 @@ class _Group:
     template: Call  # the first call, whose structure every member shares
     per_row: list[bool]  # for each tensor in it: one row per sequence?
     parts: list[list[torch.Tensor]]  # per tensor: the members' tensors, stacked on finish
-    masks: list[torch.Tensor]
+    masks: list[torch.Tensor | None]  # per member call: its loss mask, if it has one that fits
     stacked: list[torch.Tensor] = attrs.field(factory=list)
     mask: torch.Tensor | None = None
     rows: int = 0
@@ -64,14 +64,19 @@ class _Group:
             if row or not part:
                 part.append(tensor)
         hidden = leaves[0]
-        if mask is None or tuple(mask.shape) != tuple(hidden.shape[:2]):
-            mask = torch.ones(hidden.shape[:2], device=hidden.device)  # every token counts
-        self.masks.append(mask.to(hidden.device))
+        fits = mask is not None and tuple(mask.shape) == tuple(hidden.shape[:2])
+        self.masks.append(mask.to(hidden.device) if fits else None)
         self.rows += rows
 
     def finish(self, masked: bool) -> None:
+        """Stack the members; with ``masked`` (some call of the layer had a loss mask), their
+        masks, every token of a call without one counting."""
+        if masked:
+            self.mask = torch.cat([
+                m if m is not None else torch.ones(t.shape[:2], device=t.device)
+                for m, t in zip(self.masks, self.parts[0], strict=True)
+            ])
         self.stacked = [torch.cat(p) if row else p[0] for p, row in zip(self.parts, self.per_row, strict=True)]
-        self.mask = torch.cat(self.masks) if masked else None
         self.parts, self.masks = [], []
 
     def call(self, rows: torch.Tensor | None, hidden: torch.Tensor | None = None) -> Call:
@@ -102,8 +107,7 @@ class LayerSamples:
             per_row = [t.dim() >= 1 and t.shape[0] == rows for t in leaves]
             group = next((g for g in self.groups if g.accepts(leaves, per_row, rows)), None)
             if group is None:
-                template = _rebuild((args, kwargs), leaves)
-                group = _Group(template, per_row, [[] for _ in leaves], [])
+                group = _Group((args, kwargs), per_row, [[] for _ in leaves], [])
                 self.groups.append(group)
             index = self.groups.index(group)
             owner.extend((index, group.rows + r) for r in range(rows))

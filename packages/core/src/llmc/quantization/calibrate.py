@@ -84,7 +84,8 @@ def initialized_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modu
     ]
 
 
-def _copy(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def copy_into(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """``value`` into ``module``'s parameter ``name`` (its shape and dtype), if it has one."""
     param = getattr(module, name, None)
     if param is not None:
         param.data.copy_(value.reshape(param.shape).to(param.dtype))
@@ -129,10 +130,10 @@ def calibrate_weight(
         return
     weight = module.weight if device is None else module.weight.to(device)
     if gscale is not None:
-        _copy(module, "weight_global_scale", gscale)
+        copy_into(module, "weight_global_scale", gscale)
     scale, zero_point = qparams(weight, args, gscale)
-    _copy(module, "weight_scale", scale)
-    _copy(module, "weight_zero_point", zero_point)
+    copy_into(module, "weight_scale", scale)
+    copy_into(module, "weight_zero_point", zero_point)
 
 
 def calibrate_weights(
@@ -162,11 +163,11 @@ def _write_activation_qparams(
 ) -> None:
     gscale = range_global_scale(lo, hi, args)
     if gscale is not None:
-        _copy(module, f"{base}_global_scale", gscale)
+        copy_into(module, f"{base}_global_scale", gscale)
     else:
         scale, zp = calculate_qparams(lo, hi, args)
-        _copy(module, f"{base}_scale", scale)
-        _copy(module, f"{base}_zero_point", zp)
+        copy_into(module, f"{base}_scale", scale)
+        copy_into(module, f"{base}_zero_point", zp)
 
 
 def sibling_key(name: str) -> str:
