@@ -1,4 +1,4 @@
-"""Seconds per decoder layer for GPTQ W4A16 on a Llama-3-8B-shaped layer, end to end.
+"""Seconds per decoder layer for GPTQ W4A16 (or AWQ W4A16_ASYM) on Llama-3-8B-shaped layers, end to end.
 
 End to end means what oneshot does for each layer: calibration forward passes, Hessian
 accumulation, the GPTQ solves, and the propagation pass that feeds the next layer.
@@ -7,6 +7,7 @@ through llm-compressor in a separate process (its own site directory, given by
 --peer-path) so both columns come from the same machine.
 
     python -m benchmarks.gptq_layer --samples 512 --seq 2048            # GPU machine
+    python -m benchmarks.gptq_layer --modifier awq --layers 2 --samples 256 --seq 512
     python -m benchmarks.gptq_layer --hidden 256 --intermediate 512 --samples 8 --seq 128  # CPU smoke
 """
 
@@ -48,17 +49,26 @@ def dataset(args: argparse.Namespace):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
 
+def recipe(name: str):
+    """The benchmarked modifier: GPTQ W4A16 or AWQ W4A16_ASYM, Linear layers but lm_head."""
+    if name == "gptq":
+        from llmc_gptq.modifier import GPTQModifier
+
+        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    from llmc_awq.modifier import AWQModifier
+
+    return AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])
+
+
 def run_llmc(path: Path, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from llmc import oneshot
     from llmc.plugins import get_plugin_manager
-    from llmc_gptq.modifier import GPTQModifier
-
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     data = dataset(args)
     timer = LayerTimer()
-    modifier = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    modifier = recipe(args.modifier)
     get_plugin_manager().register(timer, name="benchmark-timer")
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     started = time.perf_counter()
@@ -73,11 +83,11 @@ def run_llmc(path: Path, args: argparse.Namespace) -> dict:
     total = time.perf_counter() - started
     get_plugin_manager().unregister(timer)
     return {
-        "tool": f"llmc (offload={args.offload})",
+        "tool": f"llmc {args.modifier} (offload={args.offload})",
         "seconds_total": total,
         "seconds_per_layer": total / args.layers,
         "steady_seconds_per_layer": timer.steady_seconds_per_layer(),
-        "solve_seconds_per_layer": modifier.solve_seconds / args.layers,
+        "solve_seconds_per_layer": getattr(modifier, "solve_seconds", 0.0) / args.layers or None,
         **peak_memory(),
     }
 
@@ -87,6 +97,7 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.awq import AWQModifier
 import datasets
 args = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
@@ -95,7 +106,9 @@ data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": 
 model = AutoModelForCausalLM.from_pretrained(args["path"], dtype=torch.bfloat16)
 torch.cuda.reset_peak_memory_stats()
 started = time.perf_counter()
-oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+recipe = (GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]) if args["modifier"] == "gptq"
+          else AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"]))
+oneshot(model=model, dataset=data, recipe=recipe,
         num_calibration_samples=args["samples"], max_seq_length=args["seq"])
 total = time.perf_counter() - started
 print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30}))
@@ -105,7 +118,7 @@ print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.c
 def run_peer(path: Path, args: argparse.Namespace) -> dict | None:
     if not args.peer_path:
         return None
-    result = run_peer_script(PEER, {"path": str(path), "samples": args.samples, "seq": args.seq}, args.peer_path)
+    result = run_peer_script(PEER, {"path": str(path), "samples": args.samples, "seq": args.seq, "modifier": args.modifier}, args.peer_path)
     if "error" in result:
         return {"tool": "llm-compressor", **result}
     return {"tool": "llm-compressor", **result, "seconds_per_layer": result["seconds_total"] / args.layers}
@@ -125,6 +138,7 @@ def shape_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(parser, layers=3)
+    parser.add_argument("--modifier", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device for llmc")
     parser.add_argument("--peer-path", default=None, help="site directory holding llmcompressor")
     parser.add_argument("--skip-llmc", action="store_true")

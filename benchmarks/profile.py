@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import peak_memory, table, write_json
-from benchmarks.gptq_layer import build, dataset, shape_arguments
+from benchmarks.gptq_layer import build, dataset, recipe, shape_arguments
 from llmc.api import hookimpl
 
 
@@ -42,16 +42,6 @@ class ProfileFromFirstLayer:
                 torch.cuda.synchronize()
             self.profiler.start()
             self.started = time.perf_counter()
-
-
-def recipe(name: str):
-    if name == "gptq":
-        from llmc_gptq.modifier import GPTQModifier
-
-        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-    from llmc_awq.modifier import AWQModifier
-
-    return AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])
 
 
 def top(events, key: str, count: int) -> list[dict]:

@@ -297,3 +297,35 @@ def test_an_expert_that_saw_no_data_takes_its_siblings_range():
     assert torch.equal(seen[0], torch.tensor([3.0 / 448]))  # observed modules keep their own
     fallback = modules[names[3]].input_scale  # nothing in its role saw data
     assert torch.isfinite(fallback).all() and (fallback > 0).all()
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W8A8", "NVFP4A16"])
+def test_weights_quantized_once_give_the_outputs_of_quantizing_at_every_call(scheme):
+    """The sequential pipeline's propagation runs quantized weights fake-quantized once per
+    layer: the model's outputs are those of fake-quantizing them at every call (activations
+    still quantized per call), and the original weights come back afterwards."""
+    from compressed_tensors.quantization import apply_quantization_config
+
+    from llmc import tiny
+    from llmc.quantization.calibrate import calibrate_weights, quantization_disabled, weights_quantized_once
+    from llmc.quantization.config import build_config, resolve_config_groups
+
+    model = tiny.build_model(tiny.build_config("llama", vocab_size=256))
+    apply_quantization_config(model, build_config(resolve_config_groups(scheme, None, ["Linear"]), ["lm_head"]))
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "quantization_scheme")]
+    calibrate_weights(modules)
+    originals = {n: m.weight.detach().clone() for n, m in modules}
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with quantization_disabled(model):
+            plain = model(ids).logits
+        every_call = model(ids).logits
+        with weights_quantized_once(model):
+            once = model(ids).logits
+            changed = [n for n, m in modules if not torch.equal(m.weight, originals[n])]
+        again = model(ids).logits
+    assert not torch.equal(plain, every_call)  # quantization does change the outputs
+    assert changed  # the weights were swapped for their fake-quantized values
+    torch.testing.assert_close(once, every_call, rtol=0, atol=0)
+    torch.testing.assert_close(again, every_call, rtol=0, atol=0)
+    assert all(torch.equal(m.weight, originals[n]) for n, m in modules)

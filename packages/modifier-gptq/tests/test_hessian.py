@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmc_gptq.hessian import HessianAccumulator, gram
@@ -11,6 +12,22 @@ def test_gram_matches_float64():
     x = torch.randn(3, 50, 64, dtype=torch.bfloat16)
     ref = x.double().reshape(-1, 64).T @ x.double().reshape(-1, 64)
     torch.testing.assert_close(gram(x).double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_hessian_accumulated_over_batches_matches_float64(device):
+    """Several batches summed into one Hessian (in place with addmm on CUDA) equal X^T X of all."""
+    lin = torch.nn.Linear(64, 8, device=device, dtype=torch.bfloat16)
+    acc = HessianAccumulator(lambda: True)
+    acc.attach(lin)
+    xs = [torch.randn(2, 50, 64, dtype=torch.bfloat16, device=device) for _ in range(4)]
+    for x in xs:
+        lin(x)
+        acc.end_batch()
+    every = torch.cat([x.reshape(-1, 64) for x in xs]).double()
+    hessian, _ = acc.pop(lin)
+    assert hessian.dtype == torch.float32
+    torch.testing.assert_close(hessian.double(), every.T @ every, rtol=1e-5, atol=1e-3)
 
 
 def test_modules_with_the_same_input_share_one_hessian():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import attrs
@@ -281,13 +281,11 @@ class AWQModifier(QuantizationModifier):
         cached = self._inputs.get(parent_name, [])
         device = mapping.balance[0].weight.device
 
-        def run_parent() -> list[torch.Tensor]:
-            outputs = []
+        def run_parent() -> Iterator[torch.Tensor]:
             with torch.no_grad():
                 for args, kwargs, mask in cached:
                     out = parent(*_move(args, device), **_move(kwargs, device))
-                    outputs.append(masked_tokens(out[0] if isinstance(out, tuple) else out, mask))
-            return outputs
+                    yield masked_tokens(out[0] if isinstance(out, tuple) else out, mask)
 
         self._searching = True
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import torch
@@ -55,7 +55,7 @@ class SearchResult:
 
 
 def search_scales(
-    run_parent: Callable[[], list[torch.Tensor]],
+    run_parent: Callable[[], Iterable[torch.Tensor]],
     balance: Sequence[torch.nn.Module],
     x_mean: torch.Tensor,
     args: QuantizationArgs,
@@ -64,29 +64,29 @@ def search_scales(
 ) -> SearchResult:
     """Try each candidate: scale the balance weights up, quantize, scale back, run the parent.
 
-    ``run_parent()`` returns the parent module's outputs on the cached calibration
-    inputs; the loss is their mean squared error against the unquantized outputs.
-    Weights are restored before returning; nothing is folded here.
+    ``run_parent()`` yields the parent module's outputs on the cached calibration
+    inputs, one batch at a time; the loss is their mean squared error against the
+    unquantized outputs. Each batch's error is added up on the device as it comes (no
+    candidate's outputs are kept, and nothing waits on the device until every candidate
+    ran). Weights are restored before returning; nothing is folded here.
     """
     originals = [m.weight.data.clone() for m in balance]
-    reference = run_parent()
+    reference = list(run_parent())
     w_mean = weight_mean(originals, args).to(x_mean.device)
-    best: tuple[float, torch.Tensor] | None = None
-    rtn_loss = float("nan")
+    candidates = candidate_scales(x_mean.float(), w_mean, n_grid, duo_scaling)
+    errors = []
     try:
-        for index, s in enumerate(candidate_scales(x_mean.float(), w_mean, n_grid, duo_scaling)):
+        for s in candidates:
             for module, w in zip(balance, originals, strict=True):
                 sd = s.to(w.device, torch.float32)
                 module.weight.data.copy_((fake_quantized((w.float() * sd).to(w.dtype), args).float() / sd).to(w.dtype))
-            outputs = run_parent()
-            loss = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference, strict=True))
-            loss /= sum(r.numel() for r in reference)
-            if index == 0:
-                rtn_loss = loss
-            if best is None or loss < best[0]:
-                best = (loss, s)
+            error = torch.zeros((), dtype=torch.float64, device=x_mean.device)
+            for o, r in zip(run_parent(), reference, strict=True):
+                error += (o.float() - r.float()).pow(2).sum().to(error.device)
+            errors.append(error)
     finally:
         for module, w in zip(balance, originals, strict=True):
             module.weight.data.copy_(w)
-    assert best is not None
-    return SearchResult(best[1], best[0], rtn_loss)
+    losses = (torch.stack(errors) / max(1, sum(r.numel() for r in reference))).tolist()
+    best = min(range(len(losses)), key=lambda i: (losses[i], i))  # the first of equals, as a strict < scan
+    return SearchResult(candidates[best], losses[best], losses[0])

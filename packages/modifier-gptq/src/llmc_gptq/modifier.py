@@ -15,7 +15,7 @@ from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weight
 from llmc_gptq.batching import plan_solves
 from llmc_gptq.hessian import HessianAccumulator
-from llmc_gptq.solver import BlockGraphs, gptq_quantize_batch
+from llmc_gptq.solver import gptq_quantize_batch
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ class GPTQModifier(QuantizationModifier):
 
     _hessians: HessianAccumulator | None = attrs.field(default=None, init=False, repr=False)
     _names: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
-    _graphs: BlockGraphs = attrs.field(factory=BlockGraphs, init=False, repr=False)
     solve_seconds: float = attrs.field(default=0.0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -143,7 +142,6 @@ class GPTQModifier(QuantizationModifier):
                 dampening_frac=self.dampening_frac,
                 actorder=solve.args.actorder is not None,
                 scale_dtype=solve.scale_dtype,
-                graphs=self._graphs,
             )
             solve.write_back(results)
             seconds = time.perf_counter() - started

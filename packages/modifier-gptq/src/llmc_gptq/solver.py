@@ -22,6 +22,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.utils import calculate_range
 
 from llmc.quantization.observers import weight_qparams
+from llmc_gptq import column_kernel as fused_loop
 
 logger = logging.getLogger(__name__)
 
@@ -101,38 +102,6 @@ def _column_loop(
         Err1[:, :, i] = err
 
 
-class BlockGraphs:
-    """CUDA graphs of :func:`_column_loop`, one per block shape.
-
-    The loop launches a dozen tiny kernels per column; replaying it as one graph
-    removes the launch overhead that otherwise dominates the solve. Reuse one
-    instance across solves (a GPTQModifier keeps one) so each shape is captured once.
-    """
-
-    def __init__(self) -> None:
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
-        self.disabled = False
-
-    def run(self, quantize_column: _ColumnQuantizer, W1, S1, Z1, Hinv1) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (W1.shape, W1.device, quantize_column.key)
-        if key not in self._graphs:
-            static = [W1.clone(), S1.clone(), Z1.clone(), Hinv1.clone(), torch.zeros_like(W1), torch.zeros_like(W1)]
-            side = torch.cuda.Stream(W1.device)
-            side.wait_stream(torch.cuda.current_stream(W1.device))
-            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-                _column_loop(quantize_column, *[t.clone() for t in static])
-            torch.cuda.current_stream(W1.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                _column_loop(quantize_column, *static)
-            self._graphs[key] = (graph, static)
-        graph, static = self._graphs[key]
-        for target, source in zip(static[:4], (W1, S1, Z1, Hinv1), strict=True):
-            target.copy_(source)
-        graph.replay()
-        return static[4], static[5]
-
-
 def _inverse_cholesky(
     holder: list[torch.Tensor], dampening_frac: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,7 +173,7 @@ def gptq_quantize_batch(
     dampening_frac: float = 0.01,
     actorder: bool = False,
     scale_dtype: torch.dtype | None = None,
-    graphs: BlockGraphs | None = None,
+    column_kernel: bool = True,
 ) -> list[GPTQResult]:
     """GPTQ of a batch of same-shaped weights (batch, out, in), each with its own Hessian
     (batch, in, in), in one solve: every kernel advances every matrix, so a hundred MoE
@@ -213,6 +182,8 @@ def gptq_quantize_batch(
     ``scale_dtype`` is the dtype the scale is stored in: the solve uses the stored
     (rounded) scale so that packing the result reproduces exactly its choices.
     ``hessians`` inside a one-element list is consumed, as in :func:`gptq_quantize`.
+    ``column_kernel``: on CUDA, integer schemes, run each block's column loop as one Triton
+    kernel (:mod:`llmc_gptq.column_kernel`) instead of a dozen small kernels per column.
     """
     _check_supported(args)
     batch, rows, cols = weights.shape
@@ -254,8 +225,7 @@ def gptq_quantize_batch(
     holder = [H]
     del H
     Hinv, used_frac, damp = _inverse_cholesky(holder, dampening_frac)
-    # Graphs replay fixed kernels: only for the integer path, whose kernels are all on-device.
-    use_graphs = graphs is not None and W.is_cuda and quantize_column.is_int and not graphs.disabled
+    use_kernel = column_kernel and W.is_cuda and quantize_column.is_int and fused_loop.available()
 
     damped_error = torch.zeros(batch, device=W.device)  # sum of squared scaled errors, per matrix
     for i1 in range(0, cols, block_size):
@@ -264,13 +234,13 @@ def gptq_quantize_batch(
         Z1 = _column_qparams(zero_f, args, rows, order[:, i1:i2])
         W1 = W[:, :, i1:i2]
         Hinv1 = Hinv[:, i1:i2, i1:i2]
-        if use_graphs:
+        if use_kernel:
             try:
-                Q1, Err1 = graphs.run(quantize_column, W1, S1, Z1, Hinv1)
-            except RuntimeError as exc:  # capture unsupported here: fall back for good
-                logger.warning("CUDA graph capture failed (%s); solving without graphs.", exc)
-                graphs.disabled = use_graphs = False
-        if not use_graphs:
+                Q1, Err1 = fused_loop.column_loop(W1, S1, Z1, Hinv1, quantize_column.lo, quantize_column.hi)
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile here: the eager loop
+                logger.warning("The Triton column kernel failed (%s); solving with the eager loop.", exc)
+                use_kernel = False
+        if not use_kernel:
             W1 = W1.clone()
             Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
             _column_loop(quantize_column, W1, S1, Z1, Hinv1, Q1, Err1)

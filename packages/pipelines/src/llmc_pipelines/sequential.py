@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from llmc.lifecycle import State, lifecycle, pop_loss_mask
 from llmc.modifiers.base import Modifier
-from llmc.quantization.calibrate import quantization_disabled
+from llmc.quantization.calibrate import quantization_disabled, weights_quantized_once
 from llmc.resume import SequentialProgress
 from llmc_pipelines.basic import to_device
 from llmc_pipelines.onloading import Onloader, lazily_onloaded
@@ -427,7 +427,8 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         clock.mark("compression")
                         if qac and not last:  # the next layer sees the outputs after compression
                             state.observing = False
-                            outputs = transfers.forward(hidden, layer_calls, propagate, store=True)
+                            with weights_quantized_once(layer):
+                                outputs = transfers.forward(hidden, layer_calls, propagate, store=True)
                             state.observing = True
                         clock.mark("propagation")
                     state.loss_mask = None
