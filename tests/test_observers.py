@@ -307,7 +307,11 @@ def test_weights_quantized_once_give_the_outputs_of_quantizing_at_every_call(sch
     from compressed_tensors.quantization import apply_quantization_config
 
     from llmc import tiny
-    from llmc.quantization.calibrate import calibrate_weights, quantization_disabled, weights_quantized_once
+    from llmc.quantization.calibrate import (
+        calibrate_weights,
+        quantization_disabled,
+        weights_quantized_once,
+    )
     from llmc.quantization.config import build_config, resolve_config_groups
 
     model = tiny.build_model(tiny.build_config("llama", vocab_size=256))
