@@ -13,8 +13,6 @@ integer range, ``(q - z) * s``. Triton ships with CUDA builds of torch; without 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:
@@ -65,7 +63,6 @@ if triton is not None:
             tl.store(E + row_offsets + i, err, mask=in_rows)
 
 
-@functools.cache
 def _block_columns(cols: int) -> int:
     return max(16, 1 << (cols - 1).bit_length())
 

@@ -65,7 +65,6 @@ class _ColumnQuantizer:
     def __init__(self, args: QuantizationArgs, device: torch.device):
         self.args = args
         self.is_int = args.type == QuantizationType.INT
-        self.key: tuple = (args.type, args.num_bits)
         if self.is_int:
             lo, hi = calculate_range(args, device)
             self.lo, self.hi = float(lo), float(hi)
