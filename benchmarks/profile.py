@@ -9,6 +9,7 @@ the most host time, the device's busy share of the wall time, and writes them as
 
     python -m benchmarks.profile --modifier gptq --layers 2 --samples 128 --seq 2048   # GPU machine
     python -m benchmarks.profile --modifier awq --layers 2 --samples 256 --seq 512
+    python -m benchmarks.profile --modifier gptq --memory --samples 128   # allocations alive at the GPU peak
     python -m benchmarks.profile --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --samples 8 --seq 128  # CPU smoke
 """
 
@@ -57,13 +58,46 @@ def top(events, key: str, count: int) -> list[dict]:
     ]
 
 
+def live_at_peak(snapshot: dict, top_count: int) -> tuple[int, list[dict]]:
+    """Replays the allocator's trace: the peak of allocated bytes, and the blocks alive at
+    it grouped by the innermost frame of this project's code that allocated them."""
+    events = [e for e in snapshot["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
+    live, total, peak, peak_index = {}, 0, 0, -1
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif live.pop(e["addr"], None) is not None:
+            total -= e["size"]
+        if total > peak:
+            peak, peak_index = total, i
+    live = {}
+    for e in events[: peak_index + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+    groups: dict[str, int] = {}
+    for e in live.values():
+        ours = [f for f in e.get("frames", []) if "llmc" in f["filename"] or "benchmarks" in f["filename"]]
+        frame = (ours or e.get("frames") or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        where = f"{frame['filename'].rsplit('/src/', 1)[-1]}:{frame['line']} {frame['name']}"
+        groups[where] = groups.get(where, 0) + e["size"]
+    rows = sorted(groups.items(), key=lambda kv: kv[1], reverse=True)[:top_count]
+    return peak, [{"allocated_at": k[:90], "gib": v / 2**30} for k, v in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(parser, layers=2)
     parser.add_argument("--modifier", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of timing: the CUDA allocations alive at the peak, by where they were made")
     args = parser.parse_args(argv)
+    if args.memory:
+        return memory(args)
     from transformers import AutoModelForCausalLM
 
     from llmc import oneshot
@@ -98,6 +132,29 @@ def main(argv: list[str] | None = None) -> None:
     print("by host time\n" + table(by_host, columns))
     summary = {"modifier": args.modifier, "profiled_seconds": wall, "device_busy_seconds": device_total, **peak_memory()}
     print(f"wrote {write_json('profile', {'args': vars(args), 'summary': summary, 'by_device': by_device, 'by_host': by_host})}")
+
+
+
+def memory(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmc import oneshot
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--memory reads the CUDA allocator's trace: run it on the GPU machine.")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        build(path, args)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        oneshot(model=model, recipe=recipe(args.modifier), dataset=dataset(args), num_calibration_samples=args.samples,
+                max_seq_length=args.seq, sequential_offload_device=args.offload)
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, rows = live_at_peak(snapshot, args.top)
+    print(f"peak {peak / 2**30:.2f} GiB allocated; alive at the peak:\n" + table(rows, ["allocated_at", "gib"]))
+    out = write_json("profile-memory", {"args": vars(args), "peak_gib": peak / 2**30, "live_at_peak": rows, **peak_memory()})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

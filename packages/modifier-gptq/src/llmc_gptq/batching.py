@@ -33,6 +33,7 @@ class Matrix:
 
     members: list[tuple[str, torch.nn.Module]]
     hessian: torch.Tensor
+    shared: bool = False  # another Matrix solves under the same Hessian: the solve gets a copy
 
     @property
     def label(self) -> str:
@@ -61,7 +62,10 @@ class Solve:
 
     def hessians(self) -> torch.Tensor:
         device = self.matrices[0].members[0][1].weight.device
-        stacked = torch.stack([m.hessian.to(device) for m in self.matrices])
+        if len(self.matrices) == 1 and not self.matrices[0].shared:  # a view: the solve consumes it
+            stacked = self.matrices[0].hessian.to(device)[None]
+        else:
+            stacked = torch.stack([m.hessian.to(device) for m in self.matrices])
         for m in self.matrices:
             m.hessian = None  # type: ignore[assignment]
         return stacked
@@ -106,22 +110,22 @@ def _matrices(
             and m.weight.dtype == members[0][1].weight.dtype
             for _, m in members
         )
+        groups: list[list[tuple[str, torch.nn.Module]]] = []
         if stackable:
             # stacked matrices stay within the batched solves' memory budget (about four float32
             # copies of MAX_BATCH_ELEMENTS): 256 experts of a large MoE solve in a few matrices
-            chunk: list[tuple[str, torch.nn.Module]] = []
             size = 0
             for member in members:
                 elements = member[1].weight.numel()
-                if chunk and size + elements > MAX_BATCH_ELEMENTS:
-                    yield Matrix(chunk, hessian)
-                    chunk, size = [], 0
-                chunk.append(member)
+                if not groups or size + elements > MAX_BATCH_ELEMENTS:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(member)
                 size += elements
-            yield Matrix(chunk, hessian)
         else:
-            for member in members:
-                yield Matrix([member], hessian)
+            groups = [[member] for member in members]
+        for group in groups:
+            yield Matrix(group, hessian, shared=len(groups) > 1)
 
 
 def plan_solves(

@@ -143,6 +143,29 @@ def _inverse_cholesky(
     )
 
 
+# rows per chunk of the whole-matrix reductions below: their temporaries stay small
+_ROW_CHUNK = 4096
+
+
+def _quadratic_form(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """sum over rows of w H w^T, per matrix of the batch (= ||X W^T||^2), in row chunks."""
+    total = torch.zeros(W.shape[0], device=W.device)
+    for r in range(0, W.shape[1], _ROW_CHUNK):
+        chunk = W[:, r : r + _ROW_CHUNK]
+        total += torch.sum(torch.bmm(chunk, H) * chunk, dim=(1, 2))
+    return total
+
+
+def _squared_distance(original: torch.Tensor, W: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """||original - W||^2 per matrix, dead columns of ``original`` taken as zero (as the solve
+    did), in row chunks: no float32 copy of the original weights is kept through the solve."""
+    total = torch.zeros(W.shape[0], device=W.device)
+    for r in range(0, W.shape[1], _ROW_CHUNK):
+        chunk = original[:, r : r + _ROW_CHUNK].float().masked_fill(dead[:, None, :], 0.0)
+        total += torch.sum((chunk - W[:, r : r + _ROW_CHUNK]) ** 2, dim=(1, 2))
+    return total
+
+
 def _check_supported(args: QuantizationArgs) -> None:
     if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
         args.type == QuantizationType.FLOAT and args.num_bits != 8
@@ -186,7 +209,7 @@ def gptq_quantize_batch(
     """
     _check_supported(args)
     batch, rows, cols = weights.shape
-    W = weights.detach().float().clone()
+    W = weights.detach().to(torch.float32, copy=True)
     if isinstance(hessians, list):
         H = hessians.pop().detach().float()
     else:
@@ -210,17 +233,17 @@ def gptq_quantize_batch(
         scale = scale.to(scale_dtype)
     scale_f, zero_f = scale.float(), zero_point.float()
 
+    # ||X W||^2 now; ||X (W - Q)||^2 comes out of the solve itself (see below), so the raw
+    # Hessian need not outlive its factorisation.
+    denominator = _quadratic_form(W, H)
     order = torch.arange(cols, device=W.device).expand(batch, cols)
     if actorder:
         order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
         W = W.gather(2, order[:, None, :].expand(batch, rows, cols))
-        H = H.gather(1, order[:, :, None].expand(batch, cols, cols)).gather(2, order[:, None, :].expand(batch, cols, cols))
+        # one indexing, one copy: at most two Hessians of this size alive
+        H = H[torch.arange(batch, device=H.device)[:, None, None], order[:, :, None], order[:, None, :]]
     quantize_column = _ColumnQuantizer(args, W.device)
 
-    W_original = W.clone()
-    # ||X W||^2 now; ||X (W - Q)||^2 comes out of the solve itself (see below), so the raw
-    # Hessian need not outlive its factorisation.
-    denominator = torch.sum(torch.bmm(W, H) * W, dim=(1, 2))
     holder = [H]
     del H
     Hinv, used_frac, damp = _inverse_cholesky(holder, dampening_frac)
@@ -250,11 +273,10 @@ def gptq_quantize_batch(
     del Hinv
 
     if actorder:
-        inverse_order = torch.argsort(order, dim=-1)[:, None, :].expand(batch, rows, cols)
-        W, W_original = W.gather(2, inverse_order), W_original.gather(2, inverse_order)
+        W = W.gather(2, torch.argsort(order, dim=-1)[:, None, :].expand(batch, rows, cols))
     # Each column's scaled error err = (w - q) / U_ii adds err^2 to ||X (W - Q)||^2 under the
     # dampened Hessian H + damp I; removing damp * ||W - Q||^2 gives the error under H itself.
-    numerator = damped_error - damp * torch.sum((W_original - W) ** 2, dim=(1, 2))
+    numerator = damped_error - damp * _squared_distance(weights, W, dead)
     relative = torch.where(denominator > 0, numerator.clamp(min=0) / denominator, torch.zeros_like(numerator))
     relative_list, frac_list = relative.tolist(), used_frac.tolist()
     if not bool(torch.isfinite(W).all()) or any(math.isnan(r) for r in relative_list):
