@@ -36,8 +36,13 @@ def build(path: Path, args: argparse.Namespace) -> None:
         num_key_value_heads=args.kv_heads,
         torch_dtype="bfloat16",
     )
-    model = tiny.build_model(config).to(torch.bfloat16)
+    # initialised on the GPU where there is one: an 8B model's random init takes minutes on CPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = tiny.build_model(config).to(torch.bfloat16)
     model.save_pretrained(path)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     tiny.build_tokenizer(2048).save_pretrained(path)
 
 

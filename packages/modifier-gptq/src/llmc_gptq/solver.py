@@ -166,6 +166,14 @@ def _squared_distance(original: torch.Tensor, W: torch.Tensor, dead: torch.Tenso
     return total
 
 
+def _permute_in_place(H: torch.Tensor, order: torch.Tensor) -> None:
+    """H[b] = H[b][order[b]][:, order[b]] for each matrix, through one matrix-sized temporary
+    (gathering the batch whole holds three batches; broadcast index tensors cost more)."""
+    for b in range(H.shape[0]):
+        H[b].copy_(H[b].index_select(0, order[b]))
+        H[b].copy_(H[b].index_select(1, order[b]))
+
+
 def _check_supported(args: QuantizationArgs) -> None:
     if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
         args.type == QuantizationType.FLOAT and args.num_bits != 8
@@ -240,8 +248,7 @@ def gptq_quantize_batch(
     if actorder:
         order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
         W = W.gather(2, order[:, None, :].expand(batch, rows, cols))
-        # one indexing, one copy: at most two Hessians of this size alive
-        H = H[torch.arange(batch, device=H.device)[:, None, None], order[:, :, None], order[:, None, :]]
+        _permute_in_place(H, order)
     quantize_column = _ColumnQuantizer(args, W.device)
 
     holder = [H]
