@@ -180,3 +180,35 @@ def test_a_batch_solves_each_matrix_as_alone(name):
         torch.testing.assert_close(result.scale, alone.scale)
         assert result.relative_error == pytest.approx(alone.relative_error, rel=1e-4)
     assert (batch[1].weight[:, 7] == 0).all() and not (batch[0].weight[:, 7] == 0).all()
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_a_consumed_hessian_is_freed_before_its_inverse_is_formed(monkeypatch, actorder):
+    """Handed over in a list, the Hessian is dampened and factorised in place and must be gone
+    when the inverse is formed (one matrix fewer at the solve's peak: 0.77 GiB on an 8B
+    layer's down projection); the result equals the solve on an untouched copy."""
+    import gc
+
+    from llmc_gptq import solver
+
+    x, weight = _problem(seed=3)
+    hessian = x.t() @ x
+    expected = gptq_quantize(weight, hessian, ARGS["group-sym"], actorder=actorder)
+    consumed = hessian.clone()
+    memory = consumed.untyped_storage().data_ptr()
+    alive_at_inverse: list[bool] = []
+    original = torch.cholesky_inverse
+
+    def spy(lower: torch.Tensor) -> torch.Tensor:
+        # any tensor (views included) still on the Hessian's memory
+        alive_at_inverse.append(any(
+            isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == memory for o in gc.get_objects()
+        ))
+        return original(lower)
+
+    monkeypatch.setattr(solver.torch, "cholesky_inverse", spy)
+    holder = [consumed]
+    del consumed
+    result = gptq_quantize(weight, holder, ARGS["group-sym"], actorder=actorder)
+    assert alive_at_inverse == [False]
+    torch.testing.assert_close(result.weight, expected.weight, rtol=0, atol=0)

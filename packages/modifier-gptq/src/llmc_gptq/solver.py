@@ -124,7 +124,7 @@ def _inverse_cholesky(
         lower, info = torch.linalg.cholesky_ex(H)
         failed = info != 0
         if not bool(failed.any()):
-            del H
+            del H, diagonal  # the view too, or H outlives its factorisation
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
@@ -229,6 +229,7 @@ def gptq_quantize_batch(
     dead = diagonal == 0
     diagonal.masked_fill_(dead, 1.0)
     W.masked_fill_(dead[:, None, :], 0.0)
+    del diagonal  # a view keeps H alive: the factorisation below frees it
 
     if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL):
         # rows are independent: one call for the whole batch
