@@ -187,28 +187,28 @@ def test_a_consumed_hessian_is_freed_before_its_inverse_is_formed(monkeypatch, a
     """Handed over in a list, the Hessian is dampened and factorised in place and must be gone
     when the inverse is formed (one matrix fewer at the solve's peak: 0.77 GiB on an 8B
     layer's down projection); the result equals the solve on an untouched copy."""
-    import gc
+    import weakref
 
     from llmc_gptq import solver
 
     x, weight = _problem(seed=3)
     hessian = x.t() @ x
     expected = gptq_quantize(weight, hessian, ARGS["group-sym"], actorder=actorder)
-    consumed = hessian.clone()
-    memory = consumed.untyped_storage().data_ptr()
+    factorised: list[weakref.ref] = []  # the tensor object factorised (views keep it alive)
     alive_at_inverse: list[bool] = []
-    original = torch.cholesky_inverse
+    cholesky_ex, cholesky_inverse = torch.linalg.cholesky_ex, torch.cholesky_inverse
+
+    def spy_factor(H: torch.Tensor, **kwargs):
+        if not factorised:
+            factorised.append(weakref.ref(H))
+        return cholesky_ex(H, **kwargs)
 
     def spy(lower: torch.Tensor) -> torch.Tensor:
-        # any tensor (views included) still on the Hessian's memory
-        alive_at_inverse.append(any(
-            isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == memory for o in gc.get_objects()
-        ))
-        return original(lower)
+        alive_at_inverse.append(factorised[0]() is not None)
+        return cholesky_inverse(lower)
 
+    monkeypatch.setattr(solver.torch.linalg, "cholesky_ex", spy_factor)
     monkeypatch.setattr(solver.torch, "cholesky_inverse", spy)
-    holder = [consumed]
-    del consumed
-    result = gptq_quantize(weight, holder, ARGS["group-sym"], actorder=actorder)
+    result = gptq_quantize(weight, [hessian.clone()], ARGS["group-sym"], actorder=actorder)
     assert alive_at_inverse == [False]
     torch.testing.assert_close(result.weight, expected.weight, rtol=0, atol=0)
