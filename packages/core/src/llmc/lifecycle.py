@@ -36,6 +36,9 @@ class State:
     # with use_loss_mask, the (batch, tokens) mask of the batch running now, set by the
     # pipeline before each batch's forward: 1 where a token counts in a modifier's objective
     loss_mask: torch.Tensor | None = None
+    # the index, in this rank's share of the calibration set, of the batch running now (set by
+    # the pipelines before each batch's forward; a distributed run orders observations by it)
+    batch_index: int = 0
     # where the sequential pipeline keeps per-layer progress for a rerun to resume from
     # (beside output_dir; None: no output, or resume=False)
     progress: ResumeStore | None = None

@@ -17,6 +17,7 @@ from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import forward_quantize
 
+from llmc import distributed
 from llmc.locking import output_lock
 from llmc.quantization.calibrate import quantized_modules
 from llmc.quantization.kernels import eager_kernels
@@ -166,6 +167,23 @@ def copy_python_files(model: torch.nn.Module, output_dir: str | os.PathLike) -> 
     return copied
 
 
+@contextlib.contextmanager
+def _compressing_alone() -> Iterator[None]:
+    """compressed-tensors compresses collectively inside a process group (each rank some
+    modules, then a broadcast); under llmc only rank 0 saves, so it compresses as one process."""
+    from compressed_tensors.compressors.model_compressors import model_compressor
+
+    if not distributed.is_distributed():
+        yield
+        return
+    original = model_compressor.is_distributed
+    model_compressor.is_distributed = lambda: False
+    try:
+        yield
+    finally:
+        model_compressor.is_distributed = original
+
+
 def save_compressed_tensors(
     model: torch.nn.Module,
     output_dir: str | os.PathLike,
@@ -190,7 +208,8 @@ def save_compressed_tensors(
         with kv_schemes_set_aside(model) as kv_args:
             compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
             if compressor.quantization_config is not None:
-                compressor.compress_model(model, skip_compressed=True)
+                with _compressing_alone():
+                    compressor.compress_model(model, skip_compressed=True)
         if kv_args is not None:
             compressor.quantization_config = with_kv_cache_scheme(compressor.quantization_config, kv_args)
     model.save_pretrained(output_dir, **save_kwargs)
@@ -216,6 +235,9 @@ def patch_save_pretrained(model: torch.nn.Module, recipe_yaml: str | None = None
         original = original._llmc_original  # type: ignore[attr-defined]
 
     def save_pretrained(save_directory: str | os.PathLike, *, save_compressed: bool = True, **kwargs: Any) -> None:
+        if not distributed.is_main():  # every rank holds the same model: rank 0 writes it
+            logger.info("Rank %d: rank 0 saves %s.", distributed.rank(), save_directory)
+            return
         final = Path(save_directory).resolve()
         with output_lock(final), atomic_directory(final, merge=True) as tmp:
             model.save_pretrained = original  # the saver calls transformers' own method

@@ -91,6 +91,7 @@ class AutoRoundModifier(QuantizationModifier):
 
     weights_round_to_nearest: ClassVar[bool] = False  # learned rounding, not the nearest
     strength: ClassVar[int] = 3  # for `llmc demo`: AutoRound first, then GPTQ, AWQ, round-to-nearest
+    data_parallel: ClassVar[bool] = False  # trains on one process's batches: not yet over ranks
 
     iters: int = attrs.field(default=200, validator=_at_least_one)
     batch_size: int = attrs.field(default=8, validator=_at_least_one)

@@ -12,6 +12,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from compressed_tensors.utils import is_match
 from tqdm.auto import tqdm
 
+from llmc import distributed
 from llmc.lifecycle import State
 from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
@@ -225,6 +226,7 @@ class AWQModifier(QuantizationModifier):
             logger.debug("AWQ clip %s: mean range kept %.3f", name, float(ratio.mean()))
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        super().on_sequential_layer_end(state, layer_name, layer)
         prefix = layer_name + "."
         self._process([m for m in self._resolved if m.smooth_name.startswith(prefix)])
         self._quantize([(n, m) for n, m in self.targeted_modules() if n.startswith(prefix)])
@@ -254,6 +256,8 @@ class AWQModifier(QuantizationModifier):
     def _process(self, mappings: list[ResolvedMapping], apply: bool = True) -> None:
         """Scale (and clip) for ``mappings``, or only forget their statistics (``apply=False``:
         a resumed run restored their layer)."""
+        if apply:
+            self._synchronize(mappings)
         # a layer's searches take minutes on a CPU: say where they are
         shown = tqdm(mappings, desc="AWQ scale search", unit="mapping", leave=False, disable=not apply or len(mappings) < 2)
         for mapping in shown:
@@ -267,6 +271,25 @@ class AWQModifier(QuantizationModifier):
         for parent in {_parent_name(m.balance_names) for m in mappings}:
             if not any(_parent_name(m.balance_names) == parent for m in self._resolved):
                 self._inputs.pop(parent, None)
+
+    def _synchronize(self, mappings: list[ResolvedMapping]) -> None:
+        """Sum the ranks' input statistics of ``mappings`` (a distributed run: collective, the
+        same mappings in the same order on every rank; a rank that saw none adds zeros)."""
+        if not distributed.is_distributed():
+            return
+        for mapping in mappings:
+            name, weight = mapping.smooth_name, mapping.balance[0].weight
+            total = self._x_sum.get(name)
+            total = distributed.all_reduce(torch.zeros(weight.shape[1], device=weight.device) if total is None else total)
+            count = int(distributed.all_reduce(torch.tensor([float(self._x_count.get(name, 0))], dtype=torch.float64)).item())
+            if count:
+                self._x_sum[name], self._x_count[name] = total, count
+            moments = self._moments.get(name)
+            if moments is not None:  # every rank made one: it depends on the scheme alone
+                if moments.blocks is None:
+                    size = moments.group_size
+                    moments.blocks = torch.zeros(weight.shape[1] // size, size, size, device=weight.device)
+                distributed.all_reduce(moments.blocks)
 
     def _apply(self, mapping: ResolvedMapping) -> None:
         name = mapping.smooth_name
@@ -298,6 +321,7 @@ class AWQModifier(QuantizationModifier):
                 quantized[0][1],
                 self.n_grid,
                 self.duo_scaling,
+                reduce=distributed.all_reduce,
             )
         finally:
             self._searching = False

@@ -61,6 +61,7 @@ def search_scales(
     args: QuantizationArgs,
     n_grid: int,
     duo_scaling: bool | str,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> SearchResult:
     """Try each candidate: scale the balance weights up, quantize, scale back, run the parent.
 
@@ -68,7 +69,9 @@ def search_scales(
     inputs, one batch at a time; the loss is their mean squared error against the
     unquantized outputs. Each batch's error is added up on the device as it comes (no
     candidate's outputs are kept, and nothing waits on the device until every candidate
-    ran). Weights are restored before returning; nothing is folded here.
+    ran). Weights are restored before returning; nothing is folded here. ``reduce`` sums the
+    candidates' errors and the element count over the ranks of a distributed run (their
+    cached inputs are each rank's share), so every rank picks the same candidate.
     """
     originals = [m.weight.data.clone() for m in balance]
     reference = list(run_parent())
@@ -87,6 +90,7 @@ def search_scales(
     finally:
         for module, w in zip(balance, originals, strict=True):
             module.weight.data.copy_(w)
-    losses = (torch.stack(errors) / max(1, sum(r.numel() for r in reference))).tolist()
+    count = reduce(torch.tensor([float(sum(r.numel() for r in reference))], dtype=torch.float64, device=x_mean.device))
+    losses = (reduce(torch.stack(errors)) / count.clamp(min=1)).tolist()
     best = min(range(len(losses)), key=lambda i: (losses[i], i))  # the first of equals, as a strict < scan
     return SearchResult(candidates[best], losses[best], losses[0])

@@ -21,6 +21,7 @@ import attrs
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 
+from llmc import distributed
 from llmc_gptq.hessian import HessianAccumulator
 
 # elements of float32 weight per batched solve (the solve holds about four copies)
@@ -69,6 +70,19 @@ class Solve:
         for m in self.matrices:
             m.hessian = None  # type: ignore[assignment]
         return stacked
+
+    def cost(self) -> float:
+        """Relative time of the solve (the column loop and updates grow as rows × columns²)."""
+        rows, columns = self.matrices[0].shape
+        return float(len(self.matrices) * rows * columns * columns)
+
+    def broadcast(self, owner: int) -> None:
+        """The solved weights and qparams from the rank that solved them (distributed runs)."""
+        for matrix in self.matrices:
+            for _, module in matrix.members:
+                for name in ("weight", "weight_scale", "weight_zero_point"):
+                    if hasattr(module, name):
+                        distributed.broadcast(getattr(module, name).data, owner)
 
     def write_back(self, results: list) -> None:
         for matrix, result in zip(self.matrices, results, strict=True):

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from llmc import distributed
+
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X in float32.
@@ -126,6 +128,41 @@ class HessianAccumulator:
             del self.hessians[key]
             del self.tokens[key]
         return hessian, last
+
+    def synchronize(self, modules: list[torch.nn.Module]) -> None:
+        """Sum the ranks' Hessians of ``modules`` (a distributed run; the same list, in the
+        same order, on every rank), so each rank holds the whole calibration set's.
+
+        The ranks first agree on which modules share a Hessian (a module no token of this
+        rank's share reached, an MoE expert, has none here: it joins with zeros); then each
+        shared Hessian is summed once, in list order."""
+        self._flush()
+        leaders: dict[int, int] = {}
+        local = []
+        for i, module in enumerate(modules):
+            key = self.owner.get(module)
+            local.append(-1 if key is None else leaders.setdefault(key, i))
+        agreed = []
+        for i, seen in enumerate(zip(*distributed.all_gather_object(local), strict=True)):
+            groups = {g for g in seen if g >= 0}
+            if len(groups) > 1:
+                raise RuntimeError(f"The ranks disagree on which modules share module {i}'s Hessian; cannot sum them.")
+            agreed.append(groups.pop() if groups else -1)
+        for i, leader in enumerate(agreed):
+            if leader != i:
+                continue
+            module = modules[i]
+            key = self.owner.get(module)
+            if key is None:
+                key = id(module)
+                columns = module.weight.shape[1]
+                device = "cpu" if self.offload else module.weight.device
+                self.hessians[key] = torch.zeros(columns, columns, device=device)
+                self.tokens[key] = 0
+            distributed.all_reduce(self.hessians[key])
+            for j, group in enumerate(agreed):
+                if group == i:
+                    self.owner[modules[j]] = key
 
     def shared_groups(self) -> list[list[torch.nn.Module]]:
         groups: dict[int, list[torch.nn.Module]] = {}

@@ -10,6 +10,7 @@ import attrs
 import torch
 from compressed_tensors.quantization import ActivationOrdering, QuantizationType
 
+from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weight
@@ -89,15 +90,14 @@ class GPTQModifier(QuantizationModifier):
                 self._hessians.attach(module)
             # Unsolved weights have no scales yet: run them unquantized until solved.
             module.quantization_enabled = False
-        # activation observers (static input scales), if the scheme has any
-        for name, module in self.targeted_modules():
-            self._observers.attach(module, lambda: state.observing, name)
+        self.observe_activations(state)  # static input scales, if the scheme has any
 
     def on_batch_end(self, state: State, batch_index: int) -> None:
         if self._hessians is not None:
             self._hessians.end_batch()
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        super().on_sequential_layer_end(state, layer_name, layer)
         prefix = layer_name + "."
         inside = [(n, m) for n, m in self.targeted_modules() if n.startswith(prefix) and m in self._names]
         self._solve(inside)
@@ -118,8 +118,13 @@ class GPTQModifier(QuantizationModifier):
         self._observers.detach()
 
     def _solve(self, modules: list[tuple[str, torch.nn.Module]]) -> None:
-        """Solve ``modules``, as few solves as their Hessians allow (see :mod:`llmc_gptq.batching`)."""
+        """Solve ``modules``, as few solves as their Hessians allow (see :mod:`llmc_gptq.batching`).
+
+        Under a distributed run the ranks' Hessians are summed first, each solve runs on one
+        rank (spread by size) and its results are broadcast, so every rank's weights agree."""
         assert self._hessians is not None
+        if distributed.is_distributed():
+            self._hessians.synchronize([m for _, m in modules if m.quantization_scheme.weights is not None])
         pending: list[tuple[str, torch.nn.Module]] = []
         for name, module in modules:
             self._names.pop(module, None)
@@ -132,7 +137,12 @@ class GPTQModifier(QuantizationModifier):
                 calibrate_weight(module, qparams=self.weight_qparams)
                 continue
             pending.append((name, module))
-        for solve in plan_solves(pending, self._hessians, batched=self.batched_quantization is not False):
+        solves = plan_solves(pending, self._hessians, batched=self.batched_quantization is not False)
+        owners = distributed.assign([s.cost() for s in solves])
+        for solve, owner in zip(solves, owners, strict=True):
+            if owner != distributed.rank():
+                solve.hessians()  # another rank solves it: free them here
+                continue
             started = time.perf_counter()
             results = gptq_quantize_batch(
                 solve.weights(),
@@ -151,3 +161,5 @@ class GPTQModifier(QuantizationModifier):
                     "GPTQ %s: relative error %.3e, %.2f s (%d matrices in one solve)",
                     matrix.label, result.relative_error, seconds, len(solve.matrices),
                 )
+        for solve, owner in zip(solves, owners, strict=True):
+            solve.broadcast(owner)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
 
+from llmc import distributed
 from llmc.lifecycle import State
 from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, resolve_mappings
 from llmc.modifiers.base import Modifier
@@ -38,6 +39,7 @@ class SmoothQuantModifier(Modifier):
     function is unchanged. Run it before a W8A8 quantization modifier.
     """
 
+    data_parallel: ClassVar[bool] = True  # activation maxima reduced over the ranks
     smoothing_strength: float = attrs.field(default=0.5, validator=_strength)
     mappings: list[Any] | None = None
     ignore: list[str] = attrs.field(factory=list)
@@ -88,7 +90,22 @@ class SmoothQuantModifier(Modifier):
     def on_calibration_end(self, state: State) -> None:
         self._smooth(list(self._resolved))
 
+    def _synchronize(self, mappings: list[ResolvedMapping]) -> None:
+        """The largest activation over the ranks (a distributed run: collective, the same
+        mappings in the same order everywhere; -1 marks a channel no rank saw)."""
+        if not distributed.is_distributed():
+            return
+        for mapping in mappings:
+            weight = mapping.balance[0].weight
+            local = self._max.get(mapping.smooth_name)
+            reduced = distributed.all_reduce(
+                torch.full((weight.shape[1],), -1.0, device=weight.device) if local is None else local, op="max"
+            )
+            if bool((reduced >= 0).all()):
+                self._max[mapping.smooth_name] = reduced
+
     def _smooth(self, mappings: list[ResolvedMapping]) -> None:
+        self._synchronize(mappings)
         for mapping in mappings:
             self._resolved.remove(mapping)
             activation_max = self._max.pop(mapping.smooth_name, None)

@@ -32,6 +32,7 @@ def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:
         with contextlib.nullcontext() if qac else quantization_disabled(model):
             for index, batch in enumerate(tqdm(loader, desc="Calibrating", unit="batch")):
                 batch, state.loss_mask = pop_loss_mask(batch)
+                state.batch_index = index
                 model(**to_device(batch, state.device), use_cache=False)
                 hook.llmc_batch_end(state=state, batch_index=index)
         state.loss_mask = None

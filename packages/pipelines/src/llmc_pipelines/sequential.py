@@ -402,6 +402,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     ) -> torch.Tensor:
                         if masked:
                             state.loss_mask = masks[b]
+                        state.batch_index = b
                         out = run_layer(layer, h, call)
                         hook.llmc_batch_end(state=state, batch_index=b)
                         return out
@@ -409,6 +410,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     def propagate(
                         b: int, h: torch.Tensor, call: LayerCall, layer=layer
                     ) -> torch.Tensor:
+                        state.batch_index = b
                         return run_layer(layer, h, call)
 
                     with onloader.onloaded(index):

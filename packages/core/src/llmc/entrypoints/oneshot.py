@@ -15,7 +15,7 @@ import attrs
 import torch
 from transformers import PreTrainedModel
 
-from llmc import logs
+from llmc import distributed, logs
 from llmc.args import OneshotArguments, parse_oneshot_args
 from llmc.data import build_calibration_dataloader, load_calibration_rows
 from llmc.fused_weights import check_fused_weights
@@ -53,6 +53,9 @@ def _check_plugins(registry: Registry, pipelines: list[str], saver: str) -> None
 
 
 def _execution_device(name: str | None) -> torch.device:
+    local = distributed.local_device()  # a distributed run: this rank's GPU
+    if local is not None and name in (None, "cuda"):
+        return local
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -72,6 +75,9 @@ def _open_progress(args: OneshotArguments, recipe: Recipe, device: torch.device)
     """Where a crashed run's layers are kept for the same command to resume (beside output_dir)."""
     if args.output.output_dir is None:
         return None
+    if distributed.is_distributed():
+        logger.info("A distributed run keeps no resumable progress (each rank holds a share of the data).")
+        return None
     identity = None
     if args.output.resume:
         arguments = {
@@ -89,10 +95,28 @@ def oneshot(**kwargs: Any) -> PreTrainedModel:
     args = parse_oneshot_args(**kwargs)
     handler = logs.configure(args.output.log_dir)
     try:
-        with output_lock(args.output.output_dir):
+        distributed.initialize()  # torchrun's process group, if launched by it
+        # only the rank that saves holds the output's lock
+        lock = output_lock(args.output.output_dir) if distributed.is_main() else contextlib.nullcontext()
+        with lock:
             return _run(args)
+    except BaseException as exc:
+        distributed.report_failure(exc)  # the other ranks stop at their next collective
+        raise
     finally:
         logs.release(handler)
+
+
+def _check_data_parallel(modifiers: list[Any], pipelines: list[str]) -> None:
+    if not distributed.is_distributed() or pipelines == ["datafree"]:
+        return
+    for modifier in modifiers:
+        if modifier.pipeline() != "datafree" and not getattr(modifier, "data_parallel", False):
+            raise ValueError(
+                f"{type(modifier).__name__} does not calibrate data-parallel: under torchrun each of the "
+                f"{distributed.world_size()} ranks would compress from its own share of the data. Run this "
+                "recipe in one process (without torchrun)."
+            )
 
 
 def _run(args: OneshotArguments) -> PreTrainedModel:
@@ -116,15 +140,18 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
     check_output_apart_from_model(args.output.output_dir, args.model.model)
     check_model_source(args.model.model)
 
+    modifiers = [m for stage in recipe.stages for m in stage.modifiers]
+    _check_data_parallel(modifiers, pipelines)
     device = _execution_device(args.pipeline.device)
     rows = load_calibration_rows(args.dataset) if has_data else None  # before the model: fails fast
 
     progress = _open_progress(args, recipe, device)
 
-    modifiers = [m for stage in recipe.stages for m in stage.modifiers]
     model, processor = preprocess(args.model, lambda model: quantizes_output_embeddings(model, modifiers))
     check_fused_weights(model, modifiers, args.model.allow_unquantized_fused_weights)
     dataloader = build_calibration_dataloader(args.dataset, processor, rows) if has_data else None
+    if dataloader is not None:
+        dataloader = distributed.shard_calibration_data(dataloader)  # this rank's share
 
     with contextlib.ExitStack() as stack:
         for patch in matching_patches(model):
@@ -145,7 +172,7 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
             run_pipeline(pipeline, state, stage.modifiers)
     logger.info("Calibration finished in %.1f s", time.perf_counter() - started)
 
-    if args.output.output_dir is not None:
+    if args.output.output_dir is not None and distributed.is_main():
         save = registry.get("saver", args.output.saver)
         # a saver that predates quantization_format is called as before unless it is set
         extra = {} if args.output.quantization_format is None else {"quantization_format": args.output.quantization_format}
@@ -161,5 +188,6 @@ def _run(args: OneshotArguments) -> PreTrainedModel:
         logger.info("Saved to %s", args.output.output_dir)
         if progress is not None:
             progress.remove()
+    distributed.barrier()  # the others learn of a failed save, and return after it
     patch_save_pretrained(model, recipe.to_saved_yaml())  # for users who save by hand afterwards
     return model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -38,6 +38,11 @@ class Modifier:
     end: float | None = None
     update: float | None = None
     requires_calibration_data: bool | None = None
+
+    # Whether this modifier reduces what it accumulates over the ranks of a distributed run
+    # (llmc.distributed): oneshot refuses, under torchrun, a calibrating modifier that does
+    # not, as it would compress from each rank's share of the data alone.
+    data_parallel: ClassVar[bool] = False
 
     # forward hooks of :meth:`observe`, removed when calibration ends
     _observations: list[Any] = attrs.field(factory=list, init=False, repr=False, eq=False)

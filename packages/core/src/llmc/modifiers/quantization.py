@@ -14,6 +14,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.utils import match_named_modules
 
+from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
 from llmc.quantization.calibrate import (
@@ -169,10 +170,22 @@ class QuantizationModifier(Modifier):
         calibrate_weights(modules, device, self.weight_qparams)
 
     # --- lifecycle ---------------------------------------------------------------
+    # this modifier reduces its statistics over the ranks of a distributed run (llmc.distributed)
+    data_parallel: ClassVar[bool] = True
+
     def on_calibration_start(self, state: State) -> None:
         self.calibrate_weights(self._modules, state.device)
+        self.observe_activations(state)
+
+    def observe_activations(self, state: State) -> None:
+        """Static activation scales of every targeted module, observed while calibrating
+        (under a distributed run, kept to be synchronized at each layer's end)."""
+        self._observers.batch_index = (lambda: state.batch_index) if distributed.is_distributed() else None
         for name, module in self._modules:
             self._observers.attach(module, lambda: state.observing, name)
+
+    def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        self._observers.synchronize(layer_name + ".")
 
     def on_calibration_end(self, state: State) -> None:
         self._observers.detach()

@@ -18,6 +18,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import calculate_qparams
 
+from llmc import distributed
 from llmc.quantization.kv_cache import kv_cache_tap
 from llmc.quantization.observers import (
     Observer,
@@ -220,6 +221,9 @@ class _Observed:
     base: str
     args: QuantizationArgs
     observer: Observer
+    # under a distributed run: (batch index, min, max) of each observation, replayed in the
+    # whole calibration set's order by ActivationObservers.synchronize; None once synchronized
+    history: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
 
 class ActivationObservers:
@@ -235,7 +239,10 @@ class ActivationObservers:
     compressed-tensors left.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_index: Callable[[], int] | None = None) -> None:
+        # given under a distributed run (the running batch's index in this rank's share): each
+        # observation is kept to be replayed in the whole set's order (see synchronize)
+        self.batch_index = batch_index
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._removers: list[Callable[[], None]] = []
         self._observed: list[_Observed] = []
@@ -259,12 +266,17 @@ class ActivationObservers:
                 continue
             check_observable(base, args)
             entry = _Observed(name or f"<module {id(module)}>", module, base, args, make_observer(args, base))
+            if self.batch_index is not None:
+                entry.history = []
             self._observed.append(entry)
 
             def record(mod: torch.nn.Module, value: torch.Tensor, entry: _Observed = entry) -> None:
-                if not observing():
+                if not observing() or value.numel() == 0:  # nothing routed here: nothing to fold in
                     return
-                entry.observer.combine(*self._statistics(value, entry))
+                statistics = self._statistics(value, entry)
+                if entry.history is not None and self.batch_index is not None:
+                    entry.history.append((self.batch_index(), *statistics))
+                entry.observer.combine(*statistics)
                 _write_activation_qparams(mod, entry.base, entry.args, entry.observer.min, entry.observer.max)
 
             if tap is not None:
@@ -283,12 +295,38 @@ class ActivationObservers:
         key = (value._version, entry.base, type(entry.observer), entry.args)
         last = self._last
         if last is None or last[0] is not value or last[1:] != key:
-            if value.numel() == 0:
-                return entry.observer.min, entry.observer.max  # type: ignore[return-value]
             observed = flatten_for_calibration(value.detach(), entry.base, entry.args)
             self._last, self._last_statistics = (value, *key), entry.observer.statistics(observed)
         assert self._last_statistics is not None
         return self._last_statistics
+
+    def synchronize(self, prefix: str = "") -> None:
+        """Under a distributed run, make every rank's observers under ``prefix`` what one
+        process would have made of the whole calibration set: each rank's observations are
+        gathered and replayed, fresh, in the whole set's batch order (rank ``r``'s batch ``k``
+        is batch ``k * ranks + r``, see :class:`llmc.distributed.RankShard`), so any observer
+        (moving averages included) gets the single-process result. Collective: every rank
+        calls it with the same prefix; entries already synchronized are skipped."""
+        entries = [e for e in self._observed if e.name.startswith(prefix) and e.history is not None]
+        if not entries:
+            return
+        local = [[(k, lo.cpu(), hi.cpu()) for k, lo, hi in e.history] for e in entries]  # type: ignore[union-attr]
+        gathered = distributed.all_gather_object(local)
+        ranks = len(gathered)
+        for i, entry in enumerate(entries):
+            device = next((t.device for _, t, _ in entry.history or []), None)  # type: ignore[misc]
+            observations = sorted(
+                ((k * ranks + r, lo, hi) for r, per_rank in enumerate(gathered) for k, lo, hi in per_rank[i]),
+                key=lambda o: o[0],
+            )
+            entry.history = None
+            if not observations:
+                continue
+            device = device or next(entry.module.parameters()).device
+            entry.observer = make_observer(entry.args, entry.base)
+            for _, lo, hi in observations:
+                entry.observer.combine(lo.to(device), hi.to(device))
+            _write_activation_qparams(entry.module, entry.base, entry.args, entry.observer.min, entry.observer.max)
 
     def ranges(self, prefix: str) -> dict[str, torch.Tensor]:
         """The ranges observed so far of every value of the modules under ``prefix`` (a
@@ -310,6 +348,7 @@ class ActivationObservers:
                 entry.observer.max = ranges[f"{key}.max"].to(device)
 
     def detach(self) -> None:
+        self.synchronize()
         for handle in self._handles:
             handle.remove()
         for remove in self._removers:
