@@ -142,3 +142,24 @@ def test_fewer_batches_than_ranks_is_refused(llama_path, tmp_path):
     reports = _launch(llama_path, data, out, ["gptq"], timeout=300)
     for report in reports:
         assert "1 calibration batches for 2 ranks" in report["error"], report
+
+
+def test_torchrun_runs_the_command_line(llama_path, tmp_path):
+    """``torchrun --nproc-per-node 2 -m llmc oneshot ...`` gives the checkpoint ``llmc oneshot``
+    gives in one process."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      targets: [Linear]\n"
+                      "      scheme: W4A16\n      ignore: [lm_head]\n")
+    common = ["-m", "llmc", "oneshot", "--model", str(llama_path), "--dataset", "llmc-docs", "--recipe", str(recipe),
+              "--num_calibration_samples", "8", "--max_seq_length", "64"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    logs = []
+    for launcher, out in ((torchrun, tmp_path / "two"), ([sys.executable], tmp_path / "one")):
+        done = subprocess.run([*launcher, *common, "--output_dir", str(out)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        logs.append(done.stdout + done.stderr)
+    assert "rank 1 of 2 takes batches 1, 3, ..." in logs[0] and "rank 1 of 2" not in logs[1]
+    floats, ints = _distance(tmp_path / "two", tmp_path / "one")
+    assert floats <= 0.02 and ints <= 0.01, (floats, ints)

@@ -214,6 +214,6 @@ def shard_calibration_data(loader: Iterable[Any]) -> Iterable[Any]:
             f"{count} calibration batches for {world_size()} ranks: every rank needs at least one; "
             "raise num_calibration_samples or run on fewer ranks."
         )
-    logger.info("Every rank holds the same %d calibration batches: rank %d of %d takes every %d-th.",
-                count, rank(), world_size(), world_size())
+    logger.info("Every rank holds the same %d calibration batches: rank %d of %d takes batches %d, %d, ...",
+                count, rank(), world_size(), rank(), rank() + world_size())
     return RankShard(loader, rank(), world_size())
