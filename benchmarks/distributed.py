@@ -68,7 +68,10 @@ def launch(ranks: int, model: Path, work: Path, args: argparse.Namespace) -> dic
                *(f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                  ("hidden", "intermediate", "heads", "kv-heads", "layers", "samples", "seq"))]
     started = time.perf_counter()
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    # the CPU's cores shared by the ranks (torchrun would give each one thread: the save's
+    # compression, on CPU, then takes several times longer)
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads})
     wall = time.perf_counter() - started
     if done.returncode != 0 or not row_file.exists():
         return {"ranks": ranks, "error": f"exit status {done.returncode}"}

@@ -30,6 +30,8 @@ def recipe(case: str):
     if case == "smoothquant":
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if case == "gptq-moe-routed":  # experts see only the tokens routed to them: some none on a rank
+        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])
     if case == "autoround":
         from llmc.modifiers.autoround import AutoRoundModifier
 
@@ -43,8 +45,9 @@ def run(model: str, rows: list[list[int]], out: Path, case: str) -> None:
     from llmc import oneshot
 
     data = datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    extra = {"moe_calibrate_all_experts": False} if case.endswith("-routed") else {}
     oneshot(model=model, dataset=data, recipe=recipe(case), output_dir=str(out / case),
-            num_calibration_samples=len(rows), max_seq_length=len(rows[0]))
+            num_calibration_samples=len(rows), max_seq_length=len(rows[0]), **extra)
 
 
 class FailAtFirstLayer:

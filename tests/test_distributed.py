@@ -21,7 +21,10 @@ import torch
 from llmc.testing import load_checkpoint_tensors
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-CASES = ["static", "gptq", "awq", "smoothquant"]
+DENSE = ["static", "gptq", "awq", "smoothquant"]
+MOE = ["gptq-moe-routed"]
+CASES = DENSE + MOE
+ROUTED_TOKEN = 5  # only rank 0's share holds it; only it reaches expert 7 of the MoE model
 
 
 def _free_port() -> int:
@@ -56,8 +59,11 @@ def _launch(model: Path, data: Path, out: Path, cases: list[str], *extra: str, t
 
 
 def _rows(count: int = 8, length: int = 48) -> list[list[int]]:
+    """Random tokens; the even rows (rank 0's share of two) hold ROUTED_TOKEN a few times."""
     g = torch.Generator().manual_seed(0)
-    return torch.randint(4, 2048, (count, length), generator=g).tolist()
+    rows = torch.randint(ROUTED_TOKEN + 1, 2048, (count, length), generator=g)
+    rows[::2, ::8] = ROUTED_TOKEN
+    return rows.tolist()
 
 
 def _distance(a: Path, b: Path) -> tuple[float, float]:
@@ -79,38 +85,77 @@ def _distance(a: Path, b: Path) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def runs(llama_path, tmp_path_factory) -> dict[str, Path]:
-    """The two-rank run of every case, beside single-process runs on the whole set and on
-    rank 0's share (batches 0, 2, 4, ...)."""
+def qwen3_moe(tmp_path_factory) -> Path:
+    """A one-layer Qwen3-MoE whose router sends a token to expert 7 only if it is ROUTED_TOKEN:
+    with routed calibration, expert 7 sees data on rank 0 and none on rank 1 (its Hessians join
+    the sum as zeros there). Residual features 0 and 1 carry the embeddings alone (attention
+    writes nothing there); the router's row 7 reads them."""
+    import transformers
+
+    from llmc import tiny
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 3:  # transformers leaves some fused experts at zero
+                p.normal_(0, 0.05)
+        embed = model.model.embed_tokens.weight
+        embed[:, 0], embed[:, 1] = 0.0, 1.0
+        embed[ROUTED_TOKEN, 0] = 10.0
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight[:2] = 0.0
+        router = layer.mlp.gate.weight
+        router[:, :2] = 0.0
+        router[7, 0], router[7, 1] = 100.0, -50.0
+    path = tmp_path_factory.mktemp("qwen3-moe")
+    model.save_pretrained(path)
+    tiny.build_tokenizer(2048).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(llama_path, qwen3_moe, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """For every case: the two-rank run, and single-process runs on the whole set and on rank
+    0's share (batches 0, 2, 4, ...)."""
     from tests.distributed_worker import run
 
     root = tmp_path_factory.mktemp("distributed")
     rows = _rows()
     data = root / "rows.json"
     data.write_text(json.dumps(rows))
-    reports = _launch(llama_path, data, root / "two-ranks", CASES)
-    for report in reports:
-        assert report.get("error") is None and report["done"] == CASES, report
-    for case in CASES:
-        run(str(llama_path), rows, root / "whole", case)
-        run(str(llama_path), rows[::2], root / "share", case)
-    return {"two": root / "two-ranks", "whole": root / "whole", "share": root / "share"}
+    paths = {}
+    for model, cases, name in ((llama_path, DENSE, "two-ranks"), (qwen3_moe, MOE, "two-ranks-moe")):
+        for report in _launch(model, data, root / name, cases):
+            assert report.get("error") is None and report["done"] == cases, report
+        for case in cases:
+            run(str(model), rows, root / "whole", case)
+            run(str(model), rows[::2], root / "share", case)
+            paths[case] = {"two": root / name / case, "whole": root / "whole" / case, "share": root / "share" / case}
+    return paths
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_equal_one_process_on_the_whole_set(runs, case):
-    floats, ints = _distance(runs["two"] / case, runs["whole"] / case)
-    # GPTQ, AWQ and SmoothQuant come out identical here; static scales move by up to about 1 %:
-    # the calibration forward quantizes activations with each rank's running estimate
-    assert floats <= 0.02 and ints <= 0.01, (case, floats, ints)
-    alone = _distance(runs["share"] / case, runs["whole"] / case)
-    assert max(alone) > 0.05, (case, alone)  # the tolerance would catch a missing all-reduce
+    floats, ints = _distance(runs[case]["two"], runs[case]["whole"])
+    # GPTQ, AWQ and SmoothQuant come out identical or within a rounding flip; static scales move
+    # by a few % (2.3 % here): the calibration forward quantizes activations with each rank's
+    # running estimate of their scale, which one process builds in another order
+    assert floats <= 0.05 and ints <= 0.01, (case, floats, ints)
+    alone = _distance(runs[case]["share"], runs[case]["whole"])
+    assert max(alone) > 0.15, (case, alone)  # the tolerance would catch a missing all-reduce (20-98 % here)
 
 
 def test_only_rank_zero_saves(runs):
-    for case in CASES:
-        assert (runs["two"] / case / "config.json").exists()
-    assert sorted(p.name for p in runs["two"].iterdir()) == sorted([*CASES, "rank-0.json", "rank-1.json"])
+    for cases in (DENSE, MOE):
+        folder = runs[cases[0]]["two"].parent
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*cases, "rank-0.json", "rank-1.json"])
+        for case in cases:
+            assert (folder / case / "config.json").exists()
 
 
 def test_a_failing_rank_stops_the_other_and_nothing_is_saved(llama_path, tmp_path):
@@ -162,4 +207,4 @@ def test_torchrun_runs_the_command_line(llama_path, tmp_path):
         logs.append(done.stdout + done.stderr)
     assert "rank 1 of 2 takes batches 1, 3, ..." in logs[0] and "rank 1 of 2" not in logs[1]
     floats, ints = _distance(tmp_path / "two", tmp_path / "one")
-    assert floats <= 0.02 and ints <= 0.01, (floats, ints)
+    assert floats <= 0.05 and ints <= 0.01, (floats, ints)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from llmc import tiny
+from llmc import distributed, tiny
 from llmc.hookspecs import hookimpl
 from llmc.lifecycle import State
 from llmc.mappings import (
@@ -84,6 +84,8 @@ __all__ = [
     "global_scale",
     "rounding_error",
     "flatten_for_calibration",
+    # data-parallel runs: reduce a modifier's statistics over the ranks (identity in one process)
+    "distributed",
     # nested call arguments; tiny models for a plugin's tests
     "map_tensors",
     "tiny",
