@@ -1,10 +1,13 @@
 """One rank of a distributed oneshot, as torchrun starts it (the environment names the rank).
 
-    python tests/distributed_worker.py MODEL DATA.json OUT CASE[,CASE...] [--fail-on-rank R]
+    python tests/distributed_worker.py MODEL DATA.json OUT CASE[,CASE...] [--fail-on-rank R] [--own-share]
 
 Runs each case's recipe through ``oneshot`` (rank 0 saves OUT/CASE) and writes what
 happened to OUT/rank-N.json: the cases done, or the error that stopped this rank.
-``--fail-on-rank R`` makes rank R raise when its first decoder layer ends.
+``--fail-on-rank R`` makes rank R raise when its first decoder layer ends. ``--own-share``
+makes the process group itself first (the Python API inside the caller's group) and hands
+each rank only its contiguous share of the rows, as llm-compressor's ``get_rank_partition``
+scripts do.
 """
 
 from __future__ import annotations
@@ -64,6 +67,13 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     rows = json.loads(data.read_text())
     report: dict = {"rank": rank, "done": []}
+    if "--own-share" in sys.argv:
+        import torch.distributed as dist
+
+        from llmc.datasets.utils import rank_bounds
+
+        dist.init_process_group("gloo")
+        rows = rows[slice(*rank_bounds(len(rows), rank, int(os.environ["WORLD_SIZE"])))]
     try:
         if fail_on == rank:
             from llmc.plugins import get_plugin_manager

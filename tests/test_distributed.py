@@ -150,6 +150,19 @@ def test_two_ranks_equal_one_process_on_the_whole_set(runs, case):
     assert max(alone) > 0.15, (case, alone)  # the tolerance would catch a missing all-reduce (20-98 % here)
 
 
+def test_ranks_holding_their_own_shares_in_the_callers_group(llama_path, runs, tmp_path):
+    """As llm-compressor's DDP scripts: the script makes the group and loads each rank's slice
+    (``get_rank_partition``); the ranks' data differ, so each calibrates on what it holds."""
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(_rows()))
+    out = tmp_path / "out"
+    out.mkdir()
+    for report in _launch(llama_path, data, out, ["gptq"], "--own-share", timeout=300):
+        assert report.get("error") is None and report["done"] == ["gptq"], report
+    floats, ints = _distance(out / "gptq", runs["gptq"]["whole"])
+    assert floats <= 0.05 and ints <= 0.01, (floats, ints)
+
+
 def test_only_rank_zero_saves(runs):
     for cases in (DENSE, MOE):
         folder = runs[cases[0]]["two"].parent
@@ -208,3 +221,19 @@ def test_torchrun_runs_the_command_line(llama_path, tmp_path):
     assert "rank 1 of 2 takes batches 1, 3, ..." in logs[0] and "rank 1 of 2" not in logs[1]
     floats, ints = _distance(tmp_path / "two", tmp_path / "one")
     assert floats <= 0.05 and ints <= 0.01, (floats, ints)
+
+
+def test_get_rank_partition_slices_a_split_into_disjoint_covering_shares(monkeypatch):
+    from llmc import distributed
+    from llmc.datasets.utils import get_rank_partition, rank_bounds
+
+    assert get_rank_partition("train", 10) == "train[0:10]"  # one process: everything
+    for samples, ranks in ((10, 3), (256, 8), (5, 8)):
+        shares = [range(*rank_bounds(samples, r, ranks)) for r in range(ranks)]
+        assert [i for share in shares for i in share] == list(range(samples))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    assert get_rank_partition("train_sft", 10) == "train_sft[3:6]"
+    with pytest.raises(ValueError, match="sliced already"):
+        get_rank_partition("train[:100]", 10)

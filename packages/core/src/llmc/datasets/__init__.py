@@ -1,0 +1,1 @@
+"""llm-compressor's ``llmcompressor.datasets`` helpers that scripts import, same names."""
