@@ -28,6 +28,8 @@ def recipe(case: str):
         return QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])
     if case == "gptq":
         return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    if case == "gptq-basic":  # the whole model per batch, Hessians kept on the CPU
+        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], offload_hessians=True)
     if case == "awq":
         return AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])
     if case == "smoothquant":
@@ -49,6 +51,8 @@ def run(model: str, rows: list[list[int]], out: Path, case: str) -> None:
 
     data = datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
     extra = {"moe_calibrate_all_experts": False} if case.endswith("-routed") else {}
+    if case.endswith("-basic"):
+        extra["pipeline"] = "basic"
     oneshot(model=model, dataset=data, recipe=recipe(case), output_dir=str(out / case),
             num_calibration_samples=len(rows), max_seq_length=len(rows[0]), **extra)
 

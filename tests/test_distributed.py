@@ -21,7 +21,7 @@ import torch
 from llmc.testing import load_checkpoint_tensors
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-DENSE = ["static", "gptq", "awq", "smoothquant"]
+DENSE = ["static", "gptq", "gptq-basic", "awq", "smoothquant"]
 MOE = ["gptq-moe-routed"]
 CASES = DENSE + MOE
 ROUTED_TOKEN = 5  # only rank 0's share holds it; only it reaches expert 7 of the MoE model
