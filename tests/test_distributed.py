@@ -58,6 +58,15 @@ def _launch(model: Path, data: Path, out: Path, cases: list[str], *extra: str, t
     return reports
 
 
+def _launch_in(tmp_path: Path, model: Path, rows: list[list[int]], cases: list[str], *extra: str) -> tuple[list[dict], Path]:
+    """:func:`_launch` on ``rows`` written under ``tmp_path``; the reports and the output folder."""
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    out.mkdir()
+    return _launch(model, data, out, cases, *extra, timeout=300), out
+
+
 def _rows(count: int = 8, length: int = 48) -> list[list[int]]:
     """Random tokens; the even rows (rank 0's share of two) hold ROUTED_TOKEN a few times."""
     g = torch.Generator().manual_seed(0)
@@ -153,11 +162,8 @@ def test_two_ranks_equal_one_process_on_the_whole_set(runs, case):
 def test_ranks_holding_their_own_shares_in_the_callers_group(llama_path, runs, tmp_path):
     """As llm-compressor's DDP scripts: the script makes the group and loads each rank's slice
     (``get_rank_partition``); the ranks' data differ, so each calibrates on what it holds."""
-    data = tmp_path / "rows.json"
-    data.write_text(json.dumps(_rows()))
-    out = tmp_path / "out"
-    out.mkdir()
-    for report in _launch(llama_path, data, out, ["gptq"], "--own-share", timeout=300):
+    reports, out = _launch_in(tmp_path, llama_path, _rows(), ["gptq"], "--own-share")
+    for report in reports:
         assert report.get("error") is None and report["done"] == ["gptq"], report
     floats, ints = _distance(out / "gptq", runs["gptq"]["whole"])
     assert floats <= 0.05 and ints <= 0.01, (floats, ints)
@@ -172,32 +178,20 @@ def test_only_rank_zero_saves(runs):
 
 
 def test_a_failing_rank_stops_the_other_and_nothing_is_saved(llama_path, tmp_path):
-    data = tmp_path / "rows.json"
-    data.write_text(json.dumps(_rows()))
-    out = tmp_path / "out"
-    out.mkdir()
-    reports = _launch(llama_path, data, out, ["gptq"], "--fail-on-rank", "1", timeout=300)
+    reports, out = _launch_in(tmp_path, llama_path, _rows(), ["gptq"], "--fail-on-rank", "1")
     assert "injected failure" in reports[1]["error"]
     assert reports[0]["error"].startswith("DistributedError: Rank 1 failed: RuntimeError: injected failure"), reports[0]
     assert sorted(p.name for p in out.iterdir()) == ["rank-0.json", "rank-1.json"]  # no checkpoint, no leftovers
 
 
 def test_a_modifier_that_is_not_data_parallel_is_refused_before_loading(llama_path, tmp_path):
-    data = tmp_path / "rows.json"
-    data.write_text(json.dumps(_rows()))
-    out = tmp_path / "out"
-    out.mkdir()
-    reports = _launch(llama_path, data, out, ["autoround"], timeout=300)
+    reports, out = _launch_in(tmp_path, llama_path, _rows(), ["autoround"])
     for report in reports:
         assert "AutoRoundModifier does not calibrate data-parallel" in report["error"], report
 
 
 def test_fewer_batches_than_ranks_is_refused(llama_path, tmp_path):
-    data = tmp_path / "rows.json"
-    data.write_text(json.dumps(_rows(count=1)))
-    out = tmp_path / "out"
-    out.mkdir()
-    reports = _launch(llama_path, data, out, ["gptq"], timeout=300)
+    reports, out = _launch_in(tmp_path, llama_path, _rows(count=1), ["gptq"])
     for report in reports:
         assert "1 calibration batches for 2 ranks" in report["error"], report
 
