@@ -18,6 +18,7 @@ from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, re
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.tensors import map_tensors
 from llmc_awq.clip import GroupMoments, clip_group_size, clip_weight
+from llmc_awq.grouping import grouped_calls, plan_groups
 from llmc_awq.search import search_scales
 
 logger = logging.getLogger(__name__)
@@ -304,10 +305,12 @@ class AWQModifier(QuantizationModifier):
         cached = self._inputs.get(parent_name, [])
         device = mapping.balance[0].weight.device
 
+        groups = plan_groups(cached)  # several cached batches per parent call
+
         def run_parent() -> Iterator[torch.Tensor]:
             with torch.no_grad():
-                for args, kwargs, mask in cached:
-                    out = parent(*_move(args, device), **_move(kwargs, device))
+                for args, kwargs, mask in grouped_calls(cached, groups, lambda value: _move(value, device)):
+                    out = parent(*args, **kwargs)
                     yield masked_tokens(out[0] if isinstance(out, tuple) else out, mask)
 
         self._searching = True
