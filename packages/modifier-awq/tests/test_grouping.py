@@ -50,3 +50,33 @@ def test_masks_are_concatenated_with_their_calls():
     ((args, _, mask),) = list(grouped_calls(calls, plan_groups(calls), lambda v: v))
     assert args[0].shape == (3, 4, 8) and mask.shape == (3, 4)
     torch.testing.assert_close(args[0], torch.cat([c[0][0] for c in calls]))
+
+
+class _BatchOneOnly(torch.nn.Module):
+    """A parent that builds per-batch state from an argument passed once per group (here: a
+    [1, n] bias it does not broadcast): grouping must not be used for it."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x + bias.reshape(x.shape[0], -1, 1)
+
+
+def test_a_parent_that_does_not_broadcast_is_called_batch_by_batch():
+    from llmc_awq.grouping import checked_groups
+
+    calls = [((torch.randn(1, 4, 8), torch.ones(1, 4)), {}, None) for _ in range(3)]
+    planned = plan_groups(calls)
+    assert [g.indices for g in planned] == [[0, 1, 2]]  # the bias is equal in every call: passed once
+    parent = _BatchOneOnly()
+
+    def run(args, kwargs, mask):
+        return parent(*args, **kwargs).reshape(-1, 8)
+
+    assert [g.indices for g in checked_groups(calls, planned, lambda v: v, run)] == [[0], [1], [2]]
+    attention, attention_calls = _attention_calls([16] * 4)
+
+    def run_attention(args, kwargs, mask):
+        return attention(*args, **kwargs)[0].reshape(-1, 64)
+
+    with torch.no_grad():
+        kept = checked_groups(attention_calls, plan_groups(attention_calls), lambda v: v, run_attention)
+    assert [g.indices for g in kept] == [[0, 1, 2, 3]]

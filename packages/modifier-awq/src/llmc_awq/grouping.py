@@ -11,12 +11,15 @@ token's arithmetic is the same; only the products' tiling, hence their last bits
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+logger = logging.getLogger(__name__)
 
 # tokens per grouped call: 8 sequences of 512, 4 of 2048; large enough that launches stop
 # mattering, small enough that the parent's activations for a group stay a few hundred MB
@@ -104,3 +107,29 @@ def grouped_calls(calls: Sequence[Call], groups: list[Group], move: Any) -> Iter
         args, kwargs = tree_unflatten(leaves, spec)
         masks = [calls[i][2] for i in group.indices]
         yield args, kwargs, None if masks[0] is None else move(torch.cat(masks))
+
+
+def checked_groups(
+    calls: Sequence[Call], groups: list[Group], move: Any, run: Callable[[tuple, dict, Any], torch.Tensor]
+) -> list[Group]:
+    """``groups``, if the first group of several gives what its calls give one by one (``run``
+    returns a call's output as token rows); else one call per group.
+
+    Passing an equal tensor once assumes the parent broadcasts it over the batch, as rotary
+    embeddings and 4-D masks are; a model whose module builds per-batch state from such an
+    argument may not, so each mapping checks once (a group's worth of extra forward passes)
+    and falls back to calling the parent batch by batch."""
+    several = next((g for g in groups if len(g.indices) > 1), None)
+    if several is None:
+        return groups
+    try:
+        (together,) = [run(*call) for call in grouped_calls(calls, [several], move)]
+        alone = torch.cat([run(*move(calls[i])) for i in several.indices])
+        same = together.shape == alone.shape and torch.allclose(together.float(), alone.float(), rtol=2e-2, atol=1e-3)
+    except Exception as exc:  # noqa: BLE001 - any failure of the grouped call means: do not group
+        logger.debug("Grouped parent call failed (%s); calling it batch by batch.", exc)
+        same = False
+    if same:
+        return groups
+    logger.info("This parent does not take several cached batches at once; its search calls it batch by batch.")
+    return [Group([i], [False] * len(g.concatenated)) for g in groups for i in g.indices]

@@ -18,7 +18,7 @@ from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, re
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.tensors import map_tensors
 from llmc_awq.clip import GroupMoments, clip_group_size, clip_weight
-from llmc_awq.grouping import grouped_calls, plan_groups
+from llmc_awq.grouping import checked_groups, grouped_calls, plan_groups
 from llmc_awq.search import search_scales
 
 logger = logging.getLogger(__name__)
@@ -305,13 +305,20 @@ class AWQModifier(QuantizationModifier):
         cached = self._inputs.get(parent_name, [])
         device = mapping.balance[0].weight.device
 
-        groups = plan_groups(cached)  # several cached batches per parent call
+        def move(value: Any) -> Any:
+            return _move(value, device)
+
+        def run(args: tuple, kwargs: dict, mask: torch.Tensor | None) -> torch.Tensor:
+            out = parent(*args, **kwargs)
+            return masked_tokens(out[0] if isinstance(out, tuple) else out, mask)
+
+        with torch.no_grad():  # several cached batches per parent call, where the parent allows it
+            groups = checked_groups(cached, plan_groups(cached), move, run)
 
         def run_parent() -> Iterator[torch.Tensor]:
             with torch.no_grad():
-                for args, kwargs, mask in grouped_calls(cached, groups, lambda value: _move(value, device)):
-                    out = parent(*args, **kwargs)
-                    yield masked_tokens(out[0] if isinstance(out, tuple) else out, mask)
+                for args, kwargs, mask in grouped_calls(cached, groups, move):
+                    yield run(args, kwargs, mask)
 
         self._searching = True
         try:
