@@ -312,17 +312,16 @@ class AWQModifier(QuantizationModifier):
             out = parent(*args, **kwargs)
             return masked_tokens(out[0] if isinstance(out, tuple) else out, mask)
 
-        groups = plan_groups(cached)  # several cached batches per parent call, where the parent allows it
-
-        def run_parent() -> Iterator[torch.Tensor]:
-            with torch.no_grad():
-                for args, kwargs, mask in grouped_calls(cached, groups, move):
-                    yield run(args, kwargs, mask)
-
         self._searching = True  # the search's own forward passes are not calibration data
         try:
-            with torch.no_grad():
-                groups[:] = checked_groups(cached, groups, move, run)
+            with torch.no_grad():  # several cached batches per parent call, where the parent allows it
+                groups = checked_groups(cached, plan_groups(cached), move, run)
+
+            def run_parent() -> Iterator[torch.Tensor]:
+                with torch.no_grad():
+                    for args, kwargs, mask in grouped_calls(cached, groups, move):
+                        yield run(args, kwargs, mask)
+
             quantized = [(b, self._weight_args(n, b)) for n, b in zip(mapping.balance_names, mapping.balance, strict=True)]
             quantized = [(b, a) for b, a in quantized if a is not None]
             result = search_scales(
