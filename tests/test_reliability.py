@@ -363,3 +363,19 @@ def test_targets_that_select_nothing_are_refused_unless_allowed(llama_path, tmp_
     with pytest.raises(ValueError, match=r"select no weight of .*model\.layers\.0\."):
         model_free_ptq(llama_path, tmp_path / "mf", "W4A16", ignore=["lm_head", "re:.*proj$"])
     assert not (tmp_path / "mf").exists()
+
+
+def test_finite_weights_whose_sum_overflows_are_not_refused():
+    """The finiteness check sums each weight first: finite values summing past the dtype's range
+    are tested element by element and pass; a NaN, or an infinity cancelled by another, is found."""
+    from llmc.quantization.calibrate import check_finite
+
+    huge = torch.full((4, 8), 3.0e38, dtype=torch.bfloat16)
+    assert not torch.isfinite(huge.sum())
+    check_finite([("huge", huge)])
+    for value in (float("nan"), float("inf")):
+        bad = torch.zeros(4, 8, dtype=torch.bfloat16)
+        bad[1, 2] = value
+        bad[3, 3] = -value
+        with pytest.raises(ValueError, match="^bad holds 2 NaN or infinite"):
+            check_finite([("fine", huge.clone()), ("bad", bad)])
