@@ -305,3 +305,29 @@ def test_data_given_to_a_recipe_that_needs_none_is_not_loaded(llama_path, tmp_pa
                 dataset="llmc-docs", num_calibration_samples=4)
     assert "the dataset is not loaded" in caplog.text
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_compressing_module_by_module_on_a_device_writes_the_same_checkpoint(llama_path, tmp_path, monkeypatch):
+    """The saver compresses modules kept on the CPU on the GPU when there is one, one module at a
+    time (forced onto the CPU here, the same path): the checkpoint equals compressed-tensors'
+    own pass, byte for byte."""
+    import copy
+
+    from compressed_tensors.compressors.model_compressors.model_compressor import compress_module
+
+    from llmc import saving
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))
+    twin = copy.deepcopy(model)
+    saving.save_compressed_tensors(model, tmp_path / "whole")
+    moved = []
+    monkeypatch.setattr(saving, "_compression_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(saving, "compress_module", lambda m, fmt: moved.append(m) or compress_module(m, fmt))
+    saving.save_compressed_tensors(twin, tmp_path / "by-module")
+    quantized = [m for m in twin.modules() if getattr(m, "quantization_scheme", None) is not None]
+    assert moved and len(moved) == len(quantized)
+    whole, by_module = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "by-module" / "model.safetensors")
+    assert whole.keys() == by_module.keys() and any(k.endswith("weight_packed") for k in whole)
+    for key, tensor in whole.items():
+        assert torch.equal(tensor, by_module[key]), key
