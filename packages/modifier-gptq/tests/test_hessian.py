@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc_gptq.hessian import HessianAccumulator, gram
+from llmc.linalg import gram
+from llmc_gptq.hessian import HessianAccumulator
 
 
 def test_gram_matches_float64():
@@ -15,8 +16,17 @@ def test_gram_matches_float64():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_hessian_accumulated_over_batches_matches_float64(device):
-    """Several batches summed into one Hessian (in place with addmm on CUDA) equal X^T X of all."""
+@pytest.mark.parametrize("band, stage", [(None, None), (16, 250), (24, 100)])
+def test_hessian_accumulated_over_batches_matches_float64(device, band, stage, monkeypatch):
+    """Several batches summed into one Hessian (in place with addmm on CUDA) equal X^T X of all:
+    whole, or by upper row bands mirrored when taken (``band``, 64 not a multiple of 24 included),
+    with CUDA's staged tokens multiplied when a batch overflows the stage and when taken."""
+    from llmc import linalg
+    from llmc_gptq import hessian
+
+    if band is not None:
+        monkeypatch.setattr(linalg, "BAND", band)
+        monkeypatch.setattr(hessian, "STAGE_TOKENS", stage)
     lin = torch.nn.Linear(64, 8, device=device, dtype=torch.bfloat16)
     acc = HessianAccumulator(lambda: True)
     acc.attach(lin)
@@ -25,9 +35,10 @@ def test_hessian_accumulated_over_batches_matches_float64(device):
         lin(x)
         acc.end_batch()
     every = torch.cat([x.reshape(-1, 64) for x in xs]).double()
-    hessian, _ = acc.pop(lin)
-    assert hessian.dtype == torch.float32
-    torch.testing.assert_close(hessian.double(), every.T @ every, rtol=1e-5, atol=1e-3)
+    result, _ = acc.pop(lin)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), every.T @ every, rtol=1e-5, atol=1e-3)
+    assert torch.equal(result, result.T)
 
 
 def test_modules_with_the_same_input_share_one_hessian():

@@ -5,6 +5,11 @@ share one Hessian instead of accumulating the same product several times.
 Inputs that are slices of one batched tensor (each MoE expert's down projection
 reading its row of the experts' stacked activations) are multiplied in one
 batched product when the batch ends, not one small product each.
+
+Wide Hessians accumulate their upper triangle only (:func:`llmc.linalg.add_gram`)
+and are mirrored once when taken. On CUDA, batches' tokens are staged until a
+product has ``STAGE_TOKENS`` of them: each product then reads and writes the
+float32 Hessian once per four 2048-token batches instead of once per batch.
 """
 
 from __future__ import annotations
@@ -14,30 +19,10 @@ from collections.abc import Callable
 import torch
 
 from llmc import distributed
+from llmc.linalg import add_gram, gram, mirror_upper
 
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X in float32.
-
-    On CUDA, half-precision activations go straight to the tensor cores with
-    float32 accumulation (the inputs are already in that precision, so nothing is
-    lost by not upcasting them first); elsewhere they are upcast.
-    """
-    x = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(x.t(), x, out_dtype=torch.float32)
-    x = x.float()
-    return x.t() @ x
-
-
-def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``hessian += X^T X``, in place. On CUDA, half-precision activations accumulate straight
-    into the float32 Hessian (one GEMM reading and writing H once, instead of a product the
-    size of H and a second pass to add it: a quarter of the down projection's Hessian time)."""
-    x = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and hessian.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.addmm(hessian, x.t(), x, out_dtype=torch.float32, out=hessian)
-    return hessian.add_(gram(x))
+# tokens per Hessian product on CUDA (four 2048-token batches)
+STAGE_TOKENS = 8192
 
 
 def batched_gram(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -64,6 +49,7 @@ class HessianAccumulator:
         self.owner: dict[torch.nn.Module, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: list[tuple[int, torch.Tensor]] = []  # slices of one batched tensor, deferred
+        self._staged: dict[int, tuple[torch.Tensor, int]] = {}  # CUDA: tokens not yet multiplied, count
         self._last_input: torch.Tensor | None = None
         self._last_key: int | None = None
 
@@ -82,15 +68,41 @@ class HessianAccumulator:
                 if self._pending and self._pending[0][1]._base is not x._base:
                     self._flush()
                 self._pending.append((key, x))
-            elif key in self.hessians and not self.offload:
-                add_gram(self.hessians[key], x)
-            else:
+            elif self.offload:
                 self._add(key, gram(x))
+            else:
+                self._stage(key, x.reshape(-1, x.shape[-1]))
             self.tokens[key] = self.tokens.get(key, 0) + x.numel() // x.shape[-1]
             self._last_input, self._last_key = x, key
         previous = self.owner.setdefault(module, key)
         if previous != key:
             raise RuntimeError("A module's input sharing changed between batches; cannot share Hessians.")
+
+    def _stage(self, key: int, rows: torch.Tensor) -> None:
+        """Add ``rows`` (tokens, features) to the key's Hessian, through its staging buffer on
+        CUDA (one product per :data:`STAGE_TOKENS` tokens)."""
+        n = rows.shape[-1]
+        if key not in self.hessians:
+            self.hessians[key] = torch.zeros(n, n, device=rows.device)
+        if not rows.is_cuda or rows.shape[0] >= STAGE_TOKENS:
+            add_gram(self.hessians[key], rows)
+            return
+        buffer, filled = self._staged.get(key, (None, 0))
+        if buffer is None or buffer.dtype != rows.dtype:
+            self._unstage(key)
+            buffer, filled = torch.empty(STAGE_TOKENS, n, dtype=rows.dtype, device=rows.device), 0
+        elif filled + rows.shape[0] > STAGE_TOKENS:
+            add_gram(self.hessians[key], buffer[:filled])
+            filled = 0
+        buffer[filled : filled + rows.shape[0]].copy_(rows)
+        self._staged[key] = (buffer, filled + rows.shape[0])
+
+    def _unstage(self, key: int | None = None) -> None:
+        """Multiply the staged tokens of ``key`` (of every key: None) and free the buffers."""
+        for k in list(self._staged) if key is None else [key]:
+            staged = self._staged.pop(k, None)
+            if staged is not None and staged[1]:
+                add_gram(self.hessians[k], staged[0][: staged[1]])
 
     def _add(self, key: int, product: torch.Tensor) -> None:
         if self.offload:
@@ -122,7 +134,8 @@ class HessianAccumulator:
         key = self.owner.pop(module, None)
         if key is None:
             return None
-        hessian = self.hessians[key]
+        self._unstage(key)
+        hessian = mirror_upper(self.hessians[key])
         last = key not in self.owner.values()
         if last:
             del self.hessians[key]
@@ -137,6 +150,7 @@ class HessianAccumulator:
         rank's share reached, an MoE expert, has none here: it joins with zeros); then each
         shared Hessian is summed once, in list order."""
         self._flush()
+        self._unstage()
         leaders: dict[int, int] = {}
         local = []
         for i, module in enumerate(modules):
@@ -175,3 +189,4 @@ class HessianAccumulator:
             handle.remove()
         self._handles.clear()
         self.end_batch()
+        self._staged.clear()
