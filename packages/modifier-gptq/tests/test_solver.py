@@ -196,19 +196,37 @@ def test_a_consumed_hessian_is_freed_before_its_inverse_is_formed(monkeypatch, a
     expected = gptq_quantize(weight, hessian, ARGS["group-sym"], actorder=actorder)
     factorised: list[weakref.ref] = []  # the tensor object factorised (views keep it alive)
     alive_at_inverse: list[bool] = []
-    cholesky_ex, cholesky_inverse = torch.linalg.cholesky_ex, torch.cholesky_inverse
+    cholesky_ex, invert_lower = torch.linalg.cholesky_ex, solver._invert_lower
 
     def spy_factor(H: torch.Tensor, **kwargs):
         if not factorised:
             factorised.append(weakref.ref(H))
         return cholesky_ex(H, **kwargs)
 
-    def spy(lower: torch.Tensor) -> torch.Tensor:
-        alive_at_inverse.append(factorised[0]() is not None)
-        return cholesky_inverse(lower)
+    def spy(lower: torch.Tensor, out: torch.Tensor) -> None:
+        if not alive_at_inverse:
+            alive_at_inverse.append(factorised[0]() is not None)
+        invert_lower(lower, out)
 
     monkeypatch.setattr(solver.torch.linalg, "cholesky_ex", spy_factor)
-    monkeypatch.setattr(solver.torch, "cholesky_inverse", spy)
+    monkeypatch.setattr(solver, "_invert_lower", spy)
     result = gptq_quantize(weight, [hessian.clone()], ARGS["group-sym"], actorder=actorder)
     assert alive_at_inverse == [False]
     torch.testing.assert_close(result.weight, expected.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [5, 1024, 1500])
+def test_inverse_factor_equals_the_factor_of_the_inverse(n, monkeypatch):
+    """The upper factor from one factorisation of the reversed Hessian and a triangular inverse
+    (by halves above a direct block) equals cholesky(H^-1, upper) computed the textbook way."""
+    from llmc_gptq import solver
+
+    monkeypatch.setattr(solver, "_DIRECT_INVERSE", 64)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    H = torch.stack([x.T @ x, x.T @ x + torch.eye(n, dtype=torch.float64)])
+    upper, frac, added = solver._inverse_cholesky([H.clone()], 0.01)
+    damped = H + added[:, None, None] * torch.eye(n, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(upper, reference, rtol=1e-9, atol=1e-12)
+    assert torch.equal(upper, upper.triu()) and frac.tolist() == [0.01, 0.01]

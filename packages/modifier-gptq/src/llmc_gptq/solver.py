@@ -107,13 +107,19 @@ def _inverse_cholesky(
     """Upper Cholesky factors of a batch of H^-1, retrying with more dampening the Hessians
     that are not positive definite.
 
+    With J the order-reversing permutation and J H J = L L^T, H = (J L J)(J L J)^T, so
+    U = (J L J)^-1 = J L^-1 J is upper triangular with U^T U = H^-1: one factorisation and
+    one triangular inverse (two thirds of n^3 flops), where factorising H, inverting it
+    through its factor and factorising the inverse cost twice as much, and never forming
+    H^-1 keeps its squared condition number out of the factor.
+
     Returns the factors, the dampening fraction each used and the absolute amount added to
-    each diagonal. Takes H out of ``holder`` (so this frame owns the only reference),
-    dampens it in place, and frees it as soon as its factors exist: at most two batches of
-    its size are alive. One host sync per attempt.
+    each diagonal. Takes H out of ``holder`` (so this frame owns the only reference) and
+    frees it once reversed: at most two and a half batches of its size are alive. One host
+    sync per attempt.
     """
-    H = holder.pop()
-    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    K = holder.pop().flip(-2, -1)  # J H J; H itself is freed here
+    diagonal = K.diagonal(dim1=-2, dim2=-1)
     mean_diag = diagonal.mean(dim=-1)
     unit = torch.where(mean_diag > 0, mean_diag, torch.ones_like(mean_diag))
     frac = torch.full_like(unit, dampening_frac)
@@ -121,15 +127,16 @@ def _inverse_cholesky(
     for attempt in range(MAX_DAMPENING_RETRIES + 1):
         diagonal.add_((frac * unit - added)[:, None])
         added = frac * unit
-        lower, info = torch.linalg.cholesky_ex(H)
+        lower, info = torch.linalg.cholesky_ex(K)
         failed = info != 0
         if not bool(failed.any()):
-            del H, diagonal  # the view too, or H outlives its factorisation
-            inverse = torch.cholesky_inverse(lower)
+            del K, diagonal  # the view too, or K outlives the factorisation
+            inverse = torch.empty_like(lower)
+            _invert_lower(lower, inverse)
             del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            upper = inverse.flip(-2, -1)
             del inverse
-            if bool((info == 0).all() & torch.isfinite(upper).all()):
+            if bool(torch.isfinite(upper).all()):
                 if attempt:
                     logger.warning(
                         "Hessian was ill-conditioned; solved with dampening_frac=%g", float(frac.max())
@@ -143,16 +150,46 @@ def _inverse_cholesky(
     )
 
 
+# triangular blocks up to this order are inverted by one triangular solve against I
+_DIRECT_INVERSE = 1024
+
+
+def _invert_lower(L: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = L^-1`` for a batch of lower-triangular ``L``, by halves: the diagonal blocks
+    recursively, the off-diagonal one as -C^-1 B A^-1 (two products), as LAPACK's trtri,
+    which torch does not expose."""
+    n = L.shape[-1]
+    if n <= _DIRECT_INVERSE:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device).expand(L.shape)
+        out.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return
+    h = n // 2
+    _invert_lower(L[..., :h, :h], out[..., :h, :h])
+    _invert_lower(L[..., h:, h:], out[..., h:, h:])
+    out[..., :h, h:] = 0
+    out[..., h:, :h] = -(out[..., h:, h:] @ (L[..., h:, :h] @ out[..., :h, :h]))
+
+
 # rows per chunk of the whole-matrix reductions below: their temporaries stay small
 _ROW_CHUNK = 4096
 
 
 def _quadratic_form(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """sum over rows of w H w^T, per matrix of the batch (= ||X W^T||^2), in row chunks."""
+    """sum over rows of w H w^T, per matrix of the batch (= ||X W^T||^2), in row chunks.
+
+    Only the relative error's denominator, a logged estimate: on CUDA the products run in
+    bfloat16 on the tensor cores (float32 products of a 14336-wide Hessian took a tenth of
+    the down projection's solve)."""
     total = torch.zeros(W.shape[0], device=W.device)
+    low = W.is_cuda
+    Hp = H.to(torch.bfloat16) if low else H
     for r in range(0, W.shape[1], _ROW_CHUNK):
         chunk = W[:, r : r + _ROW_CHUNK]
-        total += torch.sum(torch.bmm(chunk, H) * chunk, dim=(1, 2))
+        if low:
+            product = torch.bmm(chunk.to(torch.bfloat16), Hp, out_dtype=torch.float32)
+        else:
+            product = torch.bmm(chunk, Hp)
+        total += torch.sum(product * chunk, dim=(1, 2))
     return total
 
 
