@@ -77,6 +77,37 @@ def test_sequential_matches_basic(checkpoint_factory, arch, qac):
         torch.testing.assert_close(sequential[name], basic[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("qac", [True, False])
+def test_calibration_pass_stops_after_the_last_observed_module(llama_path, monkeypatch, qac):
+    """With quantization-aware calibration the calibration pass's outputs are thrown away: after
+    the first batch, each layer's pass stops at the last hooked module (the down projection's
+    input), so its product never runs; without it, those outputs feed the next layer and the
+    pass runs whole, except on the last layer, whose outputs nothing reads. The observed
+    statistics are the same either way (see above)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    down = {id(m.weight): name for name, m in model.named_modules() if name.endswith("mlp.down_proj")}
+    calls = {}
+    linear = torch.nn.functional.linear
+
+    def counted(x, weight, *args, **kwargs):
+        if id(weight) in down:
+            calls[down[id(weight)]] = calls.get(down[id(weight)], 0) + 1
+        return linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+    gram = GramModifier()
+    oneshot(model=model, recipe=[QuantizationModifier(scheme="W4A16", ignore=["lm_head"]), gram],
+            pipeline="sequential", quantization_aware_calibration=qac, **DATA)
+    batches = 3  # 6 samples, 2 per batch
+    assert len(gram.grams) == 14 and gram.batches == 2 * batches
+    if qac:  # layer 0: batch 0 whole, then the propagation pass; the last layer: batch 0 alone
+        assert calls == {"model.layers.0.mlp.down_proj": 1 + batches, "model.layers.1.mlp.down_proj": 1}
+    else:
+        assert calls == {"model.layers.0.mlp.down_proj": batches, "model.layers.1.mlp.down_proj": 1}
+
+
 def test_quantization_aware_calibration_changes_what_later_layers_see(llama_path):
     aware = _grams(llama_path, "sequential", True, quantize=True)
     unaware = _grams(llama_path, "sequential", False, quantize=True)

@@ -262,6 +262,65 @@ def _check_nothing_between(
         )
 
 
+class _Observed(Exception):
+    """Ends a calibration forward once the layer's last observed module has been observed."""
+
+
+class EarlyExit:
+    """Stops a layer's calibration forward after the last module anything observes.
+
+    When the calibration pass's outputs are thrown away (the propagation pass recomputes them
+    from the compressed layer), the work after the last hooked module is wasted: in a
+    decoder layer whose Linear inputs are observed, the down projection's product and the
+    residual add, a sixth of the forward. The first batch runs whole and records the order
+    in which the layer's modules run; the later ones stop in a hook registered after the last
+    hooked module's own (its forward hooks if it has any, else its pre-hooks, and then its
+    own forward is skipped too). Nothing stops when the layer itself is hooked or a hooked
+    module did not run on the first batch (an MoE expert no token reached: its place in the
+    order is unknown).
+    """
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.layer = layer
+        self._order: list[torch.nn.Module] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> EarlyExit:
+        if self.layer._forward_hooks:
+            return self
+        for module in self.layer.modules():
+            if module is not self.layer:
+                self._handles.append(module.register_forward_pre_hook(self._record))
+        return self
+
+    def _record(self, module: torch.nn.Module, args: tuple) -> None:
+        self._order.append(module)
+
+    def arm(self) -> None:
+        """After the first batch: stop the next ones after the last hooked module."""
+        self._remove()
+        hooked = [m for m in self.layer.modules() if m is not self.layer and (m._forward_hooks or m._forward_pre_hooks)]
+        if not self._order or not hooked or any(m not in self._order for m in hooked):
+            return
+        last = max(hooked, key=lambda m: len(self._order) - 1 - self._order[::-1].index(m))
+
+        def stop(*_: Any) -> None:
+            raise _Observed
+
+        if last._forward_hooks:
+            self._handles.append(last.register_forward_hook(stop))
+        else:
+            self._handles.append(last.register_forward_pre_hook(stop))
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
     """One target on one batch; every argument is already on the execution device."""
     args, kwargs = call
@@ -375,10 +434,12 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 masks = []
                 # the targets' own hooks fire while their calls are recorded: not calibration
                 state.observing = False
+                started = time.perf_counter()
                 for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
                     batch, mask = pop_loss_mask(batch)
                     masks.append(mask)
                     capture.batch(batch)
+                logger.info("Captured the inputs of %d batches in %.1f s", len(masks), time.perf_counter() - started)
             state.observing = True
             masked = any(m is not None for m in masks)
             hidden, calls = capture.hidden, capture.calls
@@ -397,14 +458,25 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     last = index + 1 == len(layers)  # nothing reads the last target's outputs
                     clock = _PhaseClock(device)
 
+                    # the calibration pass's outputs are only kept without quantization-aware
+                    # calibration (the next layer's inputs) and not after the last layer
+                    kept = not qac and not last
+                    early = contextlib.nullcontext() if kept else EarlyExit(layer)
+
                     def calibrate(
-                        b: int, h: torch.Tensor, call: LayerCall, layer=layer
-                    ) -> torch.Tensor:
+                        b: int, h: torch.Tensor, call: LayerCall, layer=layer, early=early
+                    ) -> torch.Tensor | None:
                         if masked:
                             state.loss_mask = masks[b]
                         state.batch_index = b
-                        out = run_layer(layer, h, call)
-                        hook.llmc_batch_end(state=state, batch_index=b)
+                        try:
+                            out = run_layer(layer, h, call)
+                        except _Observed:
+                            out = None
+                        if b == 0 and isinstance(early, EarlyExit):
+                            early.arm()
+                        if batch_end_handled:
+                            hook.llmc_batch_end(state=state, batch_index=b)
                         return out
 
                     def propagate(
@@ -417,12 +489,8 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         state.observing = True
                         # without quantization-aware calibration the next layer sees these
                         # uncompressed outputs
-                        outputs = transfers.forward(
-                            hidden,
-                            layer_calls,
-                            calibrate if batch_end_handled or masked else propagate,
-                            store=not qac and not last,
-                        )
+                        with early:
+                            outputs = transfers.forward(hidden, layer_calls, calibrate, store=kept)
                         clock.mark("calibration")
                         onloader.settle()  # other layers' weights are home before modifiers look
                         hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
