@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llmc import oneshot
 from llmc.mappings import fold_scales, resolve_mappings
 from llmc.testing import needs
-from llmc_awq.search import fake_quantized, search_scales
+from llmc_awq.search import GramError, OutputError, fake_quantized, search_scales
 
 DATA = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
 
@@ -77,8 +77,11 @@ def _reference_search(weight: torch.Tensor, x: torch.Tensor, group: int, n_grid:
     return best
 
 
+@pytest.mark.parametrize("measure", ["outputs", "gram"])
 @pytest.mark.parametrize("duo", [True, False])
-def test_search_picks_the_scales_a_brute_force_search_picks(duo):
+def test_search_picks_the_scales_a_brute_force_search_picks(duo, measure):
+    """Both measures of the output error (the layer re-run on its inputs, or their Gram matrix)
+    pick the scales a brute-force search over the layer's outputs picks."""
     args = preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights
     g = torch.Generator().manual_seed(3)
     linear = torch.nn.Linear(512, 32, bias=False)
@@ -87,7 +90,8 @@ def test_search_picks_the_scales_a_brute_force_search_picks(duo):
         linear.weight.copy_(torch.randn(32, 512, generator=g) * torch.tensor([1.0, 8.0, 0.2, 3.0]).repeat_interleave(128))
     x = torch.randn(256, 512, generator=g) * (1 + 10 * torch.rand(512, generator=g) ** 4)
     with torch.no_grad():
-        result = search_scales(lambda: [linear(x)], [linear], x.abs().mean(0), args, n_grid=10, duo_scaling=duo)
+        error = OutputError(lambda: [linear(x)]) if measure == "outputs" else GramError(linear, x.T @ x, x.shape[0])
+        result = search_scales(error, [linear], x.abs().mean(0), args, n_grid=10, duo_scaling=duo)
         expected = _reference_search(linear.weight.detach(), x, 128, 10, duo)
         other = _reference_search(linear.weight.detach(), x, 128, 10, not duo)
     assert not torch.allclose(expected, other)  # the problem tells the two modes apart
@@ -101,18 +105,18 @@ def test_search_never_worse_than_rtn_and_uniform_scales_are_one():
     gain = torch.ones(256)
     gain[[5, 77, 130, 200]] = 20.0  # a few salient input channels, as in real activations
     x = torch.randn(512, 256) * gain
-    result = search_scales(lambda: [linear(x)], [linear], x.abs().mean(0), args, n_grid=20, duo_scaling=True)
+    result = search_scales(OutputError(lambda: [linear(x)]), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling=True)
     rtn = float((torch.nn.functional.linear(x, fake_quantized(linear.weight.data, args)) - linear(x)).pow(2).mean())
     torch.testing.assert_close(result.rtn_loss, rtn, rtol=1e-4, atol=0)
     assert result.loss < 0.8 * result.rtn_loss  # salient channels protected
-    both = search_scales(lambda: [linear(x)], [linear], x.abs().mean(0), args, n_grid=20, duo_scaling="both")
+    both = search_scales(OutputError(lambda: [linear(x)]), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling="both")
     assert both.loss <= result.loss  # a superset of candidates
 
     uniform = torch.nn.Linear(256, 64, bias=False)
     with torch.no_grad():
         uniform.weight.copy_(torch.sign(torch.randn(64, 256)))
     flat = torch.ones(512, 256)
-    result = search_scales(lambda: [uniform(flat)], [uniform], flat.mean(0), args, n_grid=20, duo_scaling=True)
+    result = search_scales(OutputError(lambda: [uniform(flat)]), [uniform], flat.mean(0), args, n_grid=20, duo_scaling=True)
     torch.testing.assert_close(result.scales, torch.ones(256))
 
 

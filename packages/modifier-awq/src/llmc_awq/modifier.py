@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 
 from llmc import distributed
 from llmc.lifecycle import State
+from llmc.linalg import add_gram, mirror_upper
 from llmc.mappings import ResolvedMapping, balance_input_source, fold_scales, resolve_mappings
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.tensors import map_tensors
 from llmc_awq.clip import GroupMoments, clip_group_size, clip_weight
 from llmc_awq.grouping import checked_groups, grouped_calls, plan_groups
-from llmc_awq.search import search_scales
+from llmc_awq.search import GramError, OutputError, search_scales
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,18 @@ def masked_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
         return rows
     return rows[mask.reshape(-1).to(x.device) == 1]
+
+
+def _group_in_place(cached: list, groups: list) -> None:
+    """Replace ``cached`` by one call per group (concatenated once, where the cache is, not for
+    every candidate), releasing each group's members as it goes: never two copies of it."""
+    grouped = []
+    for group in groups:
+        (call,) = grouped_calls(cached, [group], lambda value: value)
+        grouped.append(call)
+        for i in group.indices:
+            cached[i] = None
+    cached[:] = grouped
 
 
 def _parent_name(names: tuple[str, ...]) -> str:
@@ -89,6 +102,12 @@ def _usable(mapping: ResolvedMapping, weight_args: WeightArgs) -> bool:
     return True
 
 
+def _gram_parent(mapping: ResolvedMapping, parent: torch.nn.Module) -> bool:
+    """A parent that is a Linear layer balanced alone: its output error follows from the Gram
+    matrix of its inputs (llmc_awq.search.GramError), nothing to cache or re-run."""
+    return isinstance(parent, torch.nn.Linear) and len(mapping.balance) == 1 and mapping.balance[0] is parent
+
+
 def _next_quantizing(modifier: Any, stage: Any) -> Any | None:
     """The first modifier after ``modifier`` in its stage that applies a quantization config."""
     modifiers = list(stage)
@@ -125,6 +144,9 @@ class AWQModifier(QuantizationModifier):
 
     _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
     _inputs: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
+    # parents that are Linear layers balanced alone: the Gram matrix of their inputs and its
+    # token count instead of cached inputs (see llmc_awq.search.GramError)
+    _grams: dict[str, tuple[torch.Tensor, int]] = attrs.field(factory=dict, init=False, repr=False)
     _x_sum: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
     _x_count: dict[str, int] = attrs.field(factory=dict, init=False, repr=False)
     _moments: dict[str, GroupMoments] = attrs.field(factory=dict, init=False, repr=False)
@@ -174,7 +196,20 @@ class AWQModifier(QuantizationModifier):
             module.quantization_enabled = False  # scales are searched on unquantized activations
         for mapping in self._resolved:
             parent = _parent_name(mapping.balance_names)
-            if parent not in self._inputs:
+            if _gram_parent(mapping, modules[parent]):
+                if parent not in self._grams:
+                    self._grams[parent] = (torch.zeros(0), 0)
+
+                    def gram(args: tuple, kwargs: dict, parent: str = parent) -> None:
+                        if not self._searching:
+                            rows = masked_tokens(args[0].detach(), state.loss_mask)
+                            total, tokens = self._grams[parent]
+                            if total.shape[0] != rows.shape[-1]:
+                                total = torch.zeros(rows.shape[-1], rows.shape[-1], device=rows.device)
+                            self._grams[parent] = (add_gram(total, rows), tokens + rows.shape[0])
+
+                    self.observe(state, modules[parent], gram, call=True)
+            elif parent not in self._inputs:
                 self._inputs[parent] = []
 
                 def keep(args: tuple, kwargs: dict, parent: str = parent) -> None:
@@ -269,9 +304,11 @@ class AWQModifier(QuantizationModifier):
             else:
                 for statistics in (self._x_sum, self._x_count, self._moments):
                     statistics.pop(mapping.smooth_name, None)
-        for parent in {_parent_name(m.balance_names) for m in mappings}:
+            parent = _parent_name(mapping.balance_names)
             if not any(_parent_name(m.balance_names) == parent for m in self._resolved):
+                # the later mappings' searches have this parent's memory
                 self._inputs.pop(parent, None)
+                self._grams.pop(parent, None)
 
     def _synchronize(self, mappings: list[ResolvedMapping]) -> None:
         """Sum the ranks' input statistics of ``mappings`` (a distributed run: collective, the
@@ -314,18 +351,28 @@ class AWQModifier(QuantizationModifier):
 
         self._searching = True  # the search's own forward passes are not calibration data
         try:
-            with torch.no_grad():  # several cached batches per parent call, where the parent allows it
-                groups = checked_groups(cached, plan_groups(cached), move, run)
+            if parent_name in self._grams:
+                total, tokens = self._grams[parent_name]
+                if total.shape[0] != parent.weight.shape[1]:  # no token reached it here
+                    total = torch.zeros(parent.weight.shape[1], parent.weight.shape[1], device=device)
+                measure: OutputError | GramError = GramError(parent, mirror_upper(total), tokens)
+            else:
+                with torch.no_grad():  # several cached batches per parent call, where the parent allows it
+                    groups = checked_groups(cached, plan_groups(cached), move, run)
+                    _group_in_place(cached, groups)
 
-            def run_parent() -> Iterator[torch.Tensor]:
+                def run_parent() -> Iterator[torch.Tensor]:
+                    with torch.no_grad():
+                        for args, kwargs, mask in cached:
+                            yield run(*move((args, kwargs, mask)))
+
                 with torch.no_grad():
-                    for args, kwargs, mask in grouped_calls(cached, groups, move):
-                        yield run(args, kwargs, mask)
+                    measure = OutputError(run_parent)
 
             quantized = [(b, self._weight_args(n, b)) for n, b in zip(mapping.balance_names, mapping.balance, strict=True)]
             quantized = [(b, a) for b, a in quantized if a is not None]
             result = search_scales(
-                run_parent,
+                measure,
                 [b for b, _ in quantized],
                 x_mean,
                 quantized[0][1],
@@ -335,6 +382,7 @@ class AWQModifier(QuantizationModifier):
             )
         finally:
             self._searching = False
+        del measure
         fold_scales(mapping, result.scales)
         self._clip(mapping, result.scales)
         logger.info(
