@@ -536,3 +536,23 @@ def test_layers_with_their_own_masks_calibrate_like_basic(tmp_path):
     assert basic.keys() == sequential.keys() and len(basic) == 14
     for name in basic:
         torch.testing.assert_close(sequential[name], basic[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned slabs are for CUDA copies")
+def test_pinned_slabs_hand_out_page_locked_buffers_that_outlive_the_slabs(monkeypatch):
+    """Buffers carved from registered slabs are pinned (asynchronous copies), do not overlap,
+    a request larger than a slab gets a slab of its own, and after close they hold their data."""
+    from llmc_pipelines import pinned
+
+    slabs = pinned.PinnedSlabs(slab_bytes=1 << 20)
+    small = [slabs.empty(1000, torch.bfloat16) for _ in range(3)]
+    large = slabs.empty(1 << 20, torch.float32)
+    buffers = [*small, large]
+    assert all(b.is_pinned() for b in buffers)
+    sources = [torch.randn(b.numel(), device="cuda").to(b.dtype) for b in buffers]
+    for buffer, source in zip(buffers, sources, strict=True):
+        buffer.copy_(source, non_blocking=True)
+    torch.cuda.synchronize()
+    slabs.close()
+    for buffer, source in zip(buffers, sources, strict=True):
+        assert torch.equal(buffer, source.cpu())

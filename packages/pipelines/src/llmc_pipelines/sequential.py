@@ -513,7 +513,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                             progress.save(index + 1, modules, lambda k: _kept(state, modifiers, layers[k][0]), inputs)
         finally:
             onloader.close()
-            transfers.synchronize()
+            transfers.close()
             if device.type == "cuda":
                 # the caching allocator keeps blocks per stream: the copy streams' (a layer's
                 # weights, chunks of activations) would stay reserved for streams no later

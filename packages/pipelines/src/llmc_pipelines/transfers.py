@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from llmc.tensors import map_tensors
+from llmc_pipelines.pinned import PinnedSlabs
 
 # A chunk holds up to this many bytes of hidden states, and at most _CHUNK_BATCHES batches.
 # A chunk is on the device at once (and the next one loading, and the last one's outputs
@@ -46,12 +47,20 @@ class Chunk:
 
     @classmethod
     def packed(
-        cls, like: Sequence[torch.Tensor], device: torch.device, pinned: bool, room: int = 0
+        cls,
+        like: Sequence[torch.Tensor],
+        device: torch.device,
+        pinned: bool,
+        room: int = 0,
+        slabs: PinnedSlabs | None = None,
     ) -> Chunk:
         """A chunk of empty batches shaped as ``like`` (one dtype), in one buffer with room
-        for ``room`` more elements."""
+        for ``room`` more elements (carved from ``slabs`` when pinned and given)."""
         numels = [t.numel() for t in like]
-        flat = torch.empty(sum(numels) + room, dtype=like[0].dtype, device=device, pin_memory=pinned)
+        if pinned and slabs is not None:
+            flat = slabs.empty(sum(numels) + room, like[0].dtype)
+        else:
+            flat = torch.empty(sum(numels) + room, dtype=like[0].dtype, device=device, pin_memory=pinned)
         chunk = cls([], flat)
         for t in like:
             chunk.add(t.shape)
@@ -144,6 +153,8 @@ class Transfers:
         # behind a store that waits for the compute
         self.stores = torch.cuda.Stream(self.device) if overlap else None  # to the offload device
         self.loads = torch.cuda.Stream(self.device) if overlap else None  # to the execution device
+        # pinned buffers of stored batches (capture; outputs later go home into them)
+        self.slabs = PinnedSlabs() if overlap else None
         self._offloaded = False  # stores queued outside forward (capture) since the last forward
         # re-recorded for every wait on the compute stream: creating an event costs the
         # launching thread as much as recording it
@@ -178,7 +189,7 @@ class Transfers:
         else:
             per_chunk = _CHUNK_BYTES // max(1, hidden.numel() * hidden.element_size())
             room = hidden.numel() * (max(1, min(_CHUNK_BATCHES, per_chunk)) - 1)
-            chunks.append(Chunk.packed([hidden], self.offload, self.stores is not None, room))
+            chunks.append(Chunk.packed([hidden], self.offload, self.stores is not None, room, self.slabs))
             target = chunks[-1].batches[-1]
         self._send([target], [hidden])
         self._offloaded = True
@@ -375,3 +386,9 @@ class Transfers:
         if self.stores is not None:
             self.stores.synchronize()
             self.loads.synchronize()
+
+    def close(self) -> None:
+        """Wait for every copy and release the pinned slabs (their tensors stay valid)."""
+        self.synchronize()
+        if self.slabs is not None:
+            self.slabs.close()
