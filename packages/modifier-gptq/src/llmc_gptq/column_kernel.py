@@ -67,6 +67,20 @@ def _block_columns(cols: int) -> int:
     return max(16, 1 << (cols - 1).bit_length())
 
 
+def warm_up(device: torch.device, width: int = 128) -> None:
+    """Compile the kernel for blocks ``width`` columns wide on ``device`` (the first solve
+    otherwise waits about half a second for it): a call on 32 rows, a row count of the same
+    divisibility as the real ones, since Triton specialises on it. A failure is left for the
+    solve to meet and report (it falls back to the eager loop)."""
+    rows = ROWS_PER_PROGRAM
+    try:
+        w = torch.zeros(1, rows, width, device=device)
+        hinv = torch.eye(width, device=device)[None]
+        column_loop(w, torch.ones_like(w), torch.zeros_like(w), hinv, -8.0, 7.0)
+    except Exception:  # noqa: BLE001 - see above
+        return
+
+
 def column_loop(
     W1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, Hinv1: torch.Tensor, lo: float, hi: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

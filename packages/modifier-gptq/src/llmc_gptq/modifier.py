@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weight
+from llmc_gptq import column_kernel
 from llmc_gptq.batching import plan_solves
 from llmc_gptq.hessian import HessianAccumulator
 from llmc_gptq.solver import gptq_quantize_batch
@@ -63,6 +65,7 @@ class GPTQModifier(QuantizationModifier):
     _hessians: HessianAccumulator | None = attrs.field(default=None, init=False, repr=False)
     _names: dict[torch.nn.Module, str] = attrs.field(factory=dict, init=False, repr=False)
     solve_seconds: float = attrs.field(default=0.0, init=False, repr=False)
+    _warm_up: threading.Thread | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -84,6 +87,10 @@ class GPTQModifier(QuantizationModifier):
         self._names = {module: name for name, module in self.targeted_modules()}
 
     def on_calibration_start(self, state: State) -> None:
+        if state.device.type == "cuda" and column_kernel.available():
+            # the column kernel compiles while the first layer calibrates, not in its solve
+            self._warm_up = threading.Thread(target=column_kernel.warm_up, args=(state.device, self.block_size), daemon=True)
+            self._warm_up.start()
         self._hessians = HessianAccumulator(lambda: state.observing, offload=self.offload_hessians)
         for _, module in self.targeted_modules():
             if module.quantization_scheme.weights is not None:
@@ -123,6 +130,9 @@ class GPTQModifier(QuantizationModifier):
         Under a distributed run the ranks' Hessians are summed first, each solve runs on one
         rank (spread by size) and its results are broadcast, so every rank's weights agree."""
         assert self._hessians is not None
+        if self._warm_up is not None:
+            self._warm_up.join()
+            self._warm_up = None
         if distributed.is_distributed():
             self._hessians.synchronize([m for _, m in modules if m.quantization_scheme.weights is not None])
         pending: list[tuple[str, torch.nn.Module]] = []
