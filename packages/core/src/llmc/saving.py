@@ -197,6 +197,39 @@ def _on_cpu(module: torch.nn.Module) -> bool:
     return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
+class _Staging:
+    """One reusable pinned buffer that moves a module's tensors between the CPU and a GPU.
+
+    Copies from ordinary (pageable) memory ran at 2 GB/s on the H200 machine, most of an 8B
+    model's compression time; a parallel CPU copy into pinned memory and a DMA from there
+    are several times faster in each direction."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        size = t.numel() * t.element_size()
+        if self._buffer is None or self._buffer.numel() < size:
+            self._buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return self._buffer[:size].view(t.dtype).view(t.shape)
+
+    def move(self, module: torch.nn.Module, device: torch.device) -> None:
+        """Every parameter and buffer of ``module`` (not its children) onto ``device``."""
+        for registry in (module._parameters, module._buffers):
+            for t in registry.values():
+                if t is None or t.device == device:
+                    continue
+                view = self._view(t)
+                if device.type == "cpu":
+                    view.copy_(t)  # waits for the copy: the buffer is free again after it
+                    moved = view.clone()
+                else:
+                    view.copy_(t)
+                    moved = view.to(device, non_blocking=True)
+                    torch.cuda.current_stream(device).synchronize()  # before the buffer is reused
+                t.data = moved
+
+
 def compress_on_device(model: torch.nn.Module, compressor: ModelCompressor, device: torch.device | None) -> None:
     """Compress the quantized modules that live on the CPU on ``device``, one at a time, and
     bring the compressed tensors back; compressed-tensors' own pass then skips them.
@@ -210,10 +243,17 @@ def compress_on_device(model: torch.nn.Module, compressor: ModelCompressor, devi
         m for m in model.modules()
         if is_module_quantized(m) and getattr(m, "quantization_status", None) != QuantizationStatus.COMPRESSED and _on_cpu(m)
     ]
+    staging = _Staging() if device.type == "cuda" else None
     for module in tqdm(modules, desc="Compressing on " + str(device), leave=False, disable=not modules):
-        module.to(device)
+        if staging is not None:
+            staging.move(module, device)
+        else:
+            module.to(device)
         compress_module(module, compressor.force_compression_format)
-        module.to("cpu")
+        if staging is not None:
+            staging.move(module, torch.device("cpu"))
+        else:
+            module.to("cpu")
 
 
 def save_compressed_tensors(
