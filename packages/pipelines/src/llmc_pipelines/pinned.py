@@ -26,7 +26,8 @@ class PinnedSlabs:
 
     def __init__(self, slab_bytes: int = SLAB_BYTES) -> None:
         self.slab_bytes = slab_bytes
-        self._slabs: list[torch.Tensor] = []
+        self._slabs: list[torch.Tensor] = []  # the usable, aligned part of each slab
+        self._registered: list[torch.Tensor] = []  # each slab whole, as registered
         self._free = 0  # bytes left at the end of the last slab
         self._failed = False  # registration refused once: torch's own pinning from then on
 
@@ -46,22 +47,24 @@ class PinnedSlabs:
 
     def _new_slab(self, size: int) -> bool:
         raw = torch.empty(size + _ALIGN, dtype=torch.uint8)
-        offset = (-raw.data_ptr()) % _ALIGN
-        slab = raw[offset : offset + size]
-        slab.zero_()  # faults every page in, on every core, before CUDA locks them
-        error = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), size, 0)
+        raw.zero_()  # faults every page in, on every core, before CUDA locks them
+        # registered whole: torch asks CUDA about a view's storage base, not the view
+        error = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 0)
         if int(error) != 0:
             logger.debug("cudaHostRegister refused %d bytes (error %s); pinning with torch instead.", size, error)
             self._failed = True
             return False
-        self._slabs.append(slab)
+        offset = (-raw.data_ptr()) % _ALIGN
+        self._registered.append(raw)
+        self._slabs.append(raw[offset : offset + size])
         self._free = size
         return True
 
     def close(self) -> None:
         """Unregister every slab (call once no copy from or into them is pending); the tensors
         carved from them stay valid, as ordinary memory."""
-        for slab in self._slabs:
-            torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+        for raw in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(raw.data_ptr())
+        self._registered.clear()
         self._slabs.clear()
         self._free = 0
