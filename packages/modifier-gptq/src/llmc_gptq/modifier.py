@@ -15,7 +15,7 @@ from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization.calibrate import calibrate_weight
-from llmc_gptq import column_kernel
+from llmc_gptq import column_kernel, solver
 from llmc_gptq.batching import plan_solves
 from llmc_gptq.hessian import HessianAccumulator
 from llmc_gptq.solver import gptq_quantize_batch
@@ -89,7 +89,7 @@ class GPTQModifier(QuantizationModifier):
     def on_calibration_start(self, state: State) -> None:
         if state.device.type == "cuda" and column_kernel.available():
             # the column kernel compiles while the first layer calibrates, not in its solve
-            self._warm_up = threading.Thread(target=column_kernel.warm_up, args=(state.device, self.block_size), daemon=True)
+            self._warm_up = threading.Thread(target=solver.warm_up, args=(state.device, self.block_size), daemon=True)
             self._warm_up.start()
         self._hessians = HessianAccumulator(lambda: state.observing, offload=self.offload_hessians)
         for _, module in self.targeted_modules():

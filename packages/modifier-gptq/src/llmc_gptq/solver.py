@@ -211,6 +211,21 @@ def _permute_in_place(H: torch.Tensor, order: torch.Tensor) -> None:
         H[b].copy_(H[b].index_select(1, order[b]))
 
 
+def warm_up(device: torch.device, block_size: int) -> None:
+    """Load and compile what the first solve would wait for (the Triton column kernel, the
+    factorisation's and products' libraries, loaded lazily), meant for a thread started while
+    the first layer calibrates. A failure is left for the solve itself to meet."""
+    fused_loop.warm_up(device, block_size)
+    try:
+        eye = torch.eye(64, device=device)[None]
+        lower, _ = torch.linalg.cholesky_ex(eye)
+        torch.linalg.solve_triangular(lower, eye, upper=False)
+        torch.bmm(eye.to(torch.bfloat16), eye.to(torch.bfloat16), out_dtype=torch.float32)
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - see above
+        return
+
+
 def _check_supported(args: QuantizationArgs) -> None:
     if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
         args.type == QuantizationType.FLOAT and args.num_bits != 8
