@@ -556,3 +556,8 @@ def test_pinned_slabs_hand_out_page_locked_buffers_that_outlive_the_slabs(monkey
     slabs.close()
     for buffer, source in zip(buffers, sources, strict=True):
         assert torch.equal(buffer, source.cpu())
+    # slabs nobody closed are unregistered when collected: their memory can be registered again
+    for _ in range(3):
+        again = pinned.PinnedSlabs(slab_bytes=1 << 20)
+        assert again.empty(1 << 18, torch.float32).is_pinned()
+        del again
