@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from llmc import oneshot
+from llmc.api import input_only
 from llmc.hookspecs import hookimpl
 from llmc.modifiers import Modifier
 from llmc.modifiers.quantization import QuantizationModifier
@@ -27,6 +28,7 @@ DATA = dict(
 class GramModifier(Modifier):
     """Accumulates X^T X of every Linear input inside the decoder layers (a GPTQ-like statistic)."""
 
+    mark_input_only: bool = True  # its hooks only read the input (llmc.api.input_only)
     grams: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False)
     batches: int = attrs.field(default=0, init=False)
     _handles: list = attrs.field(factory=list, init=False)
@@ -44,6 +46,8 @@ class GramModifier(Modifier):
                     x = args[0].reshape(-1, args[0].shape[-1]).double()
                     self.grams[name] = self.grams.get(name, 0) + x.T @ x
 
+                if self.mark_input_only:
+                    hook = input_only(hook)
                 self._handles.append(module.register_forward_pre_hook(hook))
 
     def on_calibration_end(self, state) -> None:
@@ -77,13 +81,15 @@ def test_sequential_matches_basic(checkpoint_factory, arch, qac):
         torch.testing.assert_close(sequential[name], basic[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("marked", [True, False])
 @pytest.mark.parametrize("qac", [True, False])
-def test_calibration_pass_stops_after_the_last_observed_module(llama_path, monkeypatch, qac):
+def test_calibration_pass_stops_after_the_last_observed_module(llama_path, monkeypatch, qac, marked):
     """With quantization-aware calibration the calibration pass's outputs are thrown away: after
     the first batch, each layer's pass stops at the last hooked module (the down projection's
     input), so its product never runs; without it, those outputs feed the next layer and the
-    pass runs whole, except on the last layer, whose outputs nothing reads. The observed
-    statistics are the same either way (see above)."""
+    pass runs whole, except on the last layer, whose outputs nothing reads. A pre-hook not
+    marked input-only may prepare the module's forward: the pass then stops after it. The
+    observed statistics are the same either way (see above)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(llama_path)
@@ -97,12 +103,14 @@ def test_calibration_pass_stops_after_the_last_observed_module(llama_path, monke
         return linear(x, weight, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "linear", counted)
-    gram = GramModifier()
+    gram = GramModifier(mark_input_only=marked)
     oneshot(model=model, recipe=[QuantizationModifier(scheme="W4A16", ignore=["lm_head"]), gram],
             pipeline="sequential", quantization_aware_calibration=qac, **DATA)
     batches = 3  # 6 samples, 2 per batch
     assert len(gram.grams) == 14 and gram.batches == 2 * batches
-    if qac:  # layer 0: batch 0 whole, then the propagation pass; the last layer: batch 0 alone
+    if not marked:  # every calibration pass runs the down projection
+        assert calls == {"model.layers.0.mlp.down_proj": batches * (2 if qac else 1), "model.layers.1.mlp.down_proj": batches}
+    elif qac:  # layer 0: batch 0 whole, then the propagation pass; the last layer: batch 0 alone
         assert calls == {"model.layers.0.mlp.down_proj": 1 + batches, "model.layers.1.mlp.down_proj": 1}
     else:
         assert calls == {"model.layers.0.mlp.down_proj": batches, "model.layers.1.mlp.down_proj": 1}

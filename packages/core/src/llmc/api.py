@@ -25,6 +25,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from llmc import distributed, tiny
 from llmc.hookspecs import hookimpl
 from llmc.lifecycle import State
+from llmc.linalg import add_gram, gram, mirror_upper
 from llmc.mappings import (
     DENSE_ARCHITECTURES,
     Mapping,
@@ -38,6 +39,7 @@ from llmc.mappings import (
 )
 from llmc.modifiers.base import Modifier
 from llmc.modifiers.quantization import QuantizationModifier
+from llmc.observing import input_only
 from llmc.patches import ModelPatch
 from llmc.pipelines import Pipeline
 from llmc.plugins import PluginNotFoundError, get_registry
@@ -84,8 +86,14 @@ __all__ = [
     "global_scale",
     "rounding_error",
     "flatten_for_calibration",
+    # Gram products of calibration inputs (X^T X), float32, upper bands for wide ones
+    "gram",
+    "add_gram",
+    "mirror_upper",
     # data-parallel runs: reduce a modifier's statistics over the ranks (identity in one process)
     "distributed",
+    # mark a forward pre-hook that only reads its module's input (see llmc.observing)
+    "input_only",
     # nested call arguments; tiny models for a plugin's tests
     "map_tensors",
     "tiny",

@@ -20,6 +20,7 @@ import torch
 
 from llmc import distributed
 from llmc.linalg import add_gram, gram, mirror_upper
+from llmc.observing import input_only
 
 # tokens per Hessian product on CUDA (four 2048-token batches)
 STAGE_TOKENS = 8192
@@ -56,6 +57,7 @@ class HessianAccumulator:
     def attach(self, module: torch.nn.Module) -> None:
         self._handles.append(module.register_forward_pre_hook(self._hook))
 
+    @input_only
     def _hook(self, module: torch.nn.Module, args: tuple) -> None:
         if not self.observing():
             return

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from llmc.lifecycle import State, lifecycle, pop_loss_mask
 from llmc.modifiers.base import Modifier
+from llmc.observing import is_input_only
 from llmc.quantization.calibrate import quantization_disabled, weights_quantized_once
 from llmc.resume import SequentialProgress
 from llmc_pipelines.basic import to_device
@@ -274,10 +275,10 @@ class EarlyExit:
     decoder layer whose Linear inputs are observed, the down projection's product and the
     residual add, a sixth of the forward. The first batch runs whole and records the order
     in which the layer's modules run; the later ones stop in a hook registered after the last
-    hooked module's own (its forward hooks if it has any, else its pre-hooks, and then its
-    own forward is skipped too). Nothing stops when the layer itself is hooked or a hooked
-    module did not run on the first batch (an MoE expert no token reached: its place in the
-    order is unknown).
+    hooked module's own: before its forward when its hooks are all pre-hooks marked
+    :func:`llmc.observing.input_only` (the forward is then skipped too), else after it.
+    Nothing stops when the layer itself is hooked or a hooked module did not run on the first
+    batch (an MoE expert no token reached: its place in the order is unknown).
     """
 
     def __init__(self, layer: torch.nn.Module) -> None:
@@ -307,10 +308,10 @@ class EarlyExit:
         def stop(*_: Any) -> None:
             raise _Observed
 
-        if last._forward_hooks:
-            self._handles.append(last.register_forward_hook(stop))
+        if all(is_input_only(h) for h in last._forward_pre_hooks.values()) and not last._forward_hooks:
+            self._handles.append(last.register_forward_pre_hook(stop))  # its forward is skipped too
         else:
-            self._handles.append(last.register_forward_pre_hook(stop))
+            self._handles.append(last.register_forward_hook(stop))
 
     def _remove(self) -> None:
         for handle in self._handles:

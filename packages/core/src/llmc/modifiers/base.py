@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from llmc.hookspecs import PROJECT, hookimpl
+from llmc.observing import input_only
 
 if TYPE_CHECKING:
     import torch
@@ -68,10 +69,12 @@ class Modifier:
         a layer's outputs (``state.observing`` false). The hook is removed when calibration
         ends, so a modifier keeps no hook handles of its own."""
 
+        @input_only
         def on_input(module: torch.nn.Module, args: tuple) -> None:
             if state.observing:
                 fn(args[0])
 
+        @input_only
         def on_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if state.observing:
                 fn(args, kwargs)

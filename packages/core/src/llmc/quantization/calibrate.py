@@ -19,6 +19,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.utils import calculate_qparams
 
 from llmc import distributed
+from llmc.observing import input_only
 from llmc.quantization.kv_cache import kv_cache_tap
 from llmc.quantization.observers import (
     Observer,
@@ -289,7 +290,7 @@ class ActivationObservers:
                 self._removers.append(tap.register(base, record))
                 continue
             if base == "input":
-                handle = module.register_forward_pre_hook(lambda m, a, record=record: record(m, a[0]))
+                handle = module.register_forward_pre_hook(input_only(lambda m, a, record=record: record(m, a[0])))
             else:
                 handle = module.register_forward_hook(lambda m, a, out, record=record: record(m, out))
             self._handles.append(handle)
