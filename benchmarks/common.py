@@ -50,6 +50,19 @@ def git_commit() -> str | None:
     return os.environ.get("LLMC_GIT_COMMIT") or None
 
 
+def cuda_ms(fn, repeats: int) -> float:
+    """Milliseconds per call of ``fn`` on the GPU (CUDA events, after a warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

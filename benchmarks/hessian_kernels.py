@@ -16,20 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import cuda_ms as timed
 from benchmarks.common import table, write_json
-
-
-def timed(fn, repeats: int) -> float:
-    """Milliseconds per call (CUDA events, after a warm-up)."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def methods(features: int, tokens: int) -> list[tuple[str, Callable[[], object], int]]:

@@ -17,20 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import cuda_ms as timed
 from benchmarks.common import table, write_json
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Milliseconds per call (CUDA events, after a warm-up)."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def wall(fn: Callable[[], object]) -> float:
