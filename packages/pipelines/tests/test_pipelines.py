@@ -569,3 +569,53 @@ def test_pinned_slabs_hand_out_page_locked_buffers_that_outlive_the_slabs(monkey
         again = pinned.PinnedSlabs(slab_bytes=1 << 20)
         assert again.empty(1 << 18, torch.float32).is_pinned()
         del again
+
+
+def test_pinned_slabs_register_whole_slabs_and_always_unregister_them(monkeypatch):
+    """The registration bookkeeping, with CUDA's runtime stood in for: every slab is registered
+    whole (from its storage's base, which torch's is_pinned asks about), buffers are carved
+    aligned and apart, and each registered range is unregistered exactly once, by close() or,
+    if nobody closed, when the slabs are collected; after close, requests fall back to torch."""
+    import gc
+
+    from llmc_pipelines import pinned
+
+    registered: dict[int, int] = {}
+    events = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            assert ptr not in registered
+            registered[ptr] = size
+            events.append("register")
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            del registered[ptr]
+            events.append("unregister")
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    slabs = pinned.PinnedSlabs(slab_bytes=1 << 16)
+    small = [slabs.empty(1000, torch.bfloat16) for _ in range(3)]
+    large = slabs.empty(1 << 15, torch.float32)  # 128 KiB: a slab of its own
+    assert len(registered) == 2
+    for t in (*small, large):
+        base = t.untyped_storage().data_ptr()
+        assert base in registered and base <= t.data_ptr() and t.data_ptr() % 4096 == 0
+        assert t.data_ptr() + t.numel() * t.element_size() <= base + registered[base]
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in small)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    small[0].fill_(1.0)
+    slabs.close()
+    assert not registered and events.count("unregister") == 2
+    assert small[0].eq(1.0).all()  # still valid memory
+    slabs.close()  # once only
+    assert events.count("unregister") == 2
+
+    forgotten = pinned.PinnedSlabs(slab_bytes=1 << 16)
+    kept = forgotten.empty(10, torch.float32)
+    assert len(registered) == 1
+    del forgotten
+    gc.collect()
+    assert not registered and kept.numel() == 10
