@@ -144,9 +144,9 @@ class AWQModifier(QuantizationModifier):
 
     _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
     _inputs: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
-    # parents that are Linear layers balanced alone: the Gram matrix of their inputs and its
-    # token count instead of cached inputs (see llmc_awq.search.GramError)
-    _grams: dict[str, tuple[torch.Tensor, int]] = attrs.field(factory=dict, init=False, repr=False)
+    # parents that are Linear layers balanced alone: the Gram matrix of their inputs (None
+    # until a token reaches them) and its token count instead of cached inputs (GramError)
+    _grams: dict[str, tuple[torch.Tensor | None, int]] = attrs.field(factory=dict, init=False, repr=False)
     _x_sum: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
     _x_count: dict[str, int] = attrs.field(factory=dict, init=False, repr=False)
     _moments: dict[str, GroupMoments] = attrs.field(factory=dict, init=False, repr=False)
@@ -198,13 +198,13 @@ class AWQModifier(QuantizationModifier):
             parent = _parent_name(mapping.balance_names)
             if _gram_parent(mapping, modules[parent]):
                 if parent not in self._grams:
-                    self._grams[parent] = (torch.zeros(0), 0)
+                    self._grams[parent] = (None, 0)
 
                     def gram(args: tuple, kwargs: dict, parent: str = parent) -> None:
                         if not self._searching:
                             rows = masked_tokens(args[0].detach(), state.loss_mask)
                             total, tokens = self._grams[parent]
-                            if total.shape[0] != rows.shape[-1]:
+                            if total is None:
                                 total = torch.zeros(rows.shape[-1], rows.shape[-1], device=rows.device)
                             self._grams[parent] = (add_gram(total, rows), tokens + rows.shape[0])
 
@@ -353,7 +353,7 @@ class AWQModifier(QuantizationModifier):
         try:
             if parent_name in self._grams:
                 total, tokens = self._grams[parent_name]
-                if total.shape[0] != parent.weight.shape[1]:  # no token reached it here
+                if total is None:  # no token reached it here
                     total = torch.zeros(parent.weight.shape[1], parent.weight.shape[1], device=device)
                 measure: OutputError | GramError = GramError(parent, mirror_upper(total), tokens)
             else:
