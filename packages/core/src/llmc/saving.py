@@ -220,11 +220,10 @@ class _Staging:
                 if t is None or t.device == device:
                     continue
                 view = self._view(t)
+                view.copy_(t)  # from the GPU: waits for the copy
                 if device.type == "cpu":
-                    view.copy_(t)  # waits for the copy: the buffer is free again after it
                     moved = view.clone()
                 else:
-                    view.copy_(t)
                     moved = view.to(device, non_blocking=True)
                     torch.cuda.current_stream(device).synchronize()  # before the buffer is reused
                 t.data = moved
@@ -243,17 +242,11 @@ def compress_on_device(model: torch.nn.Module, compressor: ModelCompressor, devi
         m for m in model.modules()
         if is_module_quantized(m) and getattr(m, "quantization_status", None) != QuantizationStatus.COMPRESSED and _on_cpu(m)
     ]
-    staging = _Staging() if device.type == "cuda" else None
+    staging = _Staging()
     for module in tqdm(modules, desc="Compressing on " + str(device), leave=False, disable=not modules):
-        if staging is not None:
-            staging.move(module, device)
-        else:
-            module.to(device)
+        staging.move(module, device)
         compress_module(module, compressor.force_compression_format)
-        if staging is not None:
-            staging.move(module, torch.device("cpu"))
-        else:
-            module.to("cpu")
+        staging.move(module, torch.device("cpu"))
 
 
 def save_compressed_tensors(
