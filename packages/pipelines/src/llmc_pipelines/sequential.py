@@ -301,9 +301,9 @@ class EarlyExit:
         """After the first batch: stop the next ones after the last hooked module."""
         self._remove()
         hooked = [m for m in self.layer.modules() if m is not self.layer and (m._forward_hooks or m._forward_pre_hooks)]
-        if not self._order or not hooked or any(m not in self._order for m in hooked):
+        if not hooked or any(m not in self._order for m in hooked):
             return
-        last = max(hooked, key=lambda m: len(self._order) - 1 - self._order[::-1].index(m))
+        last = next(m for m in reversed(self._order) if m in hooked)  # the last to run
 
         def stop(*_: Any) -> None:
             raise _Observed
