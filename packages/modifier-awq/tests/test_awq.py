@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from llmc import oneshot
 from llmc.mappings import fold_scales, resolve_mappings
 from llmc.testing import needs
+from llmc_awq import search
 from llmc_awq.search import GramError, OutputError, fake_quantized, search_scales
 
 DATA = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
@@ -90,7 +91,7 @@ def test_search_picks_the_scales_a_brute_force_search_picks(duo, measure):
         linear.weight.copy_(torch.randn(32, 512, generator=g) * torch.tensor([1.0, 8.0, 0.2, 3.0]).repeat_interleave(128))
     x = torch.randn(256, 512, generator=g) * (1 + 10 * torch.rand(512, generator=g) ** 4)
     with torch.no_grad():
-        error = OutputError(lambda: [linear(x)]) if measure == "outputs" else GramError(linear, x.T @ x, x.shape[0])
+        error = OutputError(lambda i: linear(x), 1) if measure == "outputs" else GramError(linear, x.T @ x, x.shape[0])
         result = search_scales(error, [linear], x.abs().mean(0), args, n_grid=10, duo_scaling=duo)
         expected = _reference_search(linear.weight.detach(), x, 128, 10, duo)
         other = _reference_search(linear.weight.detach(), x, 128, 10, not duo)
@@ -105,19 +106,78 @@ def test_search_never_worse_than_rtn_and_uniform_scales_are_one():
     gain = torch.ones(256)
     gain[[5, 77, 130, 200]] = 20.0  # a few salient input channels, as in real activations
     x = torch.randn(512, 256) * gain
-    result = search_scales(OutputError(lambda: [linear(x)]), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling=True)
+    result = search_scales(OutputError(lambda i: linear(x), 1), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling=True)
     rtn = float((torch.nn.functional.linear(x, fake_quantized(linear.weight.data, args)) - linear(x)).pow(2).mean())
     torch.testing.assert_close(result.rtn_loss, rtn, rtol=1e-4, atol=0)
     assert result.loss < 0.8 * result.rtn_loss  # salient channels protected
-    both = search_scales(OutputError(lambda: [linear(x)]), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling="both")
+    both = search_scales(OutputError(lambda i: linear(x), 1), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling="both")
     assert both.loss <= result.loss  # a superset of candidates
 
     uniform = torch.nn.Linear(256, 64, bias=False)
     with torch.no_grad():
         uniform.weight.copy_(torch.sign(torch.randn(64, 256)))
     flat = torch.ones(512, 256)
-    result = search_scales(OutputError(lambda: [uniform(flat)]), [uniform], flat.mean(0), args, n_grid=20, duo_scaling=True)
+    result = search_scales(OutputError(lambda i: uniform(flat), 1), [uniform], flat.mean(0), args, n_grid=20, duo_scaling=True)
     torch.testing.assert_close(result.scales, torch.ones(256))
+
+
+def _salient_problem(seed: int, calls: int):
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 256, generator=g))
+    gain = 1 + 10 * torch.rand(256, generator=g) ** 4
+    xs = [torch.randn(64, 256, generator=g) * gain for _ in range(calls)]
+    return linear, xs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ranking_on_a_sample_of_calls_picks_what_the_full_search_picks(monkeypatch, seed):
+    """With enough cached calls every candidate is ranked on a quarter of them and only the
+    shortlist is measured on all: the same scales as measuring every candidate on every
+    call, with fewer than half the forward passes; the losses reported are full-data ones."""
+    args = preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights
+    linear, xs = _salient_problem(seed, calls=16)
+    x = torch.cat(xs)
+    runs = []
+
+    def run(i: int) -> torch.Tensor:
+        runs.append(i)
+        return linear(xs[i])
+
+    def searched():
+        runs.clear()
+        with torch.no_grad():
+            return search_scales(OutputError(run, len(xs)), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling=True), len(runs)
+
+    sampled, sampled_runs = searched()
+    monkeypatch.setattr(search, "MIN_SAMPLED_CALLS", len(xs) + 1)
+    full, full_runs = searched()
+    torch.testing.assert_close(sampled.scales, full.scales, rtol=0, atol=0)
+    assert sampled.loss == full.loss and sampled.rtn_loss == full.rtn_loss
+    assert full_runs == 16 * 22  # the reference and 21 candidates, every call
+    assert sampled_runs == 16 + 21 * 4 + 4 * 16  # reference, every candidate on 4 calls, 4 finalists on all
+    with torch.no_grad():
+        s = sampled.scales
+        loss = float((torch.nn.functional.linear(x, fake_quantized(linear.weight * s, args) / s) - linear(x)).pow(2).mean())
+    torch.testing.assert_close(sampled.loss, loss, rtol=1e-4, atol=0)
+
+
+def test_a_misleading_sample_never_costs_more_than_round_to_nearest(monkeypatch):
+    """The sample's ranking only shortlists: round-to-nearest is always measured on every call,
+    so a sample unlike the rest (here: its calls alone carry salient channels, the others are
+    larger and flat) can at worst return round-to-nearest's scales, with the full data's losses."""
+    args = preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights
+    linear, xs = _salient_problem(0, calls=16)
+    flat = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    xs = [x if i % search.SAMPLE_STRIDE == 0 else flat * 3 for i, x in enumerate(xs)]
+    x = torch.cat(xs)
+    with torch.no_grad():
+        result = search_scales(OutputError(lambda i: linear(xs[i]), len(xs)), [linear], x.abs().mean(0), args, n_grid=20, duo_scaling=True)
+        rtn = float((torch.nn.functional.linear(x, fake_quantized(linear.weight, args)) - linear(x)).pow(2).mean())
+    torch.testing.assert_close(result.rtn_loss, rtn, rtol=1e-4, atol=0)
+    assert result.loss == result.rtn_loss  # every shortlisted scaling is worse on all the data
+    torch.testing.assert_close(result.scales, torch.ones(256), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])

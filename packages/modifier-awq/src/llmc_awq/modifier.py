@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -361,13 +361,12 @@ class AWQModifier(QuantizationModifier):
                     groups = checked_groups(cached, plan_groups(cached), move, run)
                     _group_in_place(cached, groups)
 
-                def run_parent() -> Iterator[torch.Tensor]:
+                def run_call(i: int) -> torch.Tensor:
                     with torch.no_grad():
-                        for args, kwargs, mask in cached:
-                            yield run(*move((args, kwargs, mask)))
+                        return run(*move(cached[i]))
 
                 with torch.no_grad():
-                    measure = OutputError(run_parent)
+                    measure = OutputError(run_call, len(cached))
 
             quantized = [(b, self._weight_args(n, b)) for n, b in zip(mapping.balance_names, mapping.balance, strict=True)]
             quantized = [(b, a) for b, a in quantized if a is not None]

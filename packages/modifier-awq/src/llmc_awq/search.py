@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -54,26 +54,41 @@ class SearchResult:
     rtn_loss: float  # the identity candidate: plain round-to-nearest
 
 
+# The two-stage search: with at least MIN_SAMPLED_CALLS cached calls (summed over the ranks),
+# every candidate is first measured on every SAMPLE_STRIDE-th call, then the SHORTLIST best of
+# them and plain round-to-nearest on every call; the best of those on every call wins.
+MIN_SAMPLED_CALLS = 8
+SAMPLE_STRIDE = 4
+SHORTLIST = 3
+
+
 class OutputError:
     """Squared error of a parent module's outputs against its unquantized outputs.
 
-    ``run_parent()`` yields the parent's outputs on the cached calibration inputs, one
-    (grouped) call at a time; the reference is taken when this is made, so make it before
-    any weight changes. Each call's error is added up on the device as it comes: no
-    candidate's outputs are kept, nothing waits on the device.
+    ``run(i)`` returns the parent's outputs on cached (grouped) call ``i`` of ``calls``; the
+    reference is taken when this is made, so make it before any weight changes. Each call's
+    error is added up on the device as it comes: no candidate's outputs are kept, nothing
+    waits on the device.
     """
 
-    def __init__(self, run_parent: Callable[[], Iterable[torch.Tensor]]) -> None:
-        self.run_parent = run_parent
-        self.reference = list(run_parent())
-        self.count = float(sum(r.numel() for r in self.reference))
+    def __init__(self, run: Callable[[int], torch.Tensor], calls: int) -> None:
+        self.run = run
+        self.calls = calls  # a sample of them may rank the candidates (search_scales)
+        self.reference = [run(i) for i in range(calls)]
 
-    def __call__(self) -> torch.Tensor:
+    def _calls(self, calls: Sequence[int] | None) -> Sequence[int]:
+        return range(len(self.reference)) if calls is None else calls
+
+    def count(self, calls: Sequence[int] | None = None) -> float:
+        """Output elements measured over ``calls`` (every call: None)."""
+        return float(sum(self.reference[i].numel() for i in self._calls(calls)))
+
+    def __call__(self, calls: Sequence[int] | None = None) -> torch.Tensor:
         error = None
-        for o, r in zip(self.run_parent(), self.reference, strict=True):
+        for i in self._calls(calls):
             # the difference in the outputs' precision, squared and summed in float32 in one
             # pass: converting both outputs first took three passes more
-            norm = torch.linalg.vector_norm(o - r, dtype=torch.float32).double().square()
+            norm = torch.linalg.vector_norm(self.run(i) - self.reference[i], dtype=torch.float32).double().square()
             error = norm if error is None else error + norm.to(error.device)
         return error if error is not None else torch.zeros((), dtype=torch.float64)
 
@@ -93,9 +108,14 @@ class GramError:
         self.layer = layer
         self.original = layer.weight.detach().clone()
         self.gram = gram.to(torch.bfloat16) if gram.is_cuda else gram.float()
-        self.count = float(tokens * layer.weight.shape[0])
+        self.elements = float(tokens * layer.weight.shape[0])
 
-    def __call__(self) -> torch.Tensor:
+    calls = None  # never sampled: a candidate costs one product the size of the weight
+
+    def count(self, calls: None = None) -> float:
+        return self.elements
+
+    def __call__(self, calls: None = None) -> torch.Tensor:
         delta = self.layer.weight.detach().float() - self.original.float()
         gram = self.gram.to(delta.device)
         if gram.dtype == torch.bfloat16:
@@ -103,6 +123,19 @@ class GramError:
         else:
             product = delta @ gram
         return torch.sum(product * delta, dtype=torch.float64)
+
+
+def _sample(
+    calls: int | None, reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+) -> list[int] | None:
+    """The calls to rank candidates on, or None to measure each on every call: too few calls
+    over the ranks (``reduce`` sums them, so every rank decides alike)."""
+    if calls is None:
+        return None
+    total = reduce(torch.tensor([float(calls)], dtype=torch.float64, device=device))
+    if float(total.item()) < MIN_SAMPLED_CALLS:
+        return None
+    return list(range(0, calls, SAMPLE_STRIDE))
 
 
 def search_scales(
@@ -116,26 +149,44 @@ def search_scales(
 ) -> SearchResult:
     """Try each candidate: scale the balance weights up, quantize, scale back, measure.
 
-    ``measure()`` is the summed squared output error with the balance weights as they are
-    now; the loss is its mean per output element (``measure.count`` of them). Weights are
-    restored before returning; nothing is folded here. ``reduce`` sums the candidates' errors
-    and the element count over the ranks of a distributed run (their calibration inputs are
-    each rank's share), so every rank picks the same candidate.
+    ``measure(calls)`` is the summed squared output error over those cached calls with the
+    balance weights as they are now; a loss is its mean per output element
+    (``measure.count(calls)``). With :data:`MIN_SAMPLED_CALLS` of ``measure.calls`` or more,
+    every candidate is ranked on every :data:`SAMPLE_STRIDE`-th call first, and only the
+    :data:`SHORTLIST` best and plain round-to-nearest are measured on every call: the search
+    returns the candidate the full search returns whenever that one ranks among the sample's
+    best, and never one worse than round-to-nearest. Weights are restored before returning;
+    nothing is folded here. ``reduce`` sums errors and element counts over the ranks of a
+    distributed run (their calibration inputs are each rank's share), so every rank picks the
+    same candidate.
     """
     originals = [m.weight.data.clone() for m in balance]
     w_mean = weight_mean(originals, args).to(x_mean.device)
     candidates = candidate_scales(x_mean.float(), w_mean, n_grid, duo_scaling)
-    errors = []
-    try:
-        for s in candidates:
+
+    def losses(indices: Sequence[int], calls: list[int] | None) -> list[float]:
+        errors = []
+        for i in indices:
+            s = candidates[i]
             for module, w in zip(balance, originals, strict=True):
                 sd = s.to(w.device, torch.float32)
                 module.weight.data.copy_((fake_quantized((w.float() * sd).to(w.dtype), args).float() / sd).to(w.dtype))
-            errors.append(measure().to(x_mean.device))
+            errors.append(measure(calls).to(x_mean.device))
+        count = reduce(torch.tensor([measure.count(calls)], dtype=torch.float64, device=x_mean.device))
+        return (reduce(torch.stack(errors)) / count.clamp(min=1)).tolist()
+
+    everyone = range(len(candidates))
+    try:
+        sample = _sample(measure.calls, reduce, x_mean.device)
+        if sample is None:
+            finalists: Sequence[int] = everyone
+        else:
+            rough = losses(everyone, sample)
+            ranked = sorted(everyone, key=lambda i: (rough[i], i))
+            finalists = sorted({0, *ranked[:SHORTLIST]})
+        full = dict(zip(finalists, losses(finalists, None), strict=True))
     finally:
         for module, w in zip(balance, originals, strict=True):
             module.weight.data.copy_(w)
-    count = reduce(torch.tensor([measure.count], dtype=torch.float64, device=x_mean.device))
-    losses = (reduce(torch.stack(errors)) / count.clamp(min=1)).tolist()
-    best = min(range(len(losses)), key=lambda i: (losses[i], i))  # the first of equals, as a strict < scan
-    return SearchResult(candidates[best], losses[best], losses[0])
+    best = min(finalists, key=lambda i: (full[i], i))  # the first of equals, as a strict < scan
+    return SearchResult(candidates[best], full[best], full[0])
