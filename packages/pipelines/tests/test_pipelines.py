@@ -619,3 +619,85 @@ def test_pinned_slabs_register_whole_slabs_and_always_unregister_them(monkeypatc
     del forgotten
     gc.collect()
     assert not registered and kept.numel() == 10
+
+
+def test_pinned_slabs_prepared_ahead_are_handed_out_in_turn_and_the_rest_released(monkeypatch):
+    """Inside ``ahead`` a thread registers slabs before they are asked for: requests take them
+    (a larger one still gets its own), and on leaving, the slabs nobody took are unregistered
+    while those handed out stay registered until close; a refused registration on the thread
+    makes later requests fall back to torch's pinning instead of waiting."""
+    import threading
+    import time
+
+    from llmc_pipelines import pinned
+
+    registered: dict[int, int] = {}
+    threads: set[str] = set()
+    lock = threading.Lock()
+    refuse = threading.Event()
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            with lock:
+                threads.add(threading.current_thread().name)
+                if refuse.is_set():
+                    return 1
+                registered[ptr] = size
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            with lock:
+                del registered[ptr]
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    slabs = pinned.PinnedSlabs(slab_bytes=1 << 16)
+    with slabs.ahead(3, torch.device("cpu")):
+        deadline = time.monotonic() + 10
+        while len(registered) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(registered) == 3  # ready before any request
+        small = [slabs.empty(1 << 13, torch.float32) for _ in range(4)]  # 32 KiB each: two slabs
+        large = slabs.empty(1 << 15, torch.float32)  # 128 KiB: registered here, for itself
+    assert threads >= {"llmc-pinned-slabs", threading.current_thread().name}
+    held = {t.untyped_storage().data_ptr() for t in (*small, large)}
+    assert len(held) == 3 and set(registered) == held  # the prepared ones nobody took: gone
+    slabs.close()
+    assert not registered
+
+    refuse.set()
+    slabs = pinned.PinnedSlabs(slab_bytes=1 << 16)
+    with slabs.ahead(2, torch.device("cpu")), pytest.raises(RuntimeError, match="pin_memory"):
+        slabs.empty(100, torch.float32)  # torch's pinning, which this machine lacks
+    assert not registered
+
+
+@pytest.mark.parametrize("arch, config", [("llama", {}), ("qwen3", {"head_dim": 48})])
+def test_attention_warm_up_calls_attention_shaped_as_the_model_does(tmp_path, arch, config, monkeypatch):
+    """The warm-up's stand-in attention call has the model's own query heads, head size, dtype
+    and causality (key/value heads as the model passes them, or grouped), so it loads what the
+    model's first call would; without CUDA no thread starts."""
+    import transformers
+
+    from llmc import tiny
+    from llmc_pipelines import warming
+
+    path = tiny.save_tiny(tmp_path, arch=arch, **config)  # qwen3: a head size apart from hidden / heads
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        calls.append((query.shape, key.shape, query.dtype, kwargs.get("is_causal"), kwargs.get("enable_gqa", False)))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(torch.arange(1, 9)[None])
+    (query, key, dtype, _, gqa), *_ = calls
+    calls.clear()
+    warming.warm_attention(model.config, model.dtype, torch.device("cpu"))
+    [(warm_query, warm_key, warm_dtype, causal, warm_gqa)] = calls
+    assert (warm_query[1], warm_query[3], warm_dtype, causal) == (query[1], query[3], dtype, True)
+    assert warm_key[1] == key[1] or (warm_gqa and warm_key[1] == model.config.num_key_value_heads)
+    assert warming.start_attention_warm_up(model, torch.device("cpu")) is None

@@ -8,12 +8,19 @@ then registered with CUDA (``cudaHostRegister``): 7 GB/s measured the same way
 (``benchmarks.layer_costs``). Slabs stay registered until :meth:`PinnedSlabs.close` (or
 until the object is collected, if nobody closed it), and alive until then: memory is never
 freed while registered (the range could not be registered again: "resource already mapped").
+
+Even so, the capture of those hidden states waited about 1 s for slabs. Inside
+:meth:`PinnedSlabs.ahead` a thread prepares the next slabs while the capture runs the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -34,6 +41,8 @@ class PinnedSlabs:
         self._release.atexit = False  # at exit the process lets go of everything anyway
         self._free = 0  # bytes left at the end of the last slab
         self._failed = False  # registration refused once, or closed: torch's own pinning from then on
+        # slabs a thread prepares ahead of requests, and the thread (PinnedSlabs.ahead)
+        self._ahead: tuple[queue.Queue, threading.Thread] | None = None
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised pinned 1-D tensor of ``numel`` elements of ``dtype``."""
@@ -50,23 +59,61 @@ class PinnedSlabs:
         return slab[start : start + size].view(dtype)
 
     def _new_slab(self, size: int) -> bool:
-        raw = torch.empty(size + _ALIGN, dtype=torch.uint8)
-        raw.zero_()  # faults every page in, on every core, before CUDA locks them
-        # registered whole: torch asks CUDA about a view's storage base, not the view
-        cudart = torch.cuda.cudart()
-        error = cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)
-        if int(error) != 0:
-            clear = getattr(cudart, "cudaGetLastError", None)
-            if clear is not None:  # or torch's next launch check reports it
-                clear()
-            logger.debug("cudaHostRegister refused %d bytes (error %s); pinning with torch instead.", size, error)
+        slab = self._prepared() if size == self.slab_bytes else _register(size)
+        if slab is None:
             self._failed = True
             return False
+        raw, self._free = slab, size
         offset = (-raw.data_ptr()) % _ALIGN
         self._registered.append(raw)
         self._slabs.append(raw[offset : offset + size])
-        self._free = size
         return True
+
+    def _prepared(self) -> torch.Tensor | None:
+        """The next slab the thread prepared (waiting while it makes it), or one made here."""
+        while self._ahead is not None:
+            ready, thread = self._ahead
+            try:
+                return ready.get(timeout=0.05)
+            except queue.Empty:
+                if not thread.is_alive():  # it stopped: nothing more will come
+                    break
+        return _register(self.slab_bytes)
+
+    @contextlib.contextmanager
+    def ahead(self, count: int, device: torch.device) -> Iterator[None]:
+        """While inside, a thread keeps ``count`` slabs registered ahead of requests, so a
+        caller filling them (the sequential pipeline's capture) waits for none of them; the
+        slabs no request took are unregistered and freed on leaving."""
+        ready: queue.Queue = queue.Queue(maxsize=count)
+        stop = threading.Event()
+
+        def prepare() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            while not stop.is_set():
+                if ready.full():  # ``count`` ahead already: wait for a request to take one
+                    stop.wait(0.01)
+                    continue
+                slab = _register(self.slab_bytes)
+                ready.put(slab)  # room: only requests take from it meanwhile
+                if slab is None:  # refused: the requests pin with torch from now on
+                    return
+
+        thread = threading.Thread(target=prepare, name="llmc-pinned-slabs", daemon=True)
+        if not self._failed:
+            self._ahead = ready, thread
+            thread.start()
+        try:
+            yield
+        finally:
+            self._ahead = None
+            stop.set()
+            if thread.is_alive():
+                thread.join()
+            while not ready.empty():
+                slab = ready.get()
+                _unregister([slab] if slab is not None else [])
 
     def close(self) -> None:
         """Unregister every slab (call once no copy from or into them is pending); the tensors
@@ -75,6 +122,22 @@ class PinnedSlabs:
         self._slabs.clear()
         self._free = 0
         self._failed = True
+
+
+def _register(size: int) -> torch.Tensor | None:
+    """A registered slab of ``size`` usable bytes past its alignment, or None if refused."""
+    raw = torch.empty(size + _ALIGN, dtype=torch.uint8)
+    raw.zero_()  # faults every page in, on every core, before CUDA locks them
+    # registered whole: torch asks CUDA about a view's storage base, not the view
+    cudart = torch.cuda.cudart()
+    error = cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)
+    if int(error) != 0:
+        clear = getattr(cudart, "cudaGetLastError", None)
+        if clear is not None:  # or torch's next launch check reports it
+            clear()
+        logger.debug("cudaHostRegister refused %d bytes (error %s); pinning with torch instead.", size, error)
+        return None
+    return raw
 
 
 def _unregister(registered: list[torch.Tensor]) -> None:

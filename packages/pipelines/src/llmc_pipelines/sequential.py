@@ -35,6 +35,7 @@ from llmc.resume import SequentialProgress
 from llmc_pipelines.basic import to_device
 from llmc_pipelines.onloading import Onloader, lazily_onloaded
 from llmc_pipelines.transfers import Chunk, Transfers, batches, same_tree
+from llmc_pipelines.warming import start_attention_warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +423,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     )
 
     transfers = Transfers(device, offload)
+    warming = start_attention_warm_up(model, device)  # while the inputs are captured
     with lifecycle(state, modifiers) as hook, torch.no_grad():
         hook.llmc_calibration_start(state=state)
         # skipped when nobody handles it: a call per batch and layer costs the launching thread
@@ -431,6 +433,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
             with (
                 lazily_onloaded(_shell(model, layers), device),
                 Capture(model, layers, device, transfers) as capture,
+                transfers.capturing(),
             ):
                 masks = []
                 # the targets' own hooks fire while their calls are recorded: not calibration
@@ -515,6 +518,8 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
         finally:
             onloader.close()
             transfers.close()
+            if warming is not None:
+                warming.join()
             if device.type == "cuda":
                 # the caching allocator keeps blocks per stream: the copy streams' (a layer's
                 # weights, chunks of activations) would stay reserved for streams no later
