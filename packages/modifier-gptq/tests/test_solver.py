@@ -230,3 +230,28 @@ def test_inverse_factor_equals_the_factor_of_the_inverse(n, monkeypatch):
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     torch.testing.assert_close(upper, reference, rtol=1e-9, atol=1e-12)
     assert torch.equal(upper, upper.triu()) and frac.tolist() == [0.01, 0.01]
+
+
+def test_warm_up_runs_the_real_solve_on_one_stand_in_per_problem(monkeypatch):
+    """The warm-up solves a stand-in of each problem (zero weights of its width, an identity
+    Hessian, its scheme and scale dtype) through the real solve, so the first real solve
+    finds every kernel loaded; a problem the solve refuses is left for the real solve."""
+    from llmc_gptq import solver
+
+    calls = []
+    real = solver.gptq_quantize_batch
+
+    def spy(weights, hessians, args, **options):
+        calls.append((tuple(weights.shape), hessians[0].clone(), args, options))
+        return real(weights, hessians, args, **options)
+
+    monkeypatch.setattr(solver, "gptq_quantize_batch", spy)
+    group = preset_name_to_scheme("W4A16", ["Linear"]).weights
+    channel = preset_name_to_scheme("W8A16", ["Linear"]).weights
+    solver.warm_up(torch.device("cpu"), 64, [(256, group, torch.bfloat16), (128, channel, torch.float32)])
+    assert [c[0] for c in calls] == [(1, 32, 256), (1, 32, 128)]
+    assert torch.equal(calls[0][1], torch.eye(256)[None]) and calls[1][2] is channel
+    assert calls[0][3]["scale_dtype"] == torch.bfloat16 and calls[0][3]["block_size"] == 64
+    calls.clear()
+    solver.warm_up(torch.device("cpu"), 64, [(100, group, torch.bfloat16), (128, channel, torch.float32)])
+    assert [c[0] for c in calls] == [(1, 32, 100)]  # 100 columns in groups of 128: refused, no raise

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import attrs
 import torch
-from compressed_tensors.quantization import ActivationOrdering, QuantizationType
+from compressed_tensors.quantization import ActivationOrdering, QuantizationArgs, QuantizationType
 
 from llmc import distributed
 from llmc.lifecycle import State
@@ -88,8 +88,11 @@ class GPTQModifier(QuantizationModifier):
 
     def on_calibration_start(self, state: State) -> None:
         if state.device.type == "cuda" and column_kernel.available():
-            # the column kernel compiles while the first layer calibrates, not in its solve
-            self._warm_up = threading.Thread(target=solver.warm_up, args=(state.device, self.block_size), daemon=True)
+            # the column kernel compiles, and the solver's libraries load, while the first
+            # layer calibrates, not in its solve
+            self._warm_up = threading.Thread(
+                target=solver.warm_up, args=(state.device, self.block_size, self._stand_ins()), daemon=True
+            )
             self._warm_up.start()
         self._hessians = HessianAccumulator(lambda: state.observing, offload=self.offload_hessians)
         for _, module in self.targeted_modules():
@@ -98,6 +101,20 @@ class GPTQModifier(QuantizationModifier):
             # Unsolved weights have no scales yet: run them unquantized until solved.
             module.quantization_enabled = False
         self.observe_activations(state)  # static input scales, if the scheme has any
+
+    def _stand_ins(self) -> list[tuple[int, QuantizationArgs, torch.dtype]]:
+        """One stand-in solve per weight scheme and scale dtype to come (solver.warm_up), as wide
+        as the narrowest such weight up to 4096 columns: the solver's libraries choose their
+        kernels by size, and the stand-in's Hessian stays within 64 MB."""
+        problems: dict[tuple, tuple[int, QuantizationArgs, torch.dtype]] = {}
+        for _, module in self.targeted_modules():
+            args = module.quantization_scheme.weights
+            if args is None or not hasattr(module, "weight_scale"):
+                continue
+            key = (args.model_dump_json(), module.weight_scale.dtype)
+            width = min(module.weight.shape[1], problems[key][0] if key in problems else 4096)
+            problems[key] = (width, args, module.weight_scale.dtype)
+        return list(problems.values())
 
     def on_batch_end(self, state: State, batch_index: int) -> None:
         if self._hessians is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -211,16 +212,22 @@ def _permute_in_place(H: torch.Tensor, order: torch.Tensor) -> None:
         H[b].copy_(H[b].index_select(1, order[b]))
 
 
-def warm_up(device: torch.device, block_size: int) -> None:
-    """Load and compile what the first solve would wait for (the Triton column kernel, the
-    factorisation's and products' libraries, loaded lazily), meant for a thread started while
-    the first layer calibrates. A failure is left for the solve itself to meet."""
+def warm_up(
+    device: torch.device, block_size: int, problems: Sequence[tuple[int, QuantizationArgs, torch.dtype]] = ()
+) -> None:
+    """Load and compile what the first solve would wait for, meant for a thread started while
+    the first layer calibrates: the Triton column kernel, then one stand-in solve (zero
+    weights, identity Hessian) per ``(input width, arguments, scale dtype)`` of ``problems``.
+    Libraries load kernels lazily, chosen by size: stand-ins of 64 columns left the first
+    real solve of an 8B layer a quarter of a second of loading. A failure is left for the
+    solve itself to meet."""
     fused_loop.warm_up(device, block_size)
     try:
-        eye = torch.eye(64, device=device)[None]
-        lower, _ = torch.linalg.cholesky_ex(eye)
-        torch.linalg.solve_triangular(lower, eye, upper=False)
-        torch.bmm(eye.to(torch.bfloat16), eye.to(torch.bfloat16), out_dtype=torch.float32)
+        for width, args, scale_dtype in problems:
+            weight = torch.zeros(1, fused_loop.ROWS_PER_PROGRAM, width, device=device, dtype=torch.bfloat16)
+            hessian = torch.eye(width, device=device)[None]
+            gptq_quantize_batch(weight, [hessian], args, block_size=block_size, scale_dtype=scale_dtype,
+                                actorder=args.actorder is not None)
         torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - see above
         return
