@@ -36,18 +36,18 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The commit the benchmark ran: ``git rev-parse`` where the tree is a clone, else
-    ``LLMC_GIT_COMMIT`` (the device machine gets a copy of the tree without .git: its
-    command sets it). A tree with uncommitted changes is marked ``-dirty``."""
+    """The commit the benchmark ran: ``LLMC_GIT_COMMIT`` where set (the device machine's copy
+    of the tree may carry a stale .git: its command sets it), else ``git rev-parse``, a tree
+    with uncommitted changes marked ``-dirty``."""
+    if os.environ.get("LLMC_GIT_COMMIT"):
+        return os.environ["LLMC_GIT_COMMIT"]
     here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here).stdout.strip()
     except OSError:
         commit, dirty = "", ""
-    if commit:
-        return commit + ("-dirty" if dirty else "")
-    return os.environ.get("LLMC_GIT_COMMIT") or None
+    return commit + ("-dirty" if dirty else "") if commit else None
 
 
 def cuda_ms(fn, repeats: int) -> float:
