@@ -73,11 +73,15 @@ class OutputError:
 
     def __init__(self, run: Callable[[int], torch.Tensor], calls: int) -> None:
         self.run = run
-        self.calls = calls  # a sample of them may rank the candidates (search_scales)
         self.reference = [run(i) for i in range(calls)]
 
+    @property
+    def calls(self) -> int:
+        """How many cached calls there are: a sample of them may rank the candidates."""
+        return len(self.reference)
+
     def _calls(self, calls: Sequence[int] | None) -> Sequence[int]:
-        return range(len(self.reference)) if calls is None else calls
+        return range(self.calls) if calls is None else calls
 
     def count(self, calls: Sequence[int] | None = None) -> float:
         """Output elements measured over ``calls`` (every call: None)."""
