@@ -161,10 +161,24 @@ def test_smoothquant_balances_experts_and_router_without_changing_the_function(q
     assert_router_sees_what_it_saw(model, reference)
 
 
-def test_awq_scales_and_quantizes_every_expert(qwen3_moe, tmp_path, sample_ids):
+def test_awq_scales_and_quantizes_every_expert(qwen3_moe, tmp_path, sample_ids, monkeypatch):
+    import llmc_awq.modifier
+
     recipe = {"quant_stage": {"quant_modifiers": {"AWQModifier": {"targets": ["Linear"], "scheme": "W4A16_ASYM", "ignore": IGNORE, "n_grid": 4}}}}
     reference = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe)
+    searches = []
+    real_search = llmc_awq.modifier.search_scales
+
+    def search(measure, balance, *args, **kwargs):
+        searches.append((len(balance), real_search(measure, balance, *args, **kwargs)))
+        return searches[-1][1]
+
+    monkeypatch.setattr(llmc_awq.modifier, "search_scales", search)
     model = run(qwen3_moe, tmp_path / "awq", recipe, save_compressed=False)
+    # the norm's mapping scales every expert's gate and up projections at once (the experts run
+    # stacked): each candidate is measured with its own weights, so quantizing them shows
+    norm_searches = [result for balanced, result in searches if balanced == 2 * EXPERTS]
+    assert len(norm_searches) == LAYERS and all(r.rtn_loss > 0 for r in norm_searches)
     expert = model.model.layers[1].mlp.experts[3]
     assert expert.down_proj.quantization_scheme is not None
     assert_router_sees_what_it_saw(model, reference, scaled=False)

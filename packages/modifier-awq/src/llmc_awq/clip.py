@@ -83,5 +83,5 @@ def clip_weight(
     # clamped, the weights' own min-max gives whoever quantizes them the chosen range
     low = (lo * ratio).repeat_interleave(cols // groups, dim=1)
     high = (hi * ratio).repeat_interleave(cols // groups, dim=1)
-    weight.data.copy_(torch.minimum(torch.maximum(w, low), high).to(weight.dtype))
+    weight.detach().copy_(torch.minimum(torch.maximum(w, low), high).to(weight.dtype))
     return ratio

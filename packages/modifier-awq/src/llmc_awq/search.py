@@ -174,7 +174,7 @@ def search_scales(
             s = candidates[i]
             for module, w in zip(balance, originals, strict=True):
                 sd = s.to(w.device, torch.float32)
-                module.weight.data.copy_((fake_quantized((w.float() * sd).to(w.dtype), args).float() / sd).to(w.dtype))
+                module.weight.detach().copy_((fake_quantized((w.float() * sd).to(w.dtype), args).float() / sd).to(w.dtype))
             errors.append(measure(calls).to(x_mean.device))
         count = reduce(torch.tensor([measure.count(calls)], dtype=torch.float64, device=x_mean.device))
         return (reduce(torch.stack(errors)) / count.clamp(min=1)).tolist()
@@ -191,6 +191,6 @@ def search_scales(
         full = dict(zip(finalists, losses(finalists, None), strict=True))
     finally:
         for module, w in zip(balance, originals, strict=True):
-            module.weight.data.copy_(w)
+            module.weight.detach().copy_(w)
     best = min(finalists, key=lambda i: (full[i], i))  # the first of equals, as a strict < scan
     return SearchResult(candidates[best], full[best], full[0])

@@ -89,7 +89,7 @@ class Solve:
             start = 0
             for _, module in matrix.members:
                 rows = module.weight.shape[0]
-                module.weight.data.copy_(result.weight[start : start + rows])
+                module.weight.detach().copy_(result.weight[start : start + rows])
                 _copy_rows(module.weight_scale, result.scale, start, rows)
                 if hasattr(module, "weight_zero_point"):
                     _copy_rows(module.weight_zero_point, result.zero_point, start, rows)
@@ -99,7 +99,7 @@ class Solve:
 def _copy_rows(param: torch.Tensor, value: torch.Tensor, start: int, rows: int) -> None:
     if value.shape[0] >= start + rows and value.ndim == param.ndim and value.shape[1:] == param.shape[1:]:
         value = value[start : start + rows]  # per-row qparams of one member
-    param.data.copy_(value.reshape(param.shape))
+    param.detach().copy_(value.reshape(param.shape))
 
 
 def _row_independent(args: QuantizationArgs) -> bool:

@@ -157,7 +157,9 @@ def post_hooks(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
 
 def _signature(modules: Sequence[nn.Module]) -> tuple:
     """What the stacked (fake-quantized) weights of ``modules`` depend on: every parameter's
-    memory and version (an in-place edit, a solve or a search, bumps the version)."""
+    memory and version. An in-place edit bumps the version when made through the parameter or
+    ``detach()`` (a solve, a search): one through ``.data`` does not, and would leave the stacks
+    stale (AWQ's search once measured every candidate of a norm's experts as unchanged)."""
     return tuple(
         (p.data_ptr(), p._version) for m in modules for p in m._parameters.values() if p is not None
     )

@@ -96,7 +96,7 @@ def copy_into(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     """``value`` into ``module``'s parameter ``name`` (its shape and dtype), if it has one."""
     param = getattr(module, name, None)
     if param is not None:
-        param.data.copy_(value.reshape(param.shape).to(param.dtype))
+        param.detach().copy_(value.reshape(param.shape).to(param.dtype))
 
 
 def fused_global_scales(
