@@ -119,4 +119,5 @@ def test_compiled_round_trip_agrees_with_eager():
     (a, va, sa), (b, vb, sb) = results
     assert torch.equal(a, b)
     torch.testing.assert_close(va, vb)
-    torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-5)
+    # summed over a group of 32 in another order: float32 rounding, relative to the largest term
+    torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
