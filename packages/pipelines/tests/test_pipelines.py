@@ -270,6 +270,7 @@ class LayerWatcher(Modifier):
 
     calls: dict[int, int] = attrs.field(factory=dict, init=False)
     kept: list = attrs.field(factory=list, init=False)
+    events: list[tuple[int, bool]] = attrs.field(factory=list, init=False)  # (layer, observing) per call
     _handles: list = attrs.field(factory=list, init=False)
 
     def pipeline(self) -> str:
@@ -280,6 +281,7 @@ class LayerWatcher(Modifier):
 
             def hook(module, args, kwargs, index=index):
                 self.calls[index] = self.calls.get(index, 0) + 1
+                self.events.append((index, state.observing))
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if state.observing:
                     self.kept.append((hidden, hidden.clone()))
@@ -308,6 +310,31 @@ def test_last_layer_runs_once_and_kept_inputs_stay_intact(llama_path, qac):
     assert len(watcher.kept) == batches * (last + 1)
     for hidden, copy in watcher.kept:  # the pipeline never reuses the memory a layer was given
         assert torch.equal(hidden, copy)
+
+
+@pytest.mark.parametrize("qac", [True, False])
+def test_first_layer_is_calibrated_on_each_batch_as_it_is_captured(llama_path, qac, monkeypatch):
+    """The first layer's calibration call on a batch comes right after that batch's capture,
+    not after every batch's; without quantization-aware calibration nothing reads the first
+    layer's inputs after that call, and the capture stores none of them."""
+    from llmc_pipelines import sequential
+    from llmc_pipelines.transfers import batches as stored_batches
+
+    stored = []
+    real_exit = sequential.Capture.__exit__
+
+    def exit_counting(self, *exc):
+        stored.append(len(stored_batches(self.hidden)))
+        return real_exit(self, *exc)
+
+    monkeypatch.setattr(sequential.Capture, "__exit__", exit_counting)
+    watcher = LayerWatcher()
+    oneshot(model=str(llama_path), recipe=[watcher], quantization_aware_calibration=qac, **DATA)
+    batches = -(-DATA["num_calibration_samples"] // DATA["batch_size"])
+    first = [observing for index, observing in watcher.events if index == 0]
+    propagation = [False] * batches if qac else []
+    assert first == [False, True] * batches + propagation
+    assert stored == [batches if qac else 0]
 
 
 class BatchCounter:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -137,10 +137,11 @@ class Capture:
 
     The recorders are installed once for all batches (on entry) and removed on exit;
     :meth:`batch` runs the model on one batch, appends the first target's input to
-    :attr:`hidden` and every target's call to :attr:`calls`. Arguments equal to the
-    previous batch's are stored once. When the first batch gave every target the
-    very same arguments (no per-layer masks), later batches stop at the first target:
-    which layer gets which argument is the model's structure, not the data's.
+    :attr:`hidden` (unless ``store`` is off) and every target's call to :attr:`calls`,
+    and returns the first target's input and call as the model made it, on the execution
+    device. Arguments equal to the previous batch's are stored once. When the first batch
+    gave every target the very same arguments (no per-layer masks), later batches stop at
+    the first target: which layer gets which argument is the model's structure, not the data's.
     """
 
     def __init__(
@@ -149,8 +150,10 @@ class Capture:
         layers: list[tuple[str, torch.nn.Module]],
         device: torch.device,
         transfers: Transfers,
+        store: bool = True,
     ) -> None:
         self.model, self.layers, self.device, self.transfers = model, layers, device, transfers
+        self.store = store
         self.hidden: list[Chunk] = []  # every batch's input to the first target
         self.calls: list[list[LayerCall]] = []  # per batch, each target's call
         self._latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeats once
@@ -162,21 +165,37 @@ class Capture:
         self._memo: dict[int, torch.Tensor] = {}
         self._last_arguments: tuple[tuple, dict] | None = None
         self._handed_back: torch.Tensor | None = None
+        self._first: tuple[torch.Tensor, LayerCall] | None = None  # this batch's first call, on the device
         self._shared = False  # every target of the first batch got the same arguments
 
     def __enter__(self) -> Capture:
-        for _, layer in self.layers:
+        self._recorders = [self._recorder(layer is self.layers[-1][1]) for _, layer in self.layers]
+        for (_, layer), recorder in zip(self.layers, self._recorders, strict=True):
             self._originals.append(layer.__dict__.get("forward"))
-            layer.forward = self._recorder(layer is self.layers[-1][1])
+            layer.forward = recorder
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for (_, layer), original in zip(self.layers, self._originals, strict=True):
-            if original is None:
-                del layer.forward
-            else:
-                layer.forward = original
+        for index in range(len(self._originals)):
+            self._restore_forward(index)
         self._originals.clear()
+
+    def _restore_forward(self, index: int) -> None:
+        layer, original = self.layers[index][1], self._originals[index]
+        if original is None:
+            del layer.forward
+        else:
+            layer.forward = original
+
+    @contextlib.contextmanager
+    def released(self, index: int) -> Iterator[None]:
+        """Target ``index`` runs its own forward inside the block (its recorder is back after):
+        to calibrate it on a batch as soon as its inputs are known."""
+        self._restore_forward(index)
+        try:
+            yield
+        finally:
+            self.layers[index][1].forward = self._recorders[index]
 
     def _recorder(self, last: bool) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:
@@ -184,7 +203,8 @@ class Capture:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             previous = self.calls[-1] if self.calls else None
             if not calls:
-                self.transfers.append(self.hidden, hidden)
+                if self.store:
+                    self.transfers.append(self.hidden, hidden)
             elif previous is None:
                 _check_nothing_between(
                     self.model, self.layers, len(calls), self._handed_back, hidden
@@ -200,6 +220,8 @@ class Capture:
                 before = previous[len(calls)] if previous is not None else None
                 if before is not None and same_tree(call, before):
                     call = before
+            if not calls:
+                self._first = hidden, LayerCall(*arguments)
             calls.append(call)
             if last:
                 raise _Captured
@@ -211,8 +233,9 @@ class Capture:
 
         return record
 
-    def batch(self, batch: dict[str, Any]) -> None:
-        """Record every target's call for ``batch``."""
+    def batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, LayerCall]:
+        """Record every target's call for ``batch``; returns the first target's hidden states
+        and call arguments on the execution device."""
         self._calls, self._memo = [], {}
         calls, model, layers = self._calls, self.model, self.layers
         try:
@@ -242,6 +265,9 @@ class Capture:
         if not self.calls:
             self._shared = all(call is calls[0] for call in calls)
         self.calls.append(calls)
+        first, self._first = self._first, None
+        assert first is not None
+        return first
 
 
 def _check_nothing_between(
@@ -424,98 +450,131 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
 
     transfers = Transfers(device, offload)
     warming = start_attention_warm_up(model, device)  # while the inputs are captured
-    with lifecycle(state, modifiers) as hook, torch.no_grad():
+    with lifecycle(state, modifiers) as hook, torch.no_grad(), contextlib.ExitStack() as stack:
         hook.llmc_calibration_start(state=state)
+        if not qac:  # every pass runs unquantized, the capture's too
+            stack.enter_context(quantization_disabled(model))
         # skipped when nobody handles it: a call per batch and layer costs the launching thread
         batch_end_handled = bool(hook.llmc_batch_end.get_hookimpls())
+        masks: list[torch.Tensor | None] = []
+
+        def calibration_pass(index: int) -> tuple[Callable[..., torch.Tensor | None], Any, bool]:
+            """Target ``index``'s calibration step on one batch (batch index, hidden states,
+            call), the context its pass runs in, and whether its outputs are kept: only
+            without quantization-aware calibration (the next target's inputs), and not
+            after the last target. Otherwise the pass ends after the last observed module."""
+            layer = layers[index][1]
+            kept = not qac and index + 1 < len(layers)
+            early = contextlib.nullcontext() if kept else EarlyExit(layer)
+
+            def calibrate(b: int, h: torch.Tensor, call: LayerCall) -> torch.Tensor | None:
+                state.loss_mask = masks[b]
+                state.batch_index = b
+                try:
+                    out = run_layer(layer, h, call)
+                except _Observed:
+                    out = None
+                if b == 0 and isinstance(early, EarlyExit):
+                    early.arm()
+                if batch_end_handled:
+                    hook.llmc_batch_end(state=state, batch_index=b)
+                return out
+
+            return calibrate, early, kept
+
         onloader = Onloader([layer for _, layer in layers], device)  # stages while capturing
+        turn = contextlib.ExitStack()  # the running target's onloading
         try:
-            with (
-                lazily_onloaded(_shell(model, layers), device),
-                Capture(model, layers, device, transfers) as capture,
-                transfers.capturing(),
-            ):
-                masks = []
-                # the targets' own hooks fire while their calls are recorded: not calibration
-                state.observing = False
-                started = time.perf_counter()
-                for batch in tqdm(loader, desc="Capturing inputs", unit="batch"):
-                    batch, mask = pop_loss_mask(batch)
-                    masks.append(mask)
-                    capture.batch(batch)
-                logger.info("Captured the inputs of %d batches in %.1f s", len(masks), time.perf_counter() - started)
-            state.observing = True
-            masked = any(m is not None for m in masks)
-            hidden, calls = capture.hidden, capture.calls
-            del capture
             progress = _progress(state, modifiers, layers)
             start = progress.done if progress is not None else 0
+            # The first target is calibrated on each batch as soon as the capture has its
+            # inputs: its kernels run while the capture's host-side work for the next batch
+            # goes on, and its inputs are stored only where a later pass reads them. Not
+            # when resuming: the next target's inputs come from the saved progress.
+            fused = start == 0
+            first_outputs: list[Chunk] | None = None
+            if fused:
+                turn.enter_context(onloader.onloaded(0))
+                calibrate_first, early, kept = calibration_pass(0)
+                if kept:
+                    first_outputs = []
+            stored = not fused or (qac and len(layers) > 1)  # the propagation pass reads them
+            with (
+                early if fused else contextlib.nullcontext(),
+                lazily_onloaded(_shell(model, layers), device),
+                Capture(model, layers, device, transfers, store=stored) as capture,
+                transfers.capturing(),
+            ):
+                started = time.perf_counter()
+                for b, batch in enumerate(tqdm(loader, desc="Capturing inputs", unit="batch")):
+                    batch, mask = pop_loss_mask(batch)
+                    masks.append(mask)
+                    # the targets' own hooks fire while their calls are recorded: not calibration
+                    state.observing = False
+                    hidden_states, call = capture.batch(batch)
+                    if fused:
+                        state.observing = True
+                        with capture.released(0):
+                            out = calibrate_first(b, hidden_states, call)
+                        if first_outputs is not None:
+                            transfers.append(first_outputs, out)
+                    del hidden_states, call
+                logger.info(
+                    "Captured the inputs of %d batches%s in %.1f s",
+                    len(masks),
+                    f" and calibrated {layers[0][0]} on them" if fused else "",
+                    time.perf_counter() - started,
+                )
+            state.observing = True
+            state.loss_mask = None
+            hidden, calls = capture.hidden, capture.calls
+            del capture
             if start:
                 hidden = _restore(state, modifiers, layers, progress, transfers)
-            disabled = contextlib.nullcontext() if qac else quantization_disabled(model)
-            with disabled:
-                for index, (name, layer) in enumerate(
-                    tqdm(layers[start:], desc="Calibrating layers", unit="layer", initial=start, total=len(layers)),
-                    start=start,
-                ):
-                    layer_calls = [batch_calls[index] for batch_calls in calls]
-                    last = index + 1 == len(layers)  # nothing reads the last target's outputs
-                    clock = _PhaseClock(device)
+            for index, (name, layer) in enumerate(
+                tqdm(layers[start:], desc="Calibrating layers", unit="layer", initial=start, total=len(layers)),
+                start=start,
+            ):
+                layer_calls = [batch_calls[index] for batch_calls in calls]
+                last = index + 1 == len(layers)  # nothing reads the last target's outputs
+                clock = _PhaseClock(device)
 
-                    # the calibration pass's outputs are only kept without quantization-aware
-                    # calibration (the next layer's inputs) and not after the last layer
-                    kept = not qac and not last
-                    early = contextlib.nullcontext() if kept else EarlyExit(layer)
+                def propagate(b: int, h: torch.Tensor, call: LayerCall, layer=layer) -> torch.Tensor:
+                    state.batch_index = b
+                    return run_layer(layer, h, call)
 
-                    def calibrate(
-                        b: int, h: torch.Tensor, call: LayerCall, layer=layer, early=early
-                    ) -> torch.Tensor | None:
-                        if masked:
-                            state.loss_mask = masks[b]
-                        state.batch_index = b
-                        try:
-                            out = run_layer(layer, h, call)
-                        except _Observed:
-                            out = None
-                        if b == 0 and isinstance(early, EarlyExit):
-                            early.arm()
-                        if batch_end_handled:
-                            hook.llmc_batch_end(state=state, batch_index=b)
-                        return out
-
-                    def propagate(
-                        b: int, h: torch.Tensor, call: LayerCall, layer=layer
-                    ) -> torch.Tensor:
-                        state.batch_index = b
-                        return run_layer(layer, h, call)
-
-                    with onloader.onloaded(index):
-                        state.observing = True
-                        # without quantization-aware calibration the next layer sees these
-                        # uncompressed outputs
+                if not (fused and index == 0):
+                    turn.enter_context(onloader.onloaded(index))
+                with turn:
+                    state.observing = True
+                    if fused and index == 0:
+                        outputs = first_outputs  # calibrated during the capture
+                    else:
+                        calibrate, early, kept = calibration_pass(index)
                         with early:
                             outputs = transfers.forward(hidden, layer_calls, calibrate, store=kept)
-                        clock.mark("calibration")
-                        onloader.settle()  # other layers' weights are home before modifiers look
-                        hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
-                        clock.mark("compression")
-                        if qac and not last:  # the next layer sees the outputs after compression
-                            state.observing = False
-                            with weights_quantized_once(layer):
-                                outputs = transfers.forward(hidden, layer_calls, propagate, store=True)
-                            state.observing = True
-                        clock.mark("propagation")
                     state.loss_mask = None
-                    logger.debug("%s: %s", name, clock)
-                    if outputs is not None:
-                        hidden = outputs
-                    if progress is not None:
-                        modules, inputs = [m for _, m in layers], None if last else batches(hidden)
-                        if progress.due(index + 1, modules, inputs):
-                            onloader.settle()  # the finished layers' tensors are home
-                            transfers.synchronize()  # and the next layer's inputs stored
-                            progress.save(index + 1, modules, lambda k: _kept(state, modifiers, layers[k][0]), inputs)
+                    clock.mark("calibration")
+                    onloader.settle()  # other layers' weights are home before modifiers look
+                    hook.llmc_sequential_layer_end(state=state, layer_name=name, layer=layer)
+                    clock.mark("compression")
+                    if qac and not last:  # the next layer sees the outputs after compression
+                        state.observing = False
+                        with weights_quantized_once(layer):
+                            outputs = transfers.forward(hidden, layer_calls, propagate, store=True)
+                        state.observing = True
+                    clock.mark("propagation")
+                logger.debug("%s: %s", name, clock)
+                if outputs is not None:
+                    hidden = outputs
+                if progress is not None:
+                    modules, inputs = [m for _, m in layers], None if last else batches(hidden)
+                    if progress.due(index + 1, modules, inputs):
+                        onloader.settle()  # the finished layers' tensors are home
+                        transfers.synchronize()  # and the next layer's inputs stored
+                        progress.save(index + 1, modules, lambda k: _kept(state, modifiers, layers[k][0]), inputs)
         finally:
+            turn.close()
             onloader.close()
             transfers.close()
             if warming is not None:
@@ -525,4 +584,5 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 # weights, chunks of activations) would stay reserved for streams no later
                 # run uses, about 100 MB a run for a model of a few hundred million parameters
                 torch.cuda.empty_cache()
+        stack.close()  # quantization as it was before the modifiers finish
         hook.llmc_calibration_end(state=state)
