@@ -5,7 +5,9 @@ by a recorder, captures each target's real call arguments (attention masks,
 position embeddings, per-layer-type masks); then each target in turn is moved to
 the execution device, run on every cached batch while modifiers observe it,
 compressed by them at the layer-end event, and run again (when
-``quantization_aware_calibration``) to produce the next target's inputs. Cached
+``quantization_aware_calibration``) to produce the next target's inputs. The first
+target is observed on each batch right after that batch's capture, while its inputs
+are still on the device. Cached
 activations live on ``sequential_offload_device``, and their copies always
 overlap compute (see :mod:`llmc_pipelines.transfers`); arguments every batch
 shares (rotary tables, position ids, masks) are stored and loaded once. Only
