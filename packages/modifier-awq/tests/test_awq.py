@@ -329,7 +329,7 @@ def test_clipping_picks_each_groups_least_output_error(stride):
             h = moments.blocks[k].double()
             lo, hi = float(w.min()), float(w.max())
 
-            def error(i: int, w=w, h=h, lo=lo, hi=hi) -> float:
+            def error(i: int) -> float:
                 p = 1 - i / 50
                 d = w - _int4_asym(w, lo * p, hi * p)
                 return float(d @ h @ d)
