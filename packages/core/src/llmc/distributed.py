@@ -15,6 +15,7 @@ saved.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import logging
@@ -63,8 +64,17 @@ def initialize() -> bool:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave_group)
         logger.info("Rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return is_distributed()
+
+
+def _leave_group() -> None:
+    """Leave the group :func:`initialize` joined before the interpreter's teardown (it stays for
+    later runs in the process until then). Left to the teardown, gloo's threads once aborted a
+    rank that had finished and saved ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device() -> torch.device | None:
