@@ -231,3 +231,30 @@ def test_get_rank_partition_slices_a_split_into_disjoint_covering_shares(monkeyp
     assert get_rank_partition("train_sft", 10) == "train_sft[3:6]"
     with pytest.raises(ValueError, match="sliced already"):
         get_rank_partition("train[:100]", 10)
+
+
+def test_the_group_llmc_joins_is_left_at_interpreter_exit(monkeypatch, tmp_path):
+    """Joined under torchrun, the process group is left by an exit handler (gloo's threads,
+    left to the interpreter's teardown, once aborted a rank that had saved); a group the
+    caller made is the caller's to leave."""
+    import torch.distributed as dist
+
+    from llmc import distributed
+
+    exits = []
+    monkeypatch.setattr(distributed.atexit, "register", exits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun says; the group made here holds this process alone
+    real = dist.init_process_group
+    store = f"file://{tmp_path / 'store'}"
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: real(backend, init_method=store, rank=0, world_size=1))
+    try:
+        distributed.initialize()
+        assert dist.is_initialized() and exits == [distributed._leave_group]
+        exits[0]()
+        assert not dist.is_initialized()
+        real("gloo", init_method=f"file://{tmp_path / 'caller'}", rank=0, world_size=1)  # the caller's own
+        distributed.initialize()
+        assert exits == [distributed._leave_group]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
