@@ -495,14 +495,15 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
             # when resuming: the next target's inputs come from the saved progress.
             fused = start == 0
             first_outputs: list[Chunk] | None = None
+            first_pass: Any = contextlib.nullcontext()  # the first target's early exit, when fused
             if fused:
                 turn.enter_context(onloader.onloaded(0))
-                calibrate_first, early, kept = calibration_pass(0)
+                calibrate_first, first_pass, kept = calibration_pass(0)
                 if kept:
                     first_outputs = []
             stored = not fused or (qac and len(layers) > 1)  # the propagation pass reads them
             with (
-                early if fused else contextlib.nullcontext(),
+                first_pass,
                 lazily_onloaded(_shell(model, layers), device),
                 Capture(model, layers, device, transfers, store=stored) as capture,
                 transfers.capturing(),
@@ -545,12 +546,13 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     state.batch_index = b
                     return run_layer(layer, h, call)
 
-                if not (fused and index == 0):
+                calibrated = fused and index == 0  # during the capture, already onloaded
+                if not calibrated:
                     turn.enter_context(onloader.onloaded(index))
                 with turn:
                     state.observing = True
-                    if fused and index == 0:
-                        outputs = first_outputs  # calibrated during the capture
+                    if calibrated:
+                        outputs = first_outputs
                     else:
                         calibrate, early, kept = calibration_pass(index)
                         with early:
