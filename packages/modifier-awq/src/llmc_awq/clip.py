@@ -12,6 +12,8 @@ error is worth minimising for q/k too, which the original leaves unclipped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -49,6 +51,32 @@ class GroupMoments:
         return self.blocks * inv[:, :, None] * inv[:, None, :]
 
 
+# scales and zero points of this many (row, group) ranges per calculate_qparams call: each call
+# waits for the device (it builds a scalar tensor there), so the grid's ranges go in a few calls
+# rather than one per ratio, in bounded memory
+QPARAMS_PER_CALL = 1 << 24
+
+
+def _grid_qparams(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    args: QuantizationArgs,
+    gscale: torch.Tensor | None,
+    n_grid: int,
+    max_shrink: float,
+) -> Iterator[tuple[list[float], torch.Tensor, torch.Tensor]]:
+    """The grid's shrink ratios in chunks, each with the scales and zero points of the ranges
+    ``(lo, hi)`` shrunk by them (stacked along a first dimension): the same numbers as one call
+    per ratio, since calculate_qparams works element by element."""
+    ratios = [1.0 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
+    step = max(1, QPARAMS_PER_CALL // max(1, lo.numel()))
+    for start in range(0, len(ratios), step):
+        chunk = ratios[start : start + step]
+        p = torch.tensor(chunk, dtype=lo.dtype).to(lo.device).view(-1, *([1] * lo.ndim))
+        scales, zero_points = calculate_qparams(lo * p, hi * p, args, global_scale=gscale)
+        yield chunk, scales, zero_points
+
+
 def clip_weight(
     weight: torch.Tensor,
     moments: torch.Tensor,
@@ -68,15 +96,14 @@ def clip_weight(
     lo, hi = lo.reshape(rows, groups), hi.reshape(rows, groups)
     best = torch.full((rows, groups), float("inf"), device=w.device)
     ratio = torch.ones((rows, groups), device=w.device)
-    for i in range(max(1, int(max_shrink * n_grid))):
-        p = 1.0 - i / n_grid
-        scale, zero_point = calculate_qparams(lo * p, hi * p, args, global_scale=gscale)
-        q = fake_quantize(w, scale, zero_point, args, global_scale=gscale).float()
-        d = (w - q).view(rows, groups, -1).transpose(0, 1)  # (groups, rows, g)
-        error = ((d @ moments) * d).sum(-1).transpose(0, 1)  # (rows, groups)
-        better = error < best
-        best = torch.where(better, error, best)
-        ratio = torch.where(better, torch.full_like(ratio, p), ratio)
+    for ratios, scales, zero_points in _grid_qparams(lo, hi, args, gscale, n_grid, max_shrink):
+        for p, scale, zero_point in zip(ratios, scales, zero_points, strict=True):
+            q = fake_quantize(w, scale, zero_point, args, global_scale=gscale).float()
+            d = (w - q).view(rows, groups, -1).transpose(0, 1)  # (groups, rows, g)
+            error = ((d @ moments) * d).sum(-1).transpose(0, 1)  # (rows, groups)
+            better = error < best
+            best = torch.where(better, error, best)
+            ratio = torch.where(better, torch.full_like(ratio, p), ratio)
     if args.symmetric:  # the range the quantizer derives: the larger magnitude, both ways
         hi = torch.maximum(lo.abs(), hi.abs())
         lo = -hi
