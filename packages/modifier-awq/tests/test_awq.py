@@ -303,10 +303,16 @@ def _int4_asym(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return (torch.clamp(torch.round(w / scale) + zero, -8, 7) - zero) * scale
 
 
-def test_clipping_picks_each_groups_least_output_error():
+@pytest.mark.parametrize("ratios_per_call", [None, 1, 7])
+def test_clipping_picks_each_groups_least_output_error(ratios_per_call, monkeypatch):
     """Against a brute force over every (row, group): the shrink ratio whose round trip has
-    the least d^T H d, and the weights clamped to that range."""
+    the least d^T H d, and the weights clamped to that range; with the grid's scales made
+    in one call, one per ratio, or in uneven chunks (25 ratios, 7 a call)."""
+    from llmc_awq import clip
     from llmc_awq.clip import GroupMoments, clip_weight
+
+    if ratios_per_call is not None:  # 6 rows x 2 groups of ranges per ratio
+        monkeypatch.setattr(clip, "QPARAMS_PER_CALL", ratios_per_call * 12)
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 256, generator=g)
