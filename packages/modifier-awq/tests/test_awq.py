@@ -133,9 +133,10 @@ def _salient_problem(seed: int, calls: int):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_ranking_on_a_sample_of_calls_picks_what_the_full_search_picks(monkeypatch, seed):
-    """With enough cached calls every candidate is ranked on a quarter of them and only the
-    shortlist is measured on all: the same scales as measuring every candidate on every
-    call, with fewer than half the forward passes; the losses reported are full-data ones."""
+    """With enough cached calls every candidate is ranked on a sample of them (every
+    SAMPLE_STRIDE-th) and only the shortlist is measured on all: the same scales as measuring
+    every candidate on every call, with fewer than half the forward passes; the losses
+    reported are full-data ones."""
     args = preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights
     linear, xs = _salient_problem(seed, calls=16)
     x = torch.cat(xs)
@@ -156,7 +157,8 @@ def test_ranking_on_a_sample_of_calls_picks_what_the_full_search_picks(monkeypat
     torch.testing.assert_close(sampled.scales, full.scales, rtol=0, atol=0)
     assert sampled.loss == full.loss and sampled.rtn_loss == full.rtn_loss
     assert full_runs == 16 * 22  # the reference and 21 candidates, every call
-    assert sampled_runs == 16 + 21 * 4 + 4 * 16  # reference, every candidate on 4 calls, 4 finalists on all
+    sample = len(range(0, 16, search.SAMPLE_STRIDE))
+    assert sampled_runs == 16 + 21 * sample + 4 * 16  # reference, every candidate on the sample, 4 finalists on all
     with torch.no_grad():
         s = sampled.scales
         loss = float((torch.nn.functional.linear(x, fake_quantized(linear.weight * s, args) / s) - linear(x)).pow(2).mean())
@@ -167,6 +169,7 @@ def test_a_misleading_sample_never_costs_more_than_round_to_nearest(monkeypatch)
     """The sample's ranking only shortlists: round-to-nearest is always measured on every call,
     so a sample unlike the rest (here: its calls alone carry salient channels, the others are
     larger and flat) can at worst return round-to-nearest's scales, with the full data's losses."""
+    monkeypatch.setattr(search, "SAMPLE_STRIDE", 4)  # a quarter of the calls mislead
     args = preset_name_to_scheme("W4A16_ASYM", ["Linear"]).weights
     linear, xs = _salient_problem(0, calls=16)
     flat = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))

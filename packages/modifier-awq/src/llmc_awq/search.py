@@ -58,7 +58,7 @@ class SearchResult:
 # every candidate is first measured on every SAMPLE_STRIDE-th call, then the SHORTLIST best of
 # them and plain round-to-nearest on every call; the best of those on every call wins.
 MIN_SAMPLED_CALLS = 8
-SAMPLE_STRIDE = 4
+SAMPLE_STRIDE = 8
 SHORTLIST = 3
 
 
