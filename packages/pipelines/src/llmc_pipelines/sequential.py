@@ -19,7 +19,9 @@ load ahead.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +42,22 @@ from llmc_pipelines.transfers import Chunk, Transfers, batches, same_tree
 from llmc_pipelines.warming import start_attention_warm_up
 
 logger = logging.getLogger(__name__)
+
+
+# batches the capture keeps referenced for the current stream before the host waits for it
+_HANDED_IN_FLIGHT = 8
+
+
+@functools.cache
+def _capture_stream(index: int) -> torch.cuda.Stream:
+    """The capture's stream on CUDA device ``index``, one per process and device: cuBLAS keeps
+    a workspace for every stream that ran a matrix product (the model's rotary tables do), so a
+    new stream for each run would add one to the device's reserved memory every time."""
+    return torch.cuda.Stream(index, priority=-1)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class _Captured(Exception):
@@ -169,8 +187,17 @@ class Capture:
         self._handed_back: torch.Tensor | None = None
         self._first: tuple[torch.Tensor, LayerCall] | None = None  # this batch's first call, on the device
         self._shared = False  # every target of the first batch got the same arguments
+        # On CUDA the capture runs on a stream of its own, ahead of the others: the waits in
+        # its forward (the model's mask checks, comparing arguments with the last batch's)
+        # are then for its own kernels, not for the first target's calibration queued on
+        # the current stream, which goes on meanwhile
+        self._stream = _capture_stream(_index(device)) if device.type == "cuda" else None
+        self._handed: list[tuple[torch.Tensor, LayerCall]] = []  # since the last batch began
+        self._pending: collections.deque[tuple[torch.cuda.Event, list]] = collections.deque()
 
     def __enter__(self) -> Capture:
+        if self._stream is not None:  # after whatever the current stream has queued
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         self._recorders = [self._recorder(layer is self.layers[-1][1]) for _, layer in self.layers]
         for (_, layer), recorder in zip(self.layers, self._recorders, strict=True):
             self._originals.append(layer.__dict__.get("forward"))
@@ -181,6 +208,9 @@ class Capture:
         for index in range(len(self._originals)):
             self._restore_forward(index)
         self._originals.clear()
+        if self._stream is not None:  # later work comes after everything the capture queued
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            self._release_handed(wait=True)
 
     def _restore_forward(self, index: int) -> None:
         layer, original = self.layers[index][1], self._originals[index]
@@ -240,8 +270,11 @@ class Capture:
         and call arguments on the execution device."""
         self._calls, self._memo = [], {}
         calls, model, layers = self._calls, self.model, self.layers
+        if self._stream is not None:
+            self._release_handed()
         try:
-            model(**to_device(batch, self.device), use_cache=False)
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                model(**to_device(batch, self.device), use_cache=False)
         except _Captured:
             pass
         except _NotAStack:
@@ -269,7 +302,27 @@ class Capture:
         self.calls.append(calls)
         first, self._first = self._first, None
         assert first is not None
+        if self._stream is not None:
+            # the current stream computes on it after the capture's kernels, on the device
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            self._handed.append(first)
         return first
+
+    def _release_handed(self, wait: bool = False) -> None:
+        """Drop the batches handed to the current stream once its work on them is done.
+
+        Their memory belongs to the capture's stream, which would reuse it at once: they
+        stay referenced until an event recorded on the current stream after their use has
+        passed (no ``record_stream``, which makes every allocation query events, see
+        :class:`~llmc_pipelines.transfers.Transfers`). A few batches are in flight at most;
+        with ``wait`` (or too many) the host waits."""
+        if self._handed:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._pending.append((done, self._handed))
+            self._handed = []
+        while self._pending and (wait or len(self._pending) > _HANDED_IN_FLIGHT or self._pending[0][0].query()):
+            self._pending.popleft()[0].synchronize()
 
 
 def _check_nothing_between(
