@@ -56,10 +56,6 @@ def _capture_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(index, priority=-1)
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 class _Captured(Exception):
     """Stops the capture forward once every target's call is known."""
 
@@ -191,9 +187,10 @@ class Capture:
         # its forward (the model's mask checks, comparing arguments with the last batch's)
         # are then for its own kernels, not for the first target's calibration queued on
         # the current stream, which goes on meanwhile
-        self._stream = _capture_stream(_index(device)) if device.type == "cuda" else None
-        self._handed: list[tuple[torch.Tensor, LayerCall]] = []  # since the last batch began
-        self._pending: collections.deque[tuple[torch.cuda.Event, list]] = collections.deque()
+        # (transfers' device: "cuda" resolved to the index tensors report)
+        self._stream = _capture_stream(transfers.device.index) if device.type == "cuda" else None
+        self._handed: tuple[torch.Tensor, LayerCall] | None = None  # the last batch's first call
+        self._pending: collections.deque[tuple[torch.cuda.Event, tuple]] = collections.deque()
 
     def __enter__(self) -> Capture:
         if self._stream is not None:  # after whatever the current stream has queued
@@ -305,7 +302,7 @@ class Capture:
         if self._stream is not None:
             # the current stream computes on it after the capture's kernels, on the device
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            self._handed.append(first)
+            self._handed = first
         return first
 
     def _release_handed(self, wait: bool = False) -> None:
@@ -316,11 +313,11 @@ class Capture:
         passed (no ``record_stream``, which makes every allocation query events, see
         :class:`~llmc_pipelines.transfers.Transfers`). A few batches are in flight at most;
         with ``wait`` (or too many) the host waits."""
-        if self._handed:
+        if self._handed is not None:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             self._pending.append((done, self._handed))
-            self._handed = []
+            self._handed = None
         while self._pending and (wait or len(self._pending) > _HANDED_IN_FLIGHT or self._pending[0][0].query()):
             self._pending.popleft()[0].synchronize()
 
