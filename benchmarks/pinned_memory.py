@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import sys
 import threading
 import time
@@ -134,27 +135,38 @@ def capture_rows(samples: int, seq: int) -> list[dict]:
     device = torch.device("cuda")
     slabs_needed = -(-samples * seq * 4096 * 2 // pinned.SLAB_BYTES) + 1
 
-    def run(offload: str, registered_first: bool) -> float:
+    register = pinned._register
+
+    def run(offload: str, registered_first: bool = False, **slab: bool) -> float:
         transfers = Transfers(device, torch.device(offload))
         ahead: contextlib.AbstractContextManager = transfers.capturing()
         if registered_first and transfers.slabs is not None:
-            ready = [pinned._register(pinned.SLAB_BYTES) for _ in range(slabs_needed)]
-            transfers.slabs._prepared = lambda: ready.pop() if ready else pinned._register(pinned.SLAB_BYTES)
+            ready = [register(pinned.SLAB_BYTES) for _ in range(slabs_needed)]
+            transfers.slabs._prepared = lambda: ready.pop() if ready else register(pinned.SLAB_BYTES)
             ahead = contextlib.nullcontext()
+        pinned._register = functools.partial(register, **slab)
         torch.cuda.synchronize()
         started = time.perf_counter()
-        with torch.no_grad(), Capture(model, layers, device, transfers) as capture, ahead:
-            for batch in batches:
-                capture.batch(batch)
-        transfers.close()
-        torch.cuda.synchronize()
+        try:
+            with torch.no_grad(), Capture(model, layers, device, transfers) as capture, ahead:
+                for batch in batches:
+                    capture.batch(batch)
+            transfers.close()
+            torch.cuda.synchronize()
+        finally:
+            pinned._register = register
         return time.perf_counter() - started
 
-    run("cuda", False)  # first calls: kernels, rotary tables
+    run("cuda")  # first calls: kernels, rotary tables
     rows = []
-    for name, offload, first in (("kept on the GPU", "cuda", False), ("pinned slabs (pipeline)", "cpu", False),
-                                 ("slabs registered before", "cpu", True)):
-        rows.append({"capture": name, "samples": samples, "seq": seq, "seconds": run(offload, first)})
+    for name, offload, first, slab in (
+        ("kept on the GPU", "cuda", False, {}),
+        ("pinned slabs (pipeline)", "cpu", False, {}),
+        ("pinned slabs, 4 KiB pages", "cpu", False, {"huge": False}),
+        ("pinned slabs, not filled first", "cpu", False, {"fill": False}),
+        ("slabs registered before", "cpu", True, {}),
+    ):
+        rows.append({"capture": name, "samples": samples, "seq": seq, "seconds": run(offload, first, **slab)})
     return rows
 
 
