@@ -560,6 +560,23 @@ def test_capture_stops_at_the_first_layer_only_when_every_layer_shares_its_argum
         assert len(calls) == (3 + 1 + 1 if shared else 9), arch  # later batches stop early
 
 
+def test_the_capture_bytes_estimate_is_what_the_capture_stores():
+    """The pinned memory prepared before the capture: the rows' tokens times the embedding's
+    width and size, exactly what the capture then stores; nothing for loaders it cannot read."""
+    from torch.utils.data import DataLoader
+
+    from llmc import tiny
+    from llmc_pipelines.sequential import _capture_bytes
+
+    model = tiny.build_model(tiny.build_config("llama", num_hidden_layers=2)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(4, 2048, (n,), generator=g).tolist()} for n in (5, 17, 9)]
+    loader = DataLoader(rows, batch_size=1, collate_fn=lambda r: {"input_ids": torch.tensor([r[0]["input_ids"]])})
+    stored = sum(h.numel() * h.element_size() for chunk in _capture(model, loader).hidden for h in chunk.batches)
+    assert _capture_bytes(model, loader) == stored == 31 * model.config.hidden_size * 2
+    assert _capture_bytes(model, [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]) == 0
+
+
 def test_layers_with_their_own_masks_calibrate_like_basic(tmp_path):
     from llmc import tiny
 
@@ -705,6 +722,38 @@ def test_pinned_slabs_prepared_ahead_are_handed_out_in_turn_and_the_rest_release
     with slabs.ahead(2, torch.device("cpu")):
         fallback = slabs.empty(100, torch.float32)
     assert fallback.numel() == 100 and pinning[-1] is True and not registered
+
+
+def test_pinned_slabs_expected_in_total_are_registered_before_any_request(monkeypatch):
+    """With ``total``, the thread registers that many slabs before the first request (and no
+    more while they last); on leaving, those nobody took are unregistered."""
+    import time
+
+    from llmc_pipelines import pinned
+
+    registered: set[int] = set()
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            registered.add(ptr)
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            registered.remove(ptr)
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    slabs = pinned.PinnedSlabs(slab_bytes=1 << 16)
+    with slabs.ahead(1, torch.device("cpu"), total=5):
+        deadline = time.monotonic() + 10
+        while len(registered) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken = [slabs.empty(1 << 14, torch.float32) for _ in range(2)]  # a slab each
+        time.sleep(0.1)
+        assert len(registered) == 5  # the total, then one ahead: three are still ahead
+    assert registered == {t.untyped_storage().data_ptr() for t in taken}
+    slabs.close()
+    assert not registered
 
 
 @pytest.mark.parametrize("arch, config", [("llama", {}), ("qwen3", {"head_dim": 48})])

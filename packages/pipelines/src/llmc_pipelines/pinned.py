@@ -12,7 +12,8 @@ collected, if nobody closed it), and alive until then: memory is never freed whi
 (the range could not be registered again: "resource already mapped").
 
 Even so, the capture of those hidden states waited about 1 s for slabs. Inside
-:meth:`PinnedSlabs.ahead` a thread prepares the next slabs while the capture runs the model.
+:meth:`PinnedSlabs.ahead` a thread prepares slabs before the capture starts and ahead of it
+while it runs the model (registering meanwhile slows it: 1.4 s against 0.8 s, H100).
 """
 
 from __future__ import annotations
@@ -87,22 +88,25 @@ class PinnedSlabs:
         return _register(self.slab_bytes)
 
     @contextlib.contextmanager
-    def ahead(self, count: int, device: torch.device) -> Iterator[None]:
-        """While inside, a thread keeps ``count`` slabs registered ahead of requests, so a
-        caller filling them (the sequential pipeline's capture) waits for none of them; the
-        slabs no request took are unregistered and freed on leaving."""
-        ready: queue.Queue = queue.Queue(maxsize=count)
+    def ahead(self, count: int, device: torch.device, total: int = 0) -> Iterator[None]:
+        """While inside, a thread registers slabs ahead of requests, so a caller filling them
+        (the sequential pipeline's capture) waits for none of them: the first ``total`` at
+        once (what the caller expects to take, prepared before it starts), then ``count``
+        ahead of the requests. The slabs no request took are unregistered and freed on leaving."""
+        ready: queue.Queue = queue.Queue()
         stop = threading.Event()
 
         def prepare() -> None:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
+            made = 0
             while not stop.is_set():
-                if ready.full():  # ``count`` ahead already: wait for a request to take one
+                if made >= total and ready.qsize() >= count:  # wait for a request to take one
                     stop.wait(0.01)
                     continue
                 slab = _register(self.slab_bytes)
-                ready.put(slab)  # room: only requests take from it meanwhile
+                made += 1
+                ready.put(slab)
                 if slab is None:  # refused: the requests pin with torch from now on
                     return
 

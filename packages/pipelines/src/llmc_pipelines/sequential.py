@@ -486,6 +486,21 @@ def _kept(state: State, modifiers: Sequence[Modifier], layer_name: str) -> dict[
     return {i: m.sequential_layer_state(state, layer_name) for i, m in enumerate(modifiers)}
 
 
+def _capture_bytes(model: torch.nn.Module, loader: Any) -> int:
+    """What the capture stores of the first target's inputs, estimated as the calibration
+    rows' tokens times the input embedding's width (oneshot's loaders, whose dataset is a
+    list of token rows); 0 when either is unknown."""
+    rows = getattr(loader, "dataset", None)
+    if not isinstance(rows, list):
+        return 0
+    try:
+        weight = model.get_input_embeddings().weight
+        tokens = sum(len(row["input_ids"]) for row in rows)
+    except (AttributeError, KeyError, TypeError, NotImplementedError):
+        return 0
+    return tokens * weight.shape[-1] * weight.element_size()
+
+
 def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     loader = state.require_data("The sequential pipeline")
     args = state.pipeline_args
@@ -502,7 +517,14 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
 
     transfers = Transfers(device, offload)
     warming = start_attention_warm_up(model, device)  # while the inputs are captured
-    with lifecycle(state, modifiers) as hook, torch.no_grad(), contextlib.ExitStack() as stack:
+    with (
+        contextlib.ExitStack() as preparing,
+        lifecycle(state, modifiers) as hook,
+        torch.no_grad(),
+        contextlib.ExitStack() as stack,
+    ):
+        # pinned memory for what the capture stores, prepared from now on (until it ends)
+        preparing.enter_context(transfers.capturing(_capture_bytes(model, loader) if len(layers) > 1 else 0))
         hook.llmc_calibration_start(state=state)
         if not qac:  # every pass runs unquantized, the capture's too
             stack.enter_context(quantization_disabled(model))
@@ -556,7 +578,6 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 first_pass,
                 lazily_onloaded(_shell(model, layers), device),
                 Capture(model, layers, device, transfers, store=stored) as capture,
-                transfers.capturing(),
             ):
                 started = time.perf_counter()
                 for b, batch in enumerate(tqdm(loader, desc="Capturing inputs", unit="batch")):
@@ -578,6 +599,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                     f" and calibrated {layers[0][0]} on them" if fused else "",
                     time.perf_counter() - started,
                 )
+            preparing.close()  # the pinned slabs the capture did not take
             state.observing = True
             state.loss_mask = None
             hidden, calls = capture.hidden, capture.calls

@@ -163,12 +163,14 @@ class Transfers:
         # launching thread as much as recording it
         self._mark = torch.cuda.Event() if overlap else None
 
-    def capturing(self) -> contextlib.AbstractContextManager:
-        """The capture's context: pinned slabs prepared ahead of its stores, on a thread
-        (:meth:`llmc_pipelines.pinned.PinnedSlabs.ahead`); nothing without them."""
+    def capturing(self, expected_bytes: int = 0) -> contextlib.AbstractContextManager:
+        """The capture's context: pinned slabs prepared on a thread, the ``expected_bytes``
+        the capture will store first (entered before it starts, they are ready when it
+        does: registering while it runs slows it), then a few ahead of its stores
+        (:meth:`llmc_pipelines.pinned.PinnedSlabs.ahead`); nothing without pinned slabs."""
         if self.slabs is None:
             return contextlib.nullcontext()
-        return self.slabs.ahead(_SLABS_AHEAD, self.device)
+        return self.slabs.ahead(_SLABS_AHEAD, self.device, total=-(-expected_bytes // self.slabs.slab_bytes))
 
     def to_offload(self, value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
         """Send ``value`` (tensors, nested) to the offload device; returns immediately on CUDA.
