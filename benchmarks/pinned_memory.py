@@ -1,13 +1,14 @@
 """What the sequential pipeline's pinned activation memory costs, with and without huge pages.
 
 The capture of an 8B model's 512 × 2048 hidden states stores 8.6 GB into page-locked slabs
-(``llmc_pipelines.pinned``), prepared on a thread while the model runs. Two questions: how
+(``llmc_pipelines.pinned``), prepared on a thread. Two questions: how
 fast slabs are faulted in, registered with CUDA, filled from the device and let go, with
 the kernel asked for transparent huge pages (``madvise(MADV_HUGEPAGE)``) or not; and
 whether a thread registering slabs slows the launching thread (the driver may hold a lock
 meanwhile). With ``--capture`` (CUDA): the capture itself at Llama-3-8B shapes (two layers,
-random weights), with the activations kept on the GPU, stored in slabs as the pipeline
-makes them, and stored in slabs registered before it starts: how much of it is pinning.
+random weights), with the activations kept on the GPU, stored in slabs registered while it
+runs (on huge pages, on 4 KiB pages, unfilled), and stored in slabs registered before it
+starts, as the pipeline now does: how much of it is pinning.
 
     python -m benchmarks.pinned_memory --capture        # GPU machine
     python -m benchmarks.pinned_memory --slabs 4        # CPU: fault-in rates only
@@ -17,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
-import sys
 import threading
 import time
 
 import torch
 
 from benchmarks.common import table, write_json
+from llmc_pipelines import pinned
 
 MIB = 2**20
-HUGE_PAGE = 2 * MIB
-MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def thp_mode() -> str | None:
@@ -43,10 +41,9 @@ def thp_mode() -> str | None:
 
 def slab(size: int, huge: bool) -> tuple[torch.Tensor, float]:
     """A faulted-in CPU slab of ``size`` bytes (huge pages asked for, or not) and the fault-in seconds."""
-    raw = torch.empty(size + HUGE_PAGE, dtype=torch.uint8)
-    if huge and sys.platform == "linux":
-        start = -(-raw.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_HUGEPAGE)
+    raw = torch.empty(size, dtype=torch.uint8)
+    if huge:
+        pinned._advise_huge_pages(raw)
     started = time.perf_counter()
     raw.zero_()
     return raw, time.perf_counter() - started
@@ -119,9 +116,8 @@ def launch_while_registering(huge: bool, size: int) -> float:
 
 
 def capture_rows(samples: int, seq: int) -> list[dict]:
-    """Seconds to capture the first layer's inputs of ``samples`` × ``seq`` tokens, three ways."""
+    """Seconds to capture the first layer's inputs of ``samples`` × ``seq`` tokens, five ways."""
     from llmc import tiny
-    from llmc_pipelines import pinned
     from llmc_pipelines.sequential import Capture, sequential_targets
     from llmc_pipelines.transfers import Transfers
 
@@ -161,7 +157,7 @@ def capture_rows(samples: int, seq: int) -> list[dict]:
     rows = []
     for name, offload, first, slab in (
         ("kept on the GPU", "cuda", False, {}),
-        ("pinned slabs (pipeline)", "cpu", False, {}),
+        ("pinned slabs registered during it", "cpu", False, {}),
         ("pinned slabs, 4 KiB pages", "cpu", False, {"huge": False}),
         ("pinned slabs, not filled first", "cpu", False, {"fill": False}),
         ("slabs registered before", "cpu", True, {}),
