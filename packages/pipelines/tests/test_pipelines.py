@@ -724,6 +724,38 @@ def test_pinned_slabs_prepared_ahead_are_handed_out_in_turn_and_the_rest_release
     assert fallback.numel() == 100 and pinning[-1] is True and not registered
 
 
+def test_huge_pages_are_asked_for_over_the_whole_2_mib_pages_inside_a_slab(monkeypatch):
+    """madvise gets a 2 MiB-aligned range that lies inside the slab and leaves out less than
+    a huge page at each end (a range past the slab would advise memory it does not own)."""
+    import ctypes
+    import sys
+
+    from llmc_pipelines import pinned
+
+    advised = []
+
+    class Libc:
+        def madvise(self, start, length, advice):
+            advised.append((start.value, length.value, advice))
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    huge = pinned._HUGE_PAGE
+    for size in (3 * huge + 12345, 5 * huge):
+        raw = torch.empty(size, dtype=torch.uint8)
+        for view in (raw, raw[4096:]):
+            advised.clear()
+            pinned._advise_huge_pages(view)
+            (start, length, advice), = advised
+            begin, end = view.data_ptr(), view.data_ptr() + view.numel()
+            assert advice == 14 and start % huge == 0 and length % huge == 0
+            assert begin <= start < begin + huge and end - huge < start + length <= end
+    advised.clear()
+    pinned._advise_huge_pages(torch.empty(huge // 2, dtype=torch.uint8))  # no whole huge page
+    assert not advised
+
+
 def test_pinned_slabs_expected_in_total_are_registered_before_any_request(monkeypatch):
     """With ``total``, the thread registers that many slabs before the first request (and no
     more while they last); on leaving, those nobody took are unregistered."""
