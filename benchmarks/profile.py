@@ -4,11 +4,14 @@ Runs ``oneshot`` on a freshly built model (random weights, random tokens, as
 ``benchmarks.gptq_layer``) with the sequential pipeline's per-phase debug clock on, and
 profiles from the end of the first layer's calibration to the end of the run (one
 layer's solve and propagation, then every later layer whole): the first layer's
-capture and warm-up stay out. Prints the operators with the most device time and
+capture and warm-up stay out. ``--window capture`` profiles only them instead: from the
+calibration's start to the first layer's end (the capture, with the first layer
+calibrated on each batch as it is captured, and its solve). Prints the operators with the most device time and
 the most host time, the device's busy share of the wall time, and writes them as JSON.
 
     python -m benchmarks.profile --modifier gptq --layers 2 --samples 128 --seq 2048   # GPU machine
     python -m benchmarks.profile --modifier awq --layers 2 --samples 256 --seq 512
+    python -m benchmarks.profile --modifier gptq --window capture --samples 256   # the capture and first layer
     python -m benchmarks.profile --modifier gptq --memory --samples 128   # allocations alive at the GPU peak
     python -m benchmarks.profile --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --samples 8 --seq 128  # CPU smoke
 """
@@ -29,20 +32,36 @@ from benchmarks.gptq_layer import build, dataset, recipe, shape_arguments
 from llmc.api import hookimpl
 
 
-class ProfileFromFirstLayer:
-    """Starts ``profiler`` when the first sequential layer ends (lifecycle plugin)."""
+class ProfileWindow:
+    """Profiles one window of the run (lifecycle plugin): ``after-first`` from the first
+    sequential layer's end to the run's end, ``capture`` from the calibration's start to
+    the first layer's end."""
 
-    def __init__(self, profiler: profile) -> None:
-        self.profiler = profiler
+    def __init__(self, profiler: profile, window: str) -> None:
+        self.profiler, self.window = profiler, window
         self.started: float | None = None
+        self.stopped: float | None = None
+
+    def _start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.start()
+        self.started = time.perf_counter()
+
+    @hookimpl
+    def llmc_calibration_start(self, state) -> None:
+        if self.window == "capture":
+            self._start()
 
     @hookimpl
     def llmc_sequential_layer_end(self, state, layer_name, layer) -> None:
-        if self.started is None:
+        if self.window == "after-first" and self.started is None:
+            self._start()
+        elif self.window == "capture" and self.stopped is None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.profiler.start()
-            self.started = time.perf_counter()
+            self.stopped = time.perf_counter()
+            self.profiler.stop()
 
 
 def top(events, key: str, count: int) -> list[dict]:
@@ -93,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modifier", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--window", choices=["after-first", "capture"], default="after-first",
+                        help="after the first layer's calibration (default), or the capture and the first layer")
     parser.add_argument("--memory", action="store_true",
                         help="instead of timing: the CUDA allocations alive at the peak, by where they were made")
     args = parser.parse_args(argv)
@@ -107,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("llmc_pipelines.sequential").setLevel(logging.DEBUG)  # the per-phase clock
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     profiler = profile(activities=activities)
-    starter = ProfileFromFirstLayer(profiler)
+    starter = ProfileWindow(profiler, args.window)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         build(path, args)
@@ -119,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
                     max_seq_length=args.seq, sequential_offload_device=args.offload)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            wall = time.perf_counter() - (starter.started or time.perf_counter())
+            ended = starter.stopped or time.perf_counter()
+            wall = ended - (starter.started or ended)
         finally:
             get_plugin_manager().unregister(starter)
-            profiler.stop()
+            if starter.stopped is None:
+                profiler.stop()
     events = profiler.key_averages()
     device_total = sum(e.self_device_time_total for e in events) / 1e6
     by_device, by_host = top(events, "self_device_time_total", args.top), top(events, "self_cpu_time_total", args.top)
@@ -130,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"profiled {wall:.2f} s wall; device busy {device_total:.2f} s ({device_total / wall:.0%})")
     print("by device time\n" + table(by_device, columns))
     print("by host time\n" + table(by_host, columns))
-    summary = {"modifier": args.modifier, "profiled_seconds": wall, "device_busy_seconds": device_total, **peak_memory()}
+    summary = {"modifier": args.modifier, "window": args.window, "profiled_seconds": wall, "device_busy_seconds": device_total, **peak_memory()}
     print(f"wrote {write_json('profile', {'args': vars(args), 'summary': summary, 'by_device': by_device, 'by_host': by_host})}")
 
 
