@@ -7,7 +7,8 @@ layer's solve and propagation, then every later layer whole): the first layer's
 capture and warm-up stay out. ``--window capture`` profiles only them instead: from the
 calibration's start to the first layer's end (the capture, with the first layer
 calibrated on each batch as it is captured, and its solve). Prints the operators with the most device time and
-the most host time, the device's busy share of the wall time, and writes them as JSON.
+the most host time, the device's busy share of the wall time and its longest idle gaps, each host
+thread's time in operators and its longest CUDA runtime calls, and writes them as JSON.
 
     python -m benchmarks.profile --modifier gptq --layers 2 --samples 128 --seq 2048   # GPU machine
     python -m benchmarks.profile --modifier awq --layers 2 --samples 256 --seq 512
@@ -75,6 +76,45 @@ def top(events, key: str, count: int) -> list[dict]:
         }
         for e in rows
     ]
+
+
+def by_thread(events, count: int) -> list[dict]:
+    """Per host thread (busiest first): its time inside top-level operators, and the CUDA
+    runtime calls it spent longest in, with the longest single call: a thread stalled by
+    another (a lock in the driver, a synchronising call) shows as long runtime calls."""
+    threads: dict[int, dict] = {}
+    for e in events:
+        if e.device_type.name != "CPU":
+            continue
+        t = threads.setdefault(e.thread, {"thread": e.thread, "ops_ms": 0.0, "runtime": {}})
+        duration = (e.time_range.end - e.time_range.start) / 1e3
+        if e.cpu_parent is None:
+            t["ops_ms"] += duration
+        if e.name.startswith("cu"):
+            calls, total, longest = t["runtime"].get(e.name, (0, 0.0, 0.0))
+            t["runtime"][e.name] = (calls + 1, total + duration, max(longest, duration))
+    rows = []
+    for t in sorted(threads.values(), key=lambda t: t["ops_ms"], reverse=True)[:count]:
+        calls = sorted(t["runtime"].items(), key=lambda kv: kv[1][1], reverse=True)[:4]
+        rows.append({"thread": t["thread"], "ops_ms": round(t["ops_ms"], 1),
+                     "runtime_calls": "; ".join(f"{n} x{c} {tot:.0f} ms (max {mx:.1f})" for n, (c, tot, mx) in calls)})
+    return rows
+
+
+def device_gaps(events, count: int) -> tuple[float, list[float]]:
+    """Seconds the device ran any kernel or copy (overlaps merged), and its longest idle gaps (ms)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    busy, gaps, end = 0.0, [], None
+    for start, stop in spans:
+        if end is None or start > end:
+            if end is not None:
+                gaps.append((start - end) / 1e3)
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy / 1e6, sorted(gaps, reverse=True)[:count]
 
 
 def live_at_peak(snapshot: dict, top_count: int) -> tuple[int, list[dict]]:
@@ -146,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
             get_plugin_manager().unregister(starter)
             if starter.stopped is None:
                 profiler.stop()
+    threads = by_thread(profiler.events(), 4)
+    device_busy, gaps = device_gaps(profiler.events(), 8)
     events = profiler.key_averages()
     device_total = sum(e.self_device_time_total for e in events) / 1e6
     by_device, by_host = top(events, "self_device_time_total", args.top), top(events, "self_cpu_time_total", args.top)
@@ -153,8 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"profiled {wall:.2f} s wall; device busy {device_total:.2f} s ({device_total / wall:.0%})")
     print("by device time\n" + table(by_device, columns))
     print("by host time\n" + table(by_host, columns))
-    summary = {"modifier": args.modifier, "window": args.window, "profiled_seconds": wall, "device_busy_seconds": device_total, **peak_memory()}
-    print(f"wrote {write_json('profile', {'args': vars(args), 'summary': summary, 'by_device': by_device, 'by_host': by_host})}")
+    print("by host thread\n" + table(threads, ["thread", "ops_ms", "runtime_calls"]))
+    print(f"device busy (kernels and copies merged) {device_busy:.2f} s; longest idle gaps, ms: "
+          + ", ".join(f"{g:.1f}" for g in gaps))
+    summary = {"modifier": args.modifier, "window": args.window, "profiled_seconds": wall, "device_busy_seconds": device_total,
+               "device_busy_merged_seconds": device_busy, "longest_idle_gaps_ms": gaps, **peak_memory()}
+    result = {"args": vars(args), "summary": summary, "by_device": by_device, "by_host": by_host, "by_thread": threads}
+    print(f"wrote {write_json('profile', result)}")
 
 
 

@@ -84,6 +84,28 @@ def test_padding_versus_truncation(tokenizer):
     assert full["input_ids"].shape == (4, 64)
 
 
+@pytest.mark.parametrize("collator", ["truncation", "padding"])
+def test_builtin_collator_batches_are_the_rows_as_tensors(tokenizer, collator):
+    """The loader converts the rows' token lists to tensors once; its batches are what the
+    collator makes of the rows as lists, for rows of one length and of several."""
+    from llmc.data import load_calibration_rows, make_collator, tokenize
+
+    texts = datasets.Dataset.from_dict({"text": TEXTS[:6]})
+    ids = torch.randint(4, 100, (6, 12)).tolist()
+    tokenized = datasets.Dataset.from_dict({"input_ids": ids, "loss_mask": [[0] * 4 + [1] * 8] * 6})
+    for data, loss_mask, length in [(texts, False, 64), (tokenized, True, 10)]:
+        args = DatasetArguments(dataset=data, num_calibration_samples=6, max_seq_length=length, batch_size=2,
+                                shuffle_calibration_samples=False, data_collator=collator, use_loss_mask=loss_mask)
+        rows = tokenize(load_calibration_rows(args), args, tokenizer)
+        assert (len({len(r["input_ids"]) for r in rows}) > 1) == (data is texts)  # several lengths, or one
+        expected = [make_collator(args, tokenizer)(rows[i : i + 2]) for i in range(0, 6, 2)]
+        batches = list(build_calibration_dataloader(args, tokenizer))
+        assert len(batches) == 3
+        for batch, reference in zip(batches, expected, strict=True):
+            assert batch.keys() == reference.keys() == ({"input_ids", "attention_mask"} | ({"loss_mask"} if loss_mask else set()))
+            assert all(torch.equal(batch[k], reference[k]) for k in batch)
+
+
 def test_concatenation_fills_rows(tokenizer):
     args = DatasetArguments(dataset=datasets.Dataset.from_dict({"text": TEXTS}), concatenate_data=True,
                             num_calibration_samples=6, max_seq_length=32, shuffle_calibration_samples=False)
