@@ -1,8 +1,9 @@
 """What one Llama-3-8B-shaped layer's GPTQ costs, piece by piece, against the GEMM floor.
 
-Times on one 2048-token batch (CUDA events, after a warm-up): the decoder layer's forward,
-the same forward stopped before the down projection (all a calibration pass needs), each
-way of accumulating the four distinct Hessians, and each of the layer's four GPTQ solves
+Times on one 2048-token batch (CUDA events, after a warm-up): the decoder layer's forward
+(also the host's time to launch it, and the same call replayed from a CUDA graph), the same
+forward stopped before the down projection (all a calibration pass needs), each way of
+accumulating the four distinct Hessians, and each of the layer's four GPTQ solves
 (q/k/v stacked, o, gate/up stacked, down) split into its phases. Multiplied out to
 ``--samples`` batches this is the per-layer budget of ``benchmarks.gptq_layer``.
 
@@ -28,6 +29,34 @@ def wall(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - started) * 1e3
+
+
+def launch_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Milliseconds of host time per call of ``fn`` until its kernels are queued (not run):
+    a pass whose host work per batch exceeds its device time waits on its launching thread."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    launched = time.perf_counter() - started
+    torch.cuda.synchronize()
+    return launched * 1e3 / repeats
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph (after warm-up calls on a side stream): the same
+    kernels with no host work between them, the device's own time for the call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 class _Stop(Exception):
@@ -65,6 +94,8 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
 
     with torch.no_grad():
         rows.append({"what": "layer forward", "ms_per_batch": timed(forward, args.repeats)})
+        rows.append({"what": "layer forward, the host's time to launch it", "ms_per_batch": launch_ms(forward, args.repeats)})
+        rows.append({"what": "layer forward replayed from a CUDA graph", "ms_per_batch": timed(graphed(forward), args.repeats)})
         handle = mlp.down_proj.register_forward_pre_hook(stop)
         rows.append({"what": "forward until down_proj's input", "ms_per_batch": timed(forward_until_down, args.repeats)})
         handle.remove()
