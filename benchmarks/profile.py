@@ -7,8 +7,8 @@ layer's solve and propagation, then every later layer whole): the first layer's
 capture and warm-up stay out. ``--window capture`` profiles only them instead: from the
 calibration's start to the first layer's end (the capture, with the first layer
 calibrated on each batch as it is captured, and its solve). Prints the operators with the most device time and
-the most host time, the device's busy share of the wall time and its longest idle gaps, each host
-thread's time in operators and its longest CUDA runtime calls, and writes them as JSON.
+the most host time, the device's busy share of the wall time and its longest idle gaps, and
+writes them as JSON.
 
     python -m benchmarks.profile --modifier gptq --layers 2 --samples 128 --seq 2048   # GPU machine
     python -m benchmarks.profile --modifier awq --layers 2 --samples 256 --seq 512
@@ -76,29 +76,6 @@ def top(events, key: str, count: int) -> list[dict]:
         }
         for e in rows
     ]
-
-
-def by_thread(events, count: int) -> list[dict]:
-    """Per host thread (busiest first): its time inside top-level operators, and the CUDA
-    runtime calls it spent longest in, with the longest single call: a thread stalled by
-    another (a lock in the driver, a synchronising call) shows as long runtime calls."""
-    threads: dict[int, dict] = {}
-    for e in events:
-        if e.device_type.name != "CPU":
-            continue
-        t = threads.setdefault(e.thread, {"thread": e.thread, "ops_ms": 0.0, "runtime": {}})
-        duration = (e.time_range.end - e.time_range.start) / 1e3
-        if e.cpu_parent is None:
-            t["ops_ms"] += duration
-        if e.name.startswith("cu"):
-            calls, total, longest = t["runtime"].get(e.name, (0, 0.0, 0.0))
-            t["runtime"][e.name] = (calls + 1, total + duration, max(longest, duration))
-    rows = []
-    for t in sorted(threads.values(), key=lambda t: t["ops_ms"], reverse=True)[:count]:
-        calls = sorted(t["runtime"].items(), key=lambda kv: kv[1][1], reverse=True)[:4]
-        rows.append({"thread": t["thread"], "ops_ms": round(t["ops_ms"], 1),
-                     "runtime_calls": "; ".join(f"{n} x{c} {tot:.0f} ms (max {mx:.1f})" for n, (c, tot, mx) in calls)})
-    return rows
 
 
 def device_gaps(events, count: int) -> tuple[float, list[float]]:
@@ -186,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
             get_plugin_manager().unregister(starter)
             if starter.stopped is None:
                 profiler.stop()
-    threads = by_thread(profiler.events(), 4)
     device_busy, gaps = device_gaps(profiler.events(), 8)
     events = profiler.key_averages()
     device_total = sum(e.self_device_time_total for e in events) / 1e6
@@ -195,12 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"profiled {wall:.2f} s wall; device busy {device_total:.2f} s ({device_total / wall:.0%})")
     print("by device time\n" + table(by_device, columns))
     print("by host time\n" + table(by_host, columns))
-    print("by host thread\n" + table(threads, ["thread", "ops_ms", "runtime_calls"]))
     print(f"device busy (kernels and copies merged) {device_busy:.2f} s; longest idle gaps, ms: "
           + ", ".join(f"{g:.1f}" for g in gaps))
     summary = {"modifier": args.modifier, "window": args.window, "profiled_seconds": wall, "device_busy_seconds": device_total,
                "device_busy_merged_seconds": device_busy, "longest_idle_gaps_ms": gaps, **peak_memory()}
-    result = {"args": vars(args), "summary": summary, "by_device": by_device, "by_host": by_host, "by_thread": threads}
+    result = {"args": vars(args), "summary": summary, "by_device": by_device, "by_host": by_host}
     print(f"wrote {write_json('profile', result)}")
 
 
