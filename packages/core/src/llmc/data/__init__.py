@@ -219,10 +219,6 @@ def _tensor_rows(rows: list[Row]) -> list[Row]:
     return out
 
 
-def _long(values: Any) -> torch.Tensor:
-    return values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
-
-
 def _pad_id(processor: Any) -> int:
     tokenizer = _tokenizer_of(processor)
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
@@ -252,10 +248,10 @@ def make_collator(args: DatasetArguments, processor: Any) -> Callable[[list[Row]
         loss_mask = torch.zeros((len(rows), width), dtype=torch.long) if args.use_loss_mask else None
         for i, row in enumerate(rows):
             tokens = row["input_ids"][:width]
-            ids[i, : len(tokens)] = _long(tokens)
-            mask[i, : len(tokens)] = _long(row["attention_mask"][: len(tokens)])
+            ids[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = torch.as_tensor(row["attention_mask"][: len(tokens)], dtype=torch.long)
             if loss_mask is not None:
-                loss_mask[i, : len(tokens)] = _long(row[LOSS_MASK][: len(tokens)])
+                loss_mask[i, : len(tokens)] = torch.as_tensor(row[LOSS_MASK][: len(tokens)], dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask}
         return batch if loss_mask is None else {**batch, LOSS_MASK: loss_mask}
 
