@@ -6,9 +6,9 @@ profiles from the end of the first layer's calibration to the end of the run (on
 layer's solve and propagation, then every later layer whole): the first layer's
 capture and warm-up stay out. ``--window capture`` profiles only them instead: from the
 calibration's start to the first layer's end (the capture, with the first layer
-calibrated on each batch as it is captured, and its solve). Prints the operators with the most device time and
-the most host time, the device's busy share of the wall time and its longest idle gaps, and
-writes them as JSON.
+calibrated on each batch as it is captured, and its solve). Prints the operators with
+the most device time and the most host time, the device's busy share of the wall time
+and its longest idle gaps, and writes them as JSON.
 
     python -m benchmarks.profile --modifier gptq --layers 2 --samples 128 --seq 2048   # GPU machine
     python -m benchmarks.profile --modifier awq --layers 2 --samples 256 --seq 512
