@@ -90,6 +90,9 @@ def test_builtin_collator_batches_are_the_rows_as_tensors(tokenizer, collator):
     collator makes of the rows as lists, for rows of one length and of several."""
     from llmc.data import load_calibration_rows, make_collator, tokenize
 
+    def batch_keys(loss_mask: bool) -> set[str]:
+        return {"input_ids", "attention_mask"} | ({"loss_mask"} if loss_mask else set())
+
     texts = datasets.Dataset.from_dict({"text": TEXTS[:6]})
     ids = torch.randint(4, 100, (6, 12)).tolist()
     tokenized = datasets.Dataset.from_dict({"input_ids": ids, "loss_mask": [[0] * 4 + [1] * 8] * 6})
@@ -99,10 +102,12 @@ def test_builtin_collator_batches_are_the_rows_as_tensors(tokenizer, collator):
         rows = tokenize(load_calibration_rows(args), args, tokenizer)
         assert (len({len(r["input_ids"]) for r in rows}) > 1) == (data is texts)  # several lengths, or one
         expected = [make_collator(args, tokenizer)(rows[i : i + 2]) for i in range(0, 6, 2)]
-        batches = list(build_calibration_dataloader(args, tokenizer))
+        loader = build_calibration_dataloader(args, tokenizer)
+        assert all(isinstance(row[k], torch.Tensor) for row in loader.dataset for k in batch_keys(loss_mask))
+        batches = list(loader)
         assert len(batches) == 3
         for batch, reference in zip(batches, expected, strict=True):
-            assert batch.keys() == reference.keys() == ({"input_ids", "attention_mask"} | ({"loss_mask"} if loss_mask else set()))
+            assert batch.keys() == reference.keys() == batch_keys(loss_mask)
             assert all(torch.equal(batch[k], reference[k]) for k in batch)
 
 
