@@ -758,15 +758,20 @@ def test_huge_pages_are_asked_for_over_the_whole_2_mib_pages_inside_a_slab(monke
 
 def test_pinned_slabs_expected_in_total_are_registered_before_any_request(monkeypatch):
     """With ``total``, the thread registers that many slabs before the first request (and no
-    more while they last); on leaving, those nobody took are unregistered."""
+    more while they last), and says when they are ready; on leaving, those nobody took are
+    unregistered. Refused, or closed, it says ready (nothing will come)."""
     import time
 
     from llmc_pipelines import pinned
 
     registered: set[int] = set()
+    refuse = False
 
     class Runtime:
         def cudaHostRegister(self, ptr, size, flags):
+            time.sleep(0.02)  # slow enough that a premature "ready" would be seen
+            if refuse:
+                return 1
             registered.add(ptr)
             return 0
 
@@ -776,16 +781,23 @@ def test_pinned_slabs_expected_in_total_are_registered_before_any_request(monkey
 
     monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
     slabs = pinned.PinnedSlabs(slab_bytes=1 << 16)
-    with slabs.ahead(1, torch.device("cpu"), total=5):
-        deadline = time.monotonic() + 10
-        while len(registered) < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with slabs.ahead(1, torch.device("cpu"), total=5) as prepared:
+        assert prepared.wait(10)
+        assert len(registered) == 5
         taken = [slabs.empty(1 << 14, torch.float32) for _ in range(2)]  # a slab each
-        time.sleep(0.1)
+        time.sleep(0.2)
         assert len(registered) == 5  # the total, then one ahead: three are still ahead
     assert registered == {t.untyped_storage().data_ptr() for t in taken}
     slabs.close()
     assert not registered
+
+    refuse = True
+    slabs = pinned.PinnedSlabs(slab_bytes=1 << 16)
+    with slabs.ahead(1, torch.device("cpu"), total=5) as prepared:
+        assert prepared.wait(10) and not registered
+    slabs.close()
+    with slabs.ahead(1, torch.device("cpu"), total=5) as prepared:  # closed: no thread
+        assert prepared.is_set() and not registered
 
 
 @pytest.mark.parametrize("arch, config", [("llama", {}), ("qwen3", {"head_dim": 48})])

@@ -13,7 +13,8 @@ collected, if nobody closed it), and alive until then: memory is never freed whi
 
 Even so, the capture of those hidden states waited about 1 s for slabs. Inside
 :meth:`PinnedSlabs.ahead` a thread prepares slabs before the capture starts and ahead of it
-while it runs the model (registering meanwhile slows it: 1.4 s against 0.8 s, H100).
+while it runs the model (registering meanwhile slows it: 1.4 s against 0.8 s, H100, so the
+capture waits for the slabs it is expected to fill before it starts).
 """
 
 from __future__ import annotations
@@ -88,34 +89,44 @@ class PinnedSlabs:
         return _register(self.slab_bytes)
 
     @contextlib.contextmanager
-    def ahead(self, count: int, device: torch.device, total: int = 0) -> Iterator[None]:
+    def ahead(self, count: int, device: torch.device, total: int = 0) -> Iterator[threading.Event]:
         """While inside, a thread registers slabs ahead of requests, so a caller filling them
         (the sequential pipeline's capture) waits for none of them: the first ``total`` at
-        once (what the caller expects to take, prepared before it starts), then ``count``
-        ahead of the requests. The slabs no request took are unregistered and freed on leaving."""
+        once (what the caller expects to take), then ``count`` ahead of the requests. Yields
+        an event set once those ``total`` are registered (or the thread gave up): a caller
+        that waits for it before its own work starts has no registration slow it down, as
+        registering while a thread launches kernels does. The slabs no request took are
+        unregistered and freed on leaving."""
         ready: queue.Queue = queue.Queue()
-        stop = threading.Event()
+        stop, prepared = threading.Event(), threading.Event()
 
         def prepare() -> None:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            made = 0
-            while not stop.is_set():
-                if made >= total and ready.qsize() >= count:  # wait for a request to take one
-                    stop.wait(0.01)
-                    continue
-                slab = _register(self.slab_bytes)
-                made += 1
-                ready.put(slab)
-                if slab is None:  # refused: the requests pin with torch from now on
-                    return
+            try:
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)
+                made = 0
+                while not stop.is_set():
+                    if made >= total:
+                        prepared.set()
+                        if ready.qsize() >= count:  # wait for a request to take one
+                            stop.wait(0.01)
+                            continue
+                    slab = _register(self.slab_bytes)
+                    made += 1
+                    ready.put(slab)
+                    if slab is None:  # refused: the requests pin with torch from now on
+                        return
+            finally:
+                prepared.set()
 
         thread = threading.Thread(target=prepare, name="llmc-pinned-slabs", daemon=True)
-        if not self._failed:
+        if self._failed:
+            prepared.set()
+        else:
             self._ahead = ready, thread
             thread.start()
         try:
-            yield
+            yield prepared
         finally:
             self._ahead = None
             stop.set()

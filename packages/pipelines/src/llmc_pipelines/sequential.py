@@ -524,7 +524,9 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
         contextlib.ExitStack() as stack,
     ):
         # pinned memory for what the capture stores, prepared from now on (until it ends)
-        preparing.enter_context(transfers.capturing(_capture_bytes(model, loader) if len(layers) > 1 else 0))
+        slabs_ready = preparing.enter_context(
+            transfers.capturing(_capture_bytes(model, loader) if len(layers) > 1 else 0)
+        )
         hook.llmc_calibration_start(state=state)
         if not qac:  # every pass runs unquantized, the capture's too
             stack.enter_context(quantization_disabled(model))
@@ -574,6 +576,9 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 if kept:
                     first_outputs = []
             stored = not fused or (qac and len(layers) > 1)  # the propagation pass reads them
+            waited = time.perf_counter()
+            slabs_ready.wait()  # registering memory while the capture launches kernels stalls it
+            logger.debug("Waited %.2f s for the capture's pinned memory", time.perf_counter() - waited)
             with (
                 first_pass,
                 lazily_onloaded(_shell(model, layers), device),

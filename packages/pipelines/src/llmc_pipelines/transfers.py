@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -163,13 +164,16 @@ class Transfers:
         # launching thread as much as recording it
         self._mark = torch.cuda.Event() if overlap else None
 
-    def capturing(self, expected_bytes: int = 0) -> contextlib.AbstractContextManager:
+    def capturing(self, expected_bytes: int = 0) -> contextlib.AbstractContextManager[threading.Event]:
         """The capture's context: pinned slabs prepared on a thread, the ``expected_bytes``
-        the capture will store first (entered before it starts, they are ready when it
-        does: registering while it runs slows it), then a few ahead of its stores
-        (:meth:`llmc_pipelines.pinned.PinnedSlabs.ahead`); nothing without pinned slabs."""
+        the capture will store first, then a few ahead of its stores
+        (:meth:`llmc_pipelines.pinned.PinnedSlabs.ahead`). Yields an event set once the
+        expected slabs are registered: the capture waits for it before it starts, since
+        registering while it runs slows it. Without pinned slabs, nothing (the event is set)."""
         if self.slabs is None:
-            return contextlib.nullcontext()
+            prepared = threading.Event()
+            prepared.set()
+            return contextlib.nullcontext(prepared)
         return self.slabs.ahead(_SLABS_AHEAD, self.device, total=-(-expected_bytes // self.slabs.slab_bytes))
 
     def to_offload(self, value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
