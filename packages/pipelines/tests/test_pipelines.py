@@ -430,6 +430,23 @@ def test_arguments_repeated_across_batches_are_stored_and_loaded_once():
     assert same_tree(repeated, stored[2])  # every tensor equal to the last batch's: one call
 
 
+def test_equal_answers_as_torch_equal_for_each_pair():
+    """NaN unequal to itself, empty tensors equal, signed zeros equal, any dtype."""
+    from llmc_pipelines.transfers import equal
+
+    nan = torch.tensor([1.0, float("nan")])
+    pairs = [
+        (nan, nan),
+        (torch.empty(0, 3), torch.empty(0, 3)),
+        (torch.tensor([True, False]), torch.tensor([True, True])),
+        (torch.arange(5), torch.arange(5)),
+        (torch.zeros(2, 2, dtype=torch.bfloat16), -torch.zeros(2, 2, dtype=torch.bfloat16)),
+        (torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(2, 3).flip(0)),
+    ]
+    assert equal(pairs) == [torch.equal(a, b) for a, b in pairs] == [False, True, False, True, True, False]
+    assert equal([]) == []
+
+
 def test_forward_loads_a_shared_call_once_and_returns_outputs():
     from llmc_pipelines.transfers import Transfers, batches
 

@@ -131,6 +131,17 @@ def same_tree(a: Any, b: Any) -> bool:
     return isinstance(a, (bool, int, float, str)) and a == b
 
 
+def equal(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """``torch.equal`` of each pair of tensors alike in shape, dtype and device, with one
+    wait for the device instead of one per pair: the capture compares a few arguments a
+    batch, and each wait idles the thread that launches the kernels."""
+    if not pairs:
+        return []
+    if len({a.device for a, _ in pairs}) > 1:
+        return [torch.equal(a, b) for a, b in pairs]
+    return torch.stack([torch.eq(a, b).all() for a, b in pairs]).tolist()
+
+
 def _resolved(device: torch.device) -> torch.device:
     """``cuda`` as the device index tensors report (``cuda:0``), so devices compare equal."""
     if device.type == "cuda" and device.index is None:
@@ -224,9 +235,14 @@ class Transfers:
         leaves: list[torch.Tensor] = []
         map_tensors(value, leaves.append)
         keys = [(place, t.shape, t.dtype, t.device) for place, t in enumerate(leaves)]
-        for key, tensor in zip(keys, leaves, strict=True):
-            last = latest.get(key)
-            if id(tensor) not in memo and last is not None and torch.equal(last[0], tensor):
+        compared = {
+            id(tensor): (tensor, latest[key])
+            for key, tensor in zip(keys, leaves, strict=True)
+            if id(tensor) not in memo and key in latest
+        }
+        pairs = [(last[0], tensor) for tensor, last in compared.values()]
+        for (tensor, last), same in zip(compared.values(), equal(pairs), strict=True):
+            if same:
                 memo[id(tensor)] = last[1]
         out = self.to_offload(value, memo)
         for key, tensor in zip(keys, leaves, strict=True):
