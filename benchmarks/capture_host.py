@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, ["piece", "seconds", "ms_per_batch", "calls"]))
     waits = [{"waits": n, "where (innermost first)": k} for k, n in clock.stacks.most_common(20)]
     if args.syncs:
-        print(table(waits, ["waits", "where (innermost first)"]))
+        print(table(waits, ["waits", "where (innermost first)"]) if waits else "no waits for the device recorded")
     result = {"args": vars(args), "pieces": rows, "waits": waits, **peak_memory()}
     print(f"wrote {write_json('capture_host', result)}")
 
