@@ -199,3 +199,45 @@ def test_a_packed_chunk_splits_a_copy_of_its_buffer_into_its_batches(shapes):
         assert torch.equal(view, source)
         assert view.data_ptr() != source.data_ptr()  # views of the copy, not of the chunk
     assert chunk.fits(like[0]) and not chunk.fits(like[0].double())
+
+
+def test_onloader_pins_both_buffers_before_the_first_turn_without_torch_pinning(monkeypatch):
+    """The first job makes both staging buffers, sized for the first two targets, from
+    registered slabs (``cudaHostRegister``, stood in for here), then stages the first
+    target: no memory is pinned later, while the capture launches kernels. ``close``
+    unregisters them."""
+    import threading
+
+    registered: dict[int, tuple[int, str]] = {}
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            registered[ptr] = (size, threading.current_thread().name)
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            del registered[ptr]
+            return 0
+
+    def no_torch_pinning(*args, pin_memory=False, **kwargs):
+        assert not pin_memory, "pinned through torch's cudaHostAlloc"
+        return real_empty(*args, **kwargs)
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch, "empty", no_torch_pinning)
+    blocks = [torch.nn.Linear(64, 48 * (i + 1)) for i in range(3)]  # sizes differ per target
+    onloader = Onloader(blocks, torch.device("cuda", 0))
+    layout = onloader._staged[0].result()
+    assert len(registered) == 2 and {t for _, t in registered.values()} == {"llmc-onload_0"}
+    for slot, block in enumerate(blocks[:2]):
+        buffer = onloader._buffers[slot]
+        assert buffer.untyped_storage().data_ptr() in registered
+        assert buffer.numel() >= sum(t.numel() * t.element_size() for t in block.parameters())
+    assert layout.buffer is onloader._buffers[0]
+    for staged, tensor in zip(layout.views(layout.buffer), layout.tensors, strict=True):
+        assert torch.equal(staged, tensor)
+    onloader.close()
+    assert not registered

@@ -801,6 +801,7 @@ def test_pinned_slabs_expected_in_total_are_registered_before_any_request(monkey
     with slabs.ahead(1, torch.device("cpu"), total=5) as prepared:
         assert prepared.wait(10)
         assert len(registered) == 5
+        assert slabs.empty(0, torch.float32).numel() == 0  # nothing to carve
         taken = [slabs.empty(1 << 14, torch.float32) for _ in range(2)]  # a slab each
         time.sleep(0.2)
         assert len(registered) == 5  # the total, then one ahead: three are still ahead

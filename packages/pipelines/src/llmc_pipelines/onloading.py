@@ -165,7 +165,7 @@ class Onloader:
         self._loads = torch.cuda.Stream(device) if self.staging else None
         self._stores = torch.cuda.Stream(device) if self.staging else None
         # two pinned buffers, grown on demand; consecutive targets alternate between them
-        self._pinned = PinnedSlabs() if self.staging else None
+        self._pinned = PinnedSlabs(slab_bytes=1) if self.staging else None  # a slab per buffer
         self._buffers = [torch.empty(0, dtype=torch.uint8)] * 2
         self._staged: dict[int, Future[_Staged | None]] = {}
         self._pending: list[Future[Any]] = []

@@ -56,6 +56,8 @@ class PinnedSlabs:
         """An uninitialised pinned 1-D tensor of ``numel`` elements of ``dtype``."""
         size = numel * torch.empty((), dtype=dtype).element_size()
         size_aligned = -(-size // _ALIGN) * _ALIGN
+        if size == 0:
+            return torch.empty(0, dtype=dtype)
         if self._failed:
             return torch.empty(numel, dtype=dtype, pin_memory=True)
         if size_aligned > self._free:
