@@ -179,6 +179,49 @@ def test_sequential_asks_for_one_layer_at_a_time(llama_path, monkeypatch):
     assert len(peak) == 2 and max(peak) == 1  # two layers, each onloaded once, alone
 
 
+def test_the_capture_starts_once_its_pinned_memory_is_ready(llama_path, monkeypatch):
+    """Registering pinned memory while the capture launches kernels stalls them: the
+    capture's first batch waits for the slabs the capture is expected to fill."""
+    import contextlib
+    import threading
+    import time
+
+    from llmc_pipelines.sequential import Capture
+    from llmc_pipelines.transfers import Transfers
+
+    ready_at, first_batch = [], []
+
+    @contextlib.contextmanager
+    def capturing(self, expected_bytes=0):
+        prepared = threading.Event()
+
+        def register() -> None:
+            time.sleep(0.3)
+            ready_at.append(time.monotonic())
+            prepared.set()
+
+        thread = threading.Thread(target=register)
+        thread.start()
+        yield prepared
+        thread.join()
+
+    real_batch = Capture.batch
+
+    def batch(self, data):
+        first_batch.append(time.monotonic())
+        return real_batch(self, data)
+
+    monkeypatch.setattr(Transfers, "capturing", capturing)
+    monkeypatch.setattr(Capture, "batch", batch)
+    oneshot(
+        model=str(llama_path),
+        recipe=QuantizationModifier(scheme="FP8", ignore=["lm_head"]),
+        pipeline="sequential",
+        **DATA,
+    )
+    assert len(ready_at) == 1 and first_batch and first_batch[0] >= ready_at[0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="onloading to an accelerator needs one")
 @pytest.mark.parametrize("qac", [False, True])
 def test_cuda_holds_one_layer_and_matches_basic(tmp_path, qac):
