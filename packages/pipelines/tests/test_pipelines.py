@@ -474,8 +474,9 @@ def test_arguments_repeated_across_batches_are_stored_and_loaded_once():
 
 
 def test_equal_answers_as_torch_equal_for_each_pair():
-    """NaN unequal to itself, empty tensors equal, signed zeros equal, any dtype."""
-    from llmc_pipelines.transfers import equal
+    """NaN unequal to itself, empty tensors equal, signed zeros equal, any dtype; the same
+    from the comparison read back at once (what runs on CUDA, run here on the CPU)."""
+    from llmc_pipelines.transfers import _equal_at_once, equal
 
     nan = torch.tensor([1.0, float("nan")])
     pairs = [
@@ -486,7 +487,9 @@ def test_equal_answers_as_torch_equal_for_each_pair():
         (torch.zeros(2, 2, dtype=torch.bfloat16), -torch.zeros(2, 2, dtype=torch.bfloat16)),
         (torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(2, 3).flip(0)),
     ]
-    assert equal(pairs) == [torch.equal(a, b) for a, b in pairs] == [False, True, False, True, True, False]
+    expected = [torch.equal(a, b) for a, b in pairs]
+    assert expected == [False, True, False, True, True, False]
+    assert equal(pairs) == _equal_at_once(pairs) == expected
     assert equal([]) == []
 
 
