@@ -7,10 +7,9 @@ and reference to them stays valid.
 memory to CUDA a synchronous copy from pageable memory blocks the thread that
 launches the kernels for milliseconds per layer, so a worker thread copies the
 next target's tensors into pinned staging memory while the current target runs
-(plain CPU copies, which release the GIL; once its two pinned buffers are made,
-the worker makes no CUDA call but waiting on an event) and, after the target's turn,
-back from it into the CPU
-memory they came from; the main thread moves a whole target in one
+(plain CPU copies, which release the GIL; once its pinned buffers are made, the
+worker makes no CUDA call but waiting on an event) and, after the target's turn,
+back from it into the CPU memory they came from; the main thread moves a whole target in one
 asynchronous copy each way, each on its own copy stream. The device buffer comes
 from the load stream's own pool of the caching allocator, which no kernel reads,
 so the load starts at once, while the device still runs the last target's queued
@@ -176,9 +175,10 @@ class Onloader:
     def _prepare(self) -> _Staged | None:
         """Worker: both pinned buffers, sized for the first two targets, then the first staged.
 
-        Pinning memory holds the CUDA driver: 0.16 s for a Llama-3-8B layer's 0.44 GB
-        (H100), during which no thread launches a kernel. Both buffers are made before the
-        first target's turn (the capture waits for it), none while the capture runs."""
+        Pinning memory stalls the other threads' CUDA calls: while torch pinned a
+        Llama-3-8B layer's 0.44 GB (159 ms, H100) the device sat idle for as long. Both
+        buffers are made before the first target's turn (the capture waits for it), so
+        none while the capture runs."""
         torch.cuda.set_device(self.device)  # the buffers are registered with its context
         for slot in range(min(2, len(self.targets))):
             self._buffer(slot, _Staged(self._cpu_tensors(slot)).size)
