@@ -493,6 +493,21 @@ def test_equal_answers_as_torch_equal_for_each_pair():
     assert equal([]) == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the capture's CUDA path")
+def test_capture_sends_batches_unchanged_and_compares_on_the_device():
+    from llmc_pipelines.sequential import _sent
+    from llmc_pipelines.transfers import equal
+
+    batch = {"input_ids": torch.arange(10).view(2, 5), "attention_mask": torch.ones(2, 5, dtype=torch.long), "x": None}
+    sent = _sent(batch, torch.device("cuda"))
+    assert sent["x"] is None
+    for key in ("input_ids", "attention_mask"):
+        assert sent[key].is_cuda and torch.equal(sent[key].cpu(), batch[key])
+    a = torch.arange(6.0, device="cuda")
+    pairs = [(a, a.clone()), (a, a.flip(0)), (a.bool(), a.bool())]
+    assert equal(pairs) == [torch.equal(x, y) for x, y in pairs] == [True, False, True]
+
+
 def test_forward_loads_a_shared_call_once_and_returns_outputs():
     from llmc_pipelines.transfers import Transfers, batches
 
