@@ -495,11 +495,11 @@ def test_equal_answers_as_torch_equal_for_each_pair():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the capture's CUDA path")
 def test_capture_sends_batches_unchanged_and_compares_on_the_device():
-    from llmc_pipelines.sequential import _sent
+    from llmc_pipelines.basic import to_device
     from llmc_pipelines.transfers import equal
 
     batch = {"input_ids": torch.arange(10).view(2, 5), "attention_mask": torch.ones(2, 5, dtype=torch.long), "x": None}
-    sent = _sent(batch, torch.device("cuda"))
+    sent = to_device(batch, torch.device("cuda"))
     assert sent["x"] is None
     for key in ("input_ids", "attention_mask"):
         assert sent[key].is_cuda and torch.equal(sent[key].cpu(), batch[key])

@@ -15,7 +15,17 @@ from llmc.quantization.calibrate import quantization_disabled
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``. To CUDA, CPU tensors are copied through pinned memory
+    without waiting: a copy from pageable memory waits for every kernel queued before it on the
+    stream, idling the thread that launches the next ones."""
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in batch.items()
+    }
 
 
 def run_basic(state: State, modifiers: Sequence[Modifier]) -> None:

@@ -271,7 +271,7 @@ class Capture:
             self._release_handed()
         try:
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                model(**_sent(batch, self.device), use_cache=False)
+                model(**to_device(batch, self.device), use_cache=False)
         except _Captured:
             pass
         except _NotAStack:
@@ -320,20 +320,6 @@ class Capture:
             self._handed = None
         while self._pending and (wait or len(self._pending) > _HANDED_IN_FLIGHT or self._pending[0][0].query()):
             self._pending.popleft()[0].synchronize()
-
-
-def _sent(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch on ``device``. To CUDA, CPU tensors are copied through pinned memory without
-    waiting: a copy from pageable memory waits for every kernel queued before it (on the
-    capture's stream, behind the first target's calibration), idling the launching thread."""
-    if device.type != "cuda":
-        return to_device(batch, device)
-    return {
-        k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in batch.items()
-    }
 
 
 def _check_nothing_between(
