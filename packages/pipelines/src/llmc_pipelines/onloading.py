@@ -180,9 +180,10 @@ class Onloader:
         buffers are made before the first target's turn (the capture waits for it), so
         none while the capture runs."""
         torch.cuda.set_device(self.device)  # the buffers are registered with its context
-        for slot in range(min(2, len(self.targets))):
-            self._buffer(slot, _Staged(self._cpu_tensors(slot)).size)
-        return self._stage(0)
+        layout = self._stage(0)  # makes the first buffer
+        if len(self.targets) > 1:
+            self._buffer(1, _Staged(self._cpu_tensors(1)).size)
+        return layout
 
     def _cpu_tensors(self, index: int) -> list[torch.Tensor]:
         return [t for t in _own_tensors(self.targets[index].modules()) if _stageable(t)]
