@@ -62,9 +62,10 @@ def keys(folder: Path) -> set[str]:
     return found
 
 
-def run(model: Path, out: Path, recipe, **kwargs) -> torch.nn.Module:
+def run(model: Path | torch.nn.Module, out: Path, recipe, **kwargs) -> torch.nn.Module:
     defaults = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
-    return oneshot(model=str(model), recipe=recipe, output_dir=str(out), **{**defaults, **kwargs})
+    model = str(model) if isinstance(model, Path) else model
+    return oneshot(model=model, recipe=recipe, output_dir=str(out), **{**defaults, **kwargs})
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,22 @@ def test_gptq_quantizes_every_expert_and_reloads(qwen3_moe, tmp_path, sample_ids
     assert list(groups.values())[0]["weights"]["num_bits"] == 4
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_load_context_linearizes_experts_as_in_llm_compressor_examples(qwen3_moe, tmp_path):
+    """0.14's ``load_context`` loads MoE models with linearized experts: llmc's does too (through
+    llmc-moe's patch), and oneshot on that model writes the checkpoint the model's path gives."""
+    from llmc.utils import load_context
+    from llmc_moe import LinearExperts
+
+    with load_context():
+        model = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe, device_map="auto_offload")
+    assert all(isinstance(layer.mlp.experts, LinearExperts) for layer in model.model.layers)
+    assert model.model.layers[0].mlp.experts[1].down_proj.weight.shape == (128, 128)
+    recipe = quant_recipe("W4A16", ignore=IGNORE, modifier="GPTQModifier")
+    run(model, tmp_path / "a", recipe)
+    run(qwen3_moe, tmp_path / "b", recipe)
+    assert_same_tensors(tmp_path / "a", tmp_path / "b")
 
 
 def test_autoround_tunes_every_expert_and_reloads(qwen3_moe, tmp_path, sample_ids):

@@ -278,10 +278,63 @@ def test_a_model_dispatched_with_device_map_is_accepted(llama_path, tmp_path):
     data = dict(dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)
     oneshot(model=dispatched, recipe=recipe, output_dir=str(tmp_path / "a"), **data)
     oneshot(model=str(llama_path), recipe=recipe, output_dir=str(tmp_path / "b"), **data)
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    _same_checkpoint(tmp_path / "a", tmp_path / "b")
+
+
+def _same_checkpoint(a, b) -> None:
+    a, b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_a_model_offloaded_by_compressed_tensors_is_accepted(checkpoint_factory, tmp_path):
+    """A model loaded through compressed-tensors' offloading (what llm-compressor 0.14's
+    ``load_context`` does) to disk: its weights come back, plain modules again, a tie kept, and
+    the checkpoint equals the plain model's."""
+    from compressed_tensors.offload import OffloadCache, load_offloaded_model
+
+    from llmc.model_loading import undispatch
+
+    path = checkpoint_factory("gemma")
+    with load_offloaded_model():
+        offloaded = AutoModelForCausalLM.from_pretrained(path, device_map="disk", offload_folder=str(tmp_path / "disk"))
+    assert offloaded.model.layers[1].mlp.up_proj._parameters.offloaded_values["weight"].device.type == "meta"
+    undispatch(offloaded)
+    assert not any(isinstance(m._parameters, OffloadCache) for m in offloaded.modules())
+    assert offloaded.lm_head.weight is offloaded.model.embed_tokens.weight
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    expected = plain.state_dict()
+    assert offloaded.state_dict().keys() == expected.keys()
+    for name, value in offloaded.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, expected[name]), name
+
+    with load_offloaded_model():
+        offloaded = AutoModelForCausalLM.from_pretrained(path, device_map="disk", offload_folder=str(tmp_path / "disk2"))
+    recipe = quant_recipe("W4A16", modifier="GPTQModifier")
+    data = dict(dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)
+    oneshot(model=offloaded, recipe=recipe, output_dir=str(tmp_path / "a"), **data)
+    oneshot(model=str(path), recipe=recipe, output_dir=str(tmp_path / "b"), **data)
+    _same_checkpoint(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("device_map", ["auto_offload", "disk", None])
+def test_load_context_as_in_llm_compressor_examples(llama_path, tmp_path, device_map):
+    """``from llmcompressor.utils import load_context`` becomes ``llmc.utils``: inside it,
+    from_pretrained with compressed-tensors' offloading device maps loads a plain model on the
+    CPU, and oneshot on it writes the checkpoint the model's path gives."""
+    from llmc.utils import load_context
+
+    original = AutoModelForCausalLM.from_pretrained
+    kwargs = {"device_map": device_map} if device_map else {}
+    with load_context():
+        model = AutoModelForCausalLM.from_pretrained(llama_path, **kwargs)
+    assert AutoModelForCausalLM.from_pretrained == original
+    assert not hasattr(model, "hf_device_map")
+    assert {t.device.type for t in model.state_dict().values()} == {"cpu"}
+    oneshot(model=model, recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "a"))
+    oneshot(model=str(llama_path), recipe=quant_recipe("W4A16"), output_dir=str(tmp_path / "b"))
+    _same_checkpoint(tmp_path / "a", tmp_path / "b")
 
 
 def test_dispatch_for_generation_as_in_llm_compressor_examples(llama_path, sample_ids):

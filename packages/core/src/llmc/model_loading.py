@@ -123,16 +123,33 @@ def untie_word_embeddings(model: PreTrainedModel) -> None:
 
 
 def undispatch(model: PreTrainedModel) -> None:
-    """Take accelerate's dispatch off a model loaded with ``device_map``: weights offloaded to
-    CPU or disk come back into their modules (on the CPU) and the hooks go, so that llmc's
-    pipelines move layers themselves, as llm-compressor 0.14 re-dispatches such models."""
-    hooked = [(name, m) for name, m in model.named_modules() if hasattr(m, "_hf_hook")]
-    if not hooked:
+    """Take a dispatch off a model loaded with ``device_map``, by accelerate or by
+    compressed-tensors' offloading (``load_offloaded_model``, ``dispatch_model``): weights
+    offloaded to CPU or disk come back into their modules on the CPU and the hooks go, so that
+    llmc's pipelines move layers themselves, as llm-compressor 0.14 re-dispatches such models."""
+    counts = [c for c in (_remove_accelerate(model), _remove_offload_caches(model)) if c is not None]
+    if not counts:
         return
+    restored = sum(counts)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ValueError(
+            f"The model was dispatched with weights llmc cannot find ({left[0]} is on the meta device): "
+            "load it without device_map, or pass the model's path."
+        )
+    model.to("cpu")
+    logger.info("Took the device_map dispatch off the model (%d offloaded tensors back on the CPU).", restored)
+
+
+def _remove_accelerate(model: PreTrainedModel) -> int | None:
+    """accelerate's hooks off ``model``: how many offloaded tensors came back, None if unhooked."""
+    hooked = [m for m in model.modules() if hasattr(m, "_hf_hook")]
+    if not hooked:
+        return None
     from accelerate.hooks import remove_hook_from_module
 
     restored = 0
-    for _, module in hooked:
+    for module in hooked:
         weights = getattr(module._hf_hook, "weights_map", None)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor.device.type == "meta" and weights is not None and name in weights:
@@ -145,14 +162,42 @@ def undispatch(model: PreTrainedModel) -> None:
     remove_hook_from_module(model, recurse=True)
     if hasattr(model, "hf_device_map"):
         del model.hf_device_map
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise ValueError(
-            f"The model was dispatched with weights llmc cannot find ({left[0]} is on the meta device): "
-            "load it without device_map, or pass the model's path."
-        )
-    model.to("cpu")
-    logger.info("Took the device_map dispatch off the model (%d offloaded tensors back on the CPU).", restored)
+    return restored
+
+
+def _remove_offload_caches(model: PreTrainedModel) -> int | None:
+    """compressed-tensors' offloading off ``model``: every module's offloaded tensors staged in
+    CPU memory (read back from disk, or copied from a device) and its plain parameters and
+    forward restored; how many tensors were offloaded, None if nothing was."""
+    from compressed_tensors.offload import OffloadCache
+    from compressed_tensors.offload.module import remove_module_offload
+
+    offloaded = [m for m in model.modules() if isinstance(m._parameters, OffloadCache)]
+    if not offloaded:
+        return None
+    restored = 0
+    shared: dict[int, tuple[Any, Any]] = {}  # a tensor offloaded once (tied) is staged once
+    for module in offloaded:
+        staged = {
+            kind: {name: _staged(cache, value, shared) for name, value in cache.offloaded_values.items()}
+            for kind, cache in (("_parameters", module._parameters), ("_buffers", module._buffers))
+        }
+        remove_module_offload(module, onload_tensors=False)
+        for kind, values in staged.items():
+            getattr(module, kind).update(values)
+            restored += len(values)
+    return restored
+
+
+def _staged(cache: Any, value: torch.Tensor | None, shared: dict[int, tuple[Any, Any]]) -> torch.Tensor | None:
+    """One offloaded tensor in CPU memory, a Parameter if it was one. ``shared`` maps the
+    offloaded tensors staged so far (kept alive there, so that no id is reused) to their copy."""
+    if id(value) not in shared:
+        staged = cache.stage(value)
+        if isinstance(value, torch.nn.Parameter) and not isinstance(staged, torch.nn.Parameter):
+            staged = torch.nn.Parameter(staged, requires_grad=False)
+        shared[id(value)] = (value, staged)
+    return shared[id(value)][1]
 
 
 def preprocess(
