@@ -199,10 +199,27 @@ def test_llm_compressor_import_paths_resolve_through_the_registry():
     from llmc.modifiers.quantization import GPTQModifier as gptq_there
     from llmc.modifiers.quantization import QuantizationModifier as quant
     from llmc.modifiers.smoothquant import SmoothQuantModifier as smooth
+    from llmc.modifiers.transform import AWQModifier as awq_transform
+    from llmc.modifiers.transform import SmoothQuantModifier as smooth_transform
+    from llmc.modifiers.transform.awq import AWQModifier as awq_there
+    from llmc.modifiers.transform.smoothquant import SmoothQuantModifier as smooth_there
 
     assert (awq, gptq, gptq_there, quant, smooth) == (
         AWQModifier, GPTQModifier, GPTQModifier, QuantizationModifier, SmoothQuantModifier
     )
+    assert (awq_transform, awq_there, smooth_transform, smooth_there) == (
+        AWQModifier, AWQModifier, SmoothQuantModifier, SmoothQuantModifier
+    )
+
+
+def test_llm_compressor_modifiers_llmc_lacks_are_named_so():
+    """0.14's transforms and pruning modifiers that no llmc package provides: an ImportError
+    that says so, not a guess at a similar name."""
+    with pytest.raises(ImportError, match="llm-compressor's QuIPModifier has no llmc implementation") as caught:
+        from llmc.modifiers.transform import QuIPModifier  # noqa: F401
+    assert "Did you mean" not in str(caught.value)
+    with pytest.raises(ImportError, match="SparseGPTModifier has no llmc implementation"):
+        from llmc.modifiers import SparseGPTModifier  # noqa: F401
 
 
 def test_a_missing_modifier_under_an_llm_compressor_path_names_its_package(fancy_provider):

@@ -287,6 +287,45 @@ quant_stage:
     assert any(not torch.equal(p, reference[n]) for n, p in norms)
 
 
+def test_llm_compressor_example_shape_with_awq_mappings(llama_path, tmp_path):
+    """0.14's examples: ``from llmcompressor.modifiers.transform.awq import AWQMapping,
+    AWQModifier`` with mappings as AWQMapping objects (one naming the module to observe, as
+    its parallel blocks do) writes what the same mappings as YAML dicts write."""
+    from llmc.modifiers.quantization import QuantizationModifier
+    from llmc.modifiers.transform.awq import AWQMapping, AWQModifier
+
+    mappings = [
+        AWQMapping("re:.*input_layernorm$", ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]),
+        # the balance layers' common parent is the MLP: its up_proj reads the norm's output too
+        AWQMapping("re:.*post_attention_layernorm$", ["re:.*gate_proj$", "re:.*up_proj$"], activation_hook_target="up_proj"),
+        AWQMapping("re:.*up_proj$", ["re:.*down_proj$"]),
+    ]
+    quantize = QuantizationModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"])
+    oneshot(model=str(llama_path), recipe=[AWQModifier(mappings=mappings, n_grid=4), quantize],
+            output_dir=str(tmp_path / "objects"), **DATA)
+    as_dicts = [{"smooth_layer": m.smooth_layer, "balance_layers": list(m.balance_layers)} for m in mappings]
+    oneshot(model=str(llama_path), recipe={"s": {"m_modifiers": {"AWQModifier": {"mappings": as_dicts, "n_grid": 4},
+                                                         "QuantizationModifier": {"targets": ["Linear"], "scheme": "W4A16_ASYM", "ignore": ["lm_head"]}}}},
+            output_dir=str(tmp_path / "dicts"), **DATA)
+    a, b = load_file(tmp_path / "objects" / "model.safetensors"), load_file(tmp_path / "dicts" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_hook_target_names_the_observed_module_under_the_common_parent(llama_path):
+    from llmc.mappings import AWQMapping, balance_input_source
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path)
+    mlp = model.model.layers[1].mlp
+    [_, resolved] = resolve_mappings(model, [AWQMapping("re:.*post_attention_layernorm$", ["re:.*gate_proj$", "re:.*up_proj$"], "up_proj")], "awq")
+    assert balance_input_source(resolved) == (mlp.up_proj, False)
+    # one balance layer: its own name is the common "parent", as in llm-compressor
+    with pytest.raises(ValueError, match="activation_hook_target 'act_fn' .* no module under 'model.layers.0.mlp.down_proj'"):
+        resolve_mappings(model, [AWQMapping("re:.*up_proj$", ["re:.*down_proj$"], "act_fn")], "awq")
+    [_, resolved] = resolve_mappings(model, [{"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*q_proj$", "re:.*k_proj$"],
+                                              "activation_hook_target": "k_proj"}], "awq")
+    assert balance_input_source(resolved) == (model.model.layers[1].self_attn.k_proj, False)
+
+
 def test_awq_alone_without_a_scheme_quantizes_w4a16_asym(llama_path, tmp_path):
     out = tmp_path / "awq"
     oneshot(model=str(llama_path), recipe="quant_stage:\n  quant_modifiers:\n    AWQModifier: {n_grid: 2, ignore: [lm_head]}\n",

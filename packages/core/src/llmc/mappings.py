@@ -20,15 +20,26 @@ import torch
 
 @attrs.frozen
 class Mapping:
+    """A smooth layer and the layers it balances, by name or ``re:`` regex.
+
+    ``activation_hook_target`` (llm-compressor's AWQMapping field) names, relative to the
+    balance layers' lowest common ancestor, the module whose input the balance layers read,
+    where neither the smooth layer's output nor the first balance layer's input is that
+    (parallel attention and MLP blocks); None observes those as usual.
+    """
+
     smooth_layer: str
     balance_layers: tuple[str, ...] = attrs.field(converter=tuple)
+    activation_hook_target: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> Mapping:
         if isinstance(value, Mapping):
             return value
         if isinstance(value, dict) and "smooth_layer" in value:
-            return cls(value["smooth_layer"], value["balance_layers"])
+            return cls(value["smooth_layer"], value["balance_layers"], value.get("activation_hook_target"))
+        if hasattr(value, "smooth_layer") and hasattr(value, "balance_layers"):  # e.g. llm-compressor's AWQMapping
+            return cls(value.smooth_layer, value.balance_layers, getattr(value, "activation_hook_target", None))
         if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], str):
             balance = [value[0]] if isinstance(value[0], str) else value[0]
             return cls(value[1], balance)
@@ -36,6 +47,10 @@ class Mapping:
             f"Cannot read mapping {value!r}: expected [[balance layer regexes], smooth layer regex] "
             "or {smooth_layer: ..., balance_layers: [...]}."
         )
+
+
+# llm-compressor's name for a mapping given to AWQ (``AWQMapping(smooth_layer, balance_layers)``)
+AWQMapping = Mapping
 
 
 @attrs.frozen
@@ -46,6 +61,8 @@ class ResolvedMapping:
     smooth: torch.nn.Module
     balance_names: tuple[str, ...]
     balance: tuple[torch.nn.Module, ...]
+    # the module whose input the balance layers read, where the mapping names one
+    observed: torch.nn.Module | None = None
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -124,9 +141,32 @@ def resolve_mappings(
             if _ignored(smooth_name, ignore) or all(_ignored(n, ignore) for n in balance):
                 continue
             resolved.append(
-                ResolvedMapping(smooth_name, modules[smooth_name], tuple(balance), tuple(modules[n] for n in balance))
+                ResolvedMapping(
+                    smooth_name, modules[smooth_name], tuple(balance), tuple(modules[n] for n in balance),
+                    _hook_target(mapping, balance, modules),
+                )
             )
     return resolved
+
+
+def _hook_target(mapping: Mapping, balance: list[str], modules: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
+    """The module ``mapping.activation_hook_target`` names under the balance layers' lowest
+    common ancestor other than a ModuleList (as llm-compressor resolves it), or None when the
+    mapping names none."""
+    if mapping.activation_hook_target is None:
+        return None
+    from compressed_tensors.utils import get_lowest_common_ancestor_name
+
+    ancestor = get_lowest_common_ancestor_name(balance)
+    while ancestor and isinstance(modules[ancestor], torch.nn.ModuleList):
+        ancestor = ancestor.rpartition(".")[0]
+    name = ".".join(filter(None, [ancestor, mapping.activation_hook_target]))
+    if name not in modules:
+        raise ValueError(
+            f"activation_hook_target {mapping.activation_hook_target!r} of mapping {mapping.smooth_layer!r} "
+            f"is no module under {ancestor!r}: name it relative to the balance layers' common parent."
+        )
+    return modules[name]
 
 
 def balance_input_source(mapping: ResolvedMapping) -> tuple[torch.nn.Module, bool]:
@@ -138,6 +178,8 @@ def balance_input_source(mapping: ResolvedMapping) -> tuple[torch.nn.Module, boo
     layer's output is not (attention lies between ``v_proj`` and ``o_proj``), so there
     the first balance layer's input is observed.
     """
+    if mapping.observed is not None:
+        return mapping.observed, False
     if isinstance(mapping.smooth, torch.nn.Linear):
         return mapping.balance[0], False
     return mapping.smooth, True

@@ -34,6 +34,12 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
+# llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
+NOT_PROVIDED: frozenset[str] = frozenset({
+    "QuIPModifier", "SpinQuantModifier", "SparseGPTModifier", "WandaPruningModifier",
+    "MagnitudePruningModifier", "ConstantPruningModifier", "REAPPruningModifier",
+    "LogarithmicEqualizationModifier",
+})
 DISABLE_VARIABLE = "LLMC_DISABLE_PLUGINS"  # comma-separated plugin (entry point) names not to load
 
 _MODIFIER_PREFIX = "modifier:"
@@ -79,6 +85,11 @@ class Registry:
         msg = f"Unknown {kind} {name!r}."
         if name in KNOWN_PROVIDERS:
             msg += f" It is provided by {KNOWN_PROVIDERS[name]}: pip install {KNOWN_PROVIDERS[name]}."
+        elif name in NOT_PROVIDED:
+            msg += (
+                f" llm-compressor's {name} has no llmc implementation yet; a plugin can provide one "
+                "(see docs/writing-a-plugin.md)."
+            )
         else:
             close = difflib.get_close_matches(name, installed, n=1)
             if close:

@@ -240,11 +240,14 @@ def _fits(value: Any, kind: str) -> bool:
 
 
 def to_plain(value: Any) -> Any:
-    """Convert recipe values (tuples, pydantic models, enums) to YAML-safe data."""
+    """Convert recipe values (tuples, pydantic models, attrs classes such as a mapping, enums)
+    to YAML-safe data."""
     if isinstance(value, enum.Enum):
         return value.value
     if hasattr(value, "model_dump"):
         return to_plain(value.model_dump(mode="json", exclude_none=True))
+    if attrs.has(type(value)):
+        return to_plain({k: v for k, v in attrs.asdict(value, recurse=False).items() if v is not None})
     if isinstance(value, dict):
         return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -1,0 +1,4 @@
+"""llm-compressor 0.14's import path ``llmcompressor.modifiers.transform.smoothquant``: every
+modifier name resolves through the plugin registry, as in :mod:`llmc.modifiers`."""
+
+from llmc.modifiers import __dir__, __getattr__  # noqa: F401
