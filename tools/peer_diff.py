@@ -48,6 +48,7 @@ def recipes(ignore: list[str]) -> dict[str, dict]:
         "fp8-static": _recipe(_modifier("QuantizationModifier", "FP8", ignore)),
         "nvfp4": _recipe(_modifier("QuantizationModifier", "NVFP4", ignore)),
         "gptq-w4a16": _recipe(_modifier("GPTQModifier", "W4A16", ignore)),
+        "gptq-nvfp4": _recipe(_modifier("GPTQModifier", "NVFP4", ignore)),
         "fp8-kv-cache": _recipe(_modifier("QuantizationModifier", "FP8_DYNAMIC", ignore, kv_cache_scheme=kv)),
         "smoothquant-gptq-w8a8": _recipe(
             {"SmoothQuantModifier": {"smoothing_strength": 0.8}}, _modifier("GPTQModifier", "W8A8", ignore)
@@ -56,9 +57,10 @@ def recipes(ignore: list[str]) -> dict[str, dict]:
 
 
 CASES = {
-    "llama": ["w4a16", "fp8-dynamic", "w8a8", "fp8-static", "nvfp4", "gptq-w4a16", "fp8-kv-cache", "smoothquant-gptq-w8a8"],
+    "llama": ["w4a16", "fp8-dynamic", "w8a8", "fp8-static", "nvfp4", "gptq-w4a16", "gptq-nvfp4", "fp8-kv-cache",
+              "smoothquant-gptq-w8a8"],
     "qwen3": ["gptq-w4a16", "smoothquant-gptq-w8a8"],
-    "qwen3_moe": ["w4a16", "gptq-w4a16", "fp8-static", "nvfp4", "fp8-kv-cache"],
+    "qwen3_moe": ["w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
     "mixtral": ["w4a16"],
 }
 
@@ -180,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     for case, r in results.items():
         names = "same" if not (r["only_llmc"] or r["only_peer"]) else f"{len(r['only_llmc'])} / {len(r['only_peer'])} own"
         print(f"{case:32} | {names:>16} | {len(r['differ']):>9} of {r['common']:<8} | {'; '.join(r['config']) or 'same'}")
-    path = ROOT / "tools" / "peer_diff-result.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = ROOT / "tools" / "peer_diff-result.json"  # cases run now replace their earlier results
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**earlier, **results}, indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -11,15 +11,16 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
 
-from llmc.quantization.observers import weight_qparams
+from llmc.quantization.observers import global_scale, weight_qparams
 from llmc_gptq.solver import gptq_quantize
 
 
 def _rtn(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
     from compressed_tensors.quantization import fake_quantize
 
-    scale, zp = weight_qparams(weight, args)
-    return fake_quantize(weight, scale, zp, args)
+    gscale = global_scale(weight, args)  # NVFP4's, else None
+    scale, zp = weight_qparams(weight, args, gscale)
+    return fake_quantize(weight, scale, zp, args, global_scale=gscale)
 
 
 def _problem(seed: int, rows: int = 64, cols: int = 256, tokens: int = 4096):
@@ -37,6 +38,8 @@ ARGS = {
     "channel-int8": preset_name_to_scheme("W8A8", ["Linear"]).weights,
     "channel-int4": QuantizationArgs(num_bits=4, strategy="channel", symmetric=True),
     "block-fp8": preset_name_to_scheme("FP8_BLOCK", ["Linear"]).weights,
+    "nvfp4": preset_name_to_scheme("NVFP4A16", ["Linear"]).weights,
+    "mxfp4": preset_name_to_scheme("MXFP4A16", ["Linear"]).weights,
 }
 
 
@@ -99,9 +102,21 @@ def test_non_finite_hessian_is_refused():
         gptq_quantize(torch.randn(8, 256), hessian, ARGS["group-sym"])
 
 
-def test_fp4_is_refused():
-    with pytest.raises(ValueError, match="integer and FP8"):
-        gptq_quantize(torch.randn(8, 256), torch.eye(256), preset_name_to_scheme("NVFP4A16", ["Linear"]).weights)
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_fp4_result_is_what_packing_its_qparams_gives(name):
+    """FP4 weights solved on the E2M1 grid of their stored scales (and NVFP4's global scale,
+    the weight's own unless given): quantizing the result again with them changes nothing,
+    so the saved checkpoint holds exactly the solve's choices."""
+    from compressed_tensors.quantization import fake_quantize
+
+    args = ARGS[name]
+    x, w = _problem(6)
+    gscale = None if name == "mxfp4" else global_scale(w, args) * 0.5  # a fused group's smaller one
+    result = gptq_quantize(w, x.T @ x, args, global_scales=gscale)
+    again = fake_quantize(result.weight, result.scale, result.zero_point, args, global_scale=gscale)
+    torch.testing.assert_close(again, result.weight, rtol=0, atol=0)
+    if gscale is not None:
+        assert not torch.equal(result.scale, gptq_quantize(w, x.T @ x, args).scale)
 
 
 def test_stored_scale_dtype_is_what_the_solve_used():
@@ -163,7 +178,7 @@ def test_column_kernel_equals_eager_loop_in_tritons_interpreter():
     assert "KERNEL_OK" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("name", ["group-asym", "channel-int8", "block-fp8"])
+@pytest.mark.parametrize("name", ["group-asym", "channel-int8", "block-fp8", "nvfp4"])
 def test_a_batch_solves_each_matrix_as_alone(name):
     """One solve of several matrices, each with its own Hessian, equals a solve of each."""
     from llmc_gptq.solver import gptq_quantize_batch

@@ -71,6 +71,13 @@ class Solve:
             m.hessian = None  # type: ignore[assignment]
         return stacked
 
+    def global_scales(self) -> torch.Tensor | None:
+        """Each matrix's global scale (TENSOR_GROUP schemes: the first member's; a matrix
+        stacks only modules that share one), else None."""
+        if self.args.strategy != QuantizationStrategy.TENSOR_GROUP:
+            return None
+        return torch.stack([m.members[0][1].weight_global_scale.detach().float().reshape(1) for m in self.matrices])
+
     def cost(self) -> float:
         """Relative time of the solve (the column loop and updates grow as rows × columns²)."""
         rows, columns = self.matrices[0].shape

@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 
 import attrs
 import torch
-from compressed_tensors.quantization import ActivationOrdering, QuantizationArgs, QuantizationType
+from compressed_tensors.quantization import ActivationOrdering, QuantizationArgs
 
 from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.quantization import QuantizationModifier
-from llmc.quantization.calibrate import calibrate_weight
+from llmc.quantization.calibrate import calibrate_weight, copy_into, fused_global_scales
 from llmc_gptq import column_kernel, solver
 from llmc_gptq.batching import plan_solves
 from llmc_gptq.hessian import HessianAccumulator
@@ -74,9 +74,7 @@ class GPTQModifier(QuantizationModifier):
             weights = scheme.weights
             if weights is None:
                 continue
-            if weights.type == QuantizationType.FLOAT and weights.num_bits != 8:
-                raise ValueError("GPTQ supports integer and FP8 weight schemes; use QuantizationModifier for FP4.")
-            if order is not None and weights.strategy in ("group", "channel") and weights.actorder is None:
+            if order is not None and weights.strategy in ("group", "channel", "tensor_group") and weights.actorder is None:
                 weights.actorder = order
 
     def pipeline(self) -> str:
@@ -152,6 +150,8 @@ class GPTQModifier(QuantizationModifier):
             self._warm_up = None
         if distributed.is_distributed():
             self._hessians.synchronize([m for _, m in modules if m.quantization_scheme.weights is not None])
+        # NVFP4's global scales, from the weights before any is solved (shared by a fused group)
+        global_scales = fused_global_scales(modules)
         pending: list[tuple[str, torch.nn.Module]] = []
         for name, module in modules:
             self._names.pop(module, None)
@@ -159,9 +159,11 @@ class GPTQModifier(QuantizationModifier):
             scheme = module.quantization_scheme
             if scheme.weights is None:
                 continue
+            if name in global_scales:
+                copy_into(module, "weight_global_scale", global_scales[name])
             if self._hessians.owner.get(module) is None:
                 logger.warning("%s saw no calibration data; quantizing it round-to-nearest.", name)
-                calibrate_weight(module, qparams=self.weight_qparams)
+                calibrate_weight(module, global_scales.get(name), qparams=self.weight_qparams)
                 continue
             pending.append((name, module))
         solves = plan_solves(pending, self._hessians, batched=self.batched_quantization is not False)
@@ -179,6 +181,7 @@ class GPTQModifier(QuantizationModifier):
                 dampening_frac=self.dampening_frac,
                 actorder=solve.args.actorder is not None,
                 scale_dtype=solve.scale_dtype,
+                global_scales=solve.global_scales(),
             )
             solve.write_back(results)
             seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import calculate_range
 
-from llmc.quantization.observers import weight_qparams
+from llmc.quantization.observers import global_scale, weight_qparams
 from llmc_gptq import column_kernel as fused_loop
 
 logger = logging.getLogger(__name__)
@@ -61,22 +61,25 @@ def _column_qparams(qparam: torch.Tensor, args: QuantizationArgs, rows: int, col
 
 
 class _ColumnQuantizer:
-    """Fake-quantizes single columns (of every matrix of a batch) given their scales and zero points."""
+    """Fake-quantizes single columns (of every matrix of a batch) given their scales and zero
+    points, and each matrix's global scale (batch, 1) for TENSOR_GROUP (NVFP4) schemes."""
 
-    def __init__(self, args: QuantizationArgs, device: torch.device):
+    def __init__(self, args: QuantizationArgs, device: torch.device, global_scales: torch.Tensor | None = None):
         self.args = args
         self.is_int = args.type == QuantizationType.INT
+        self.global_scales = global_scales
         if self.is_int:
             lo, hi = calculate_range(args, device)
             self.lo, self.hi = float(lo), float(hi)
-        else:
+        else:  # floats round to their own grid (FP8, FP4): compressed-tensors', one value per row
             self.channel_args = args.model_copy(update={"strategy": QuantizationStrategy.CHANNEL, "group_size": None, "block_structure": None})
 
     def __call__(self, column: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.is_int:
             q = torch.clamp(torch.round(column / s) + z, self.lo, self.hi)
             return (q - z) * s
-        flat = fake_quantize(column.reshape(-1, 1), s.reshape(-1, 1), z.reshape(-1, 1), self.channel_args)
+        per_row = None if self.global_scales is None else self.global_scales.expand(column.shape).reshape(-1, 1)
+        flat = fake_quantize(column.reshape(-1, 1), s.reshape(-1, 1), z.reshape(-1, 1), self.channel_args, global_scale=per_row)
         return flat.reshape(column.shape)
 
 
@@ -233,13 +236,6 @@ def warm_up(
         return
 
 
-def _check_supported(args: QuantizationArgs) -> None:
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP or (
-        args.type == QuantizationType.FLOAT and args.num_bits != 8
-    ):
-        raise ValueError("GPTQ supports integer and FP8 weight schemes; use QuantizationModifier for FP4.")
-
-
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor | list[torch.Tensor], args: QuantizationArgs, **options: Any
 ) -> GPTQResult:
@@ -263,6 +259,7 @@ def gptq_quantize_batch(
     actorder: bool = False,
     scale_dtype: torch.dtype | None = None,
     column_kernel: bool = True,
+    global_scales: torch.Tensor | None = None,
 ) -> list[GPTQResult]:
     """GPTQ of a batch of same-shaped weights (batch, out, in), each with its own Hessian
     (batch, in, in), in one solve: every kernel advances every matrix, so a hundred MoE
@@ -273,8 +270,9 @@ def gptq_quantize_batch(
     ``hessians`` inside a one-element list is consumed, as in :func:`gptq_quantize`.
     ``column_kernel``: on CUDA, integer schemes, run each block's column loop as one Triton
     kernel (:mod:`llmc_gptq.column_kernel`) instead of a dozen small kernels per column.
+    ``global_scales`` (batch, 1): each matrix's global scale under a TENSOR_GROUP (NVFP4)
+    scheme, shared by a fused group (q/k/v); by default each matrix's own.
     """
-    _check_supported(args)
     batch, rows, cols = weights.shape
     W = weights.detach().to(torch.float32, copy=True)
     if isinstance(hessians, list):
@@ -295,7 +293,11 @@ def gptq_quantize_batch(
         scale, zero_point = weight_qparams(W.reshape(batch * rows, cols), args)
         scale, zero_point = scale.reshape(batch, rows, -1), zero_point.reshape(batch, rows, -1)
     else:
-        pairs = [weight_qparams(W[b], args) for b in range(batch)]
+        if args.strategy == QuantizationStrategy.TENSOR_GROUP and global_scales is None:
+            global_scales = torch.stack([global_scale(W[b], args) for b in range(batch)])
+        if global_scales is not None:
+            global_scales = global_scales.reshape(batch, 1).to(W.device, torch.float32)
+        pairs = [weight_qparams(W[b], args, None if global_scales is None else global_scales[b]) for b in range(batch)]
         scale, zero_point = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     if scale_dtype is not None:
         scale = scale.to(scale_dtype)
@@ -309,7 +311,7 @@ def gptq_quantize_batch(
         order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
         W = W.gather(2, order[:, None, :].expand(batch, rows, cols))
         _permute_in_place(H, order)
-    quantize_column = _ColumnQuantizer(args, W.device)
+    quantize_column = _ColumnQuantizer(args, W.device, global_scales)
 
     holder = [H]
     del H
