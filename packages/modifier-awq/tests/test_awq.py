@@ -467,6 +467,9 @@ def test_awq_counts_only_the_masked_tokens(llama_path, tmp_path):
     unmasked = run(half, "unmasked")  # the same data, every token counted
     key = "model.layers.0.input_layernorm.weight"
     assert not torch.equal(masked[key], unmasked[key])
+    # a sample whose mask keeps no token (a prompt longer than max_seq_length) adds nothing
+    empty = run(half + [[0] * 16], "empty", use_loss_mask=True)
+    assert all(torch.equal(masked[k], empty[k]) for k in masked)
     with pytest.raises(ValueError, match="loss_mask"):
         oneshot(model=str(llama_path), dataset="llmc-docs", use_loss_mask=True, recipe=quant_recipe_awq(),
                 num_calibration_samples=2, max_seq_length=16)

@@ -40,7 +40,8 @@ class GroupMoments:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        grouped = x.view(x.shape[0], -1, self.group_size).transpose(0, 1)  # (groups, tokens, g)
+        # (groups, tokens, g); the group count spelled out: a batch whose loss mask keeps no token has none
+        grouped = x.view(x.shape[0], x.shape[1] // self.group_size, self.group_size).transpose(0, 1)
         blocks = grouped.transpose(1, 2) @ grouped
         self.blocks = blocks if self.blocks is None else self.blocks + blocks
 
