@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import datasets
@@ -109,6 +110,25 @@ def test_builtin_collator_batches_are_the_rows_as_tensors(tokenizer, collator):
         for batch, reference in zip(batches, expected, strict=True):
             assert batch.keys() == reference.keys() == batch_keys(loss_mask)
             assert all(torch.equal(batch[k], reference[k]) for k in batch)
+
+
+def test_input_ids_holding_a_chat_templates_whole_encoding(tokenizer):
+    """llm-compressor's examples map rows to ``{"input_ids": tokenizer.apply_chat_template(
+    messages, tokenize=True)}``, which transformers 5 returns as a BatchEncoding: its token ids
+    and attention mask are read from it."""
+    tokenizer = copy.deepcopy(tokenizer)  # the session's fixture keeps no template
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}] for t in TEXTS[:4]]
+    data = datasets.Dataset.from_dict({"chat": chats}).map(
+        lambda row: {"input_ids": tokenizer.apply_chat_template(row["chat"], tokenize=True)}, remove_columns=["chat"]
+    )
+    assert isinstance(data[0]["input_ids"], dict)  # what transformers 5 gives
+    args = DatasetArguments(dataset=data, num_calibration_samples=4, max_seq_length=64, shuffle_calibration_samples=False)
+    expected = [tokenizer.apply_chat_template(c, tokenize=True)["input_ids"][:64] for c in chats]
+    assert _rows(build_calibration_dataloader(args, tokenizer)) == expected
+    with pytest.raises(ValueError, match="mappings without input_ids"):
+        bad = datasets.Dataset.from_dict({"input_ids": [{"ids": [1, 2]}]})
+        build_calibration_dataloader(DatasetArguments(dataset=bad, num_calibration_samples=1), tokenizer)
 
 
 def test_concatenation_fills_rows(tokenizer):

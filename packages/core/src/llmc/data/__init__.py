@@ -174,6 +174,8 @@ def tokenize(data: datasets.Dataset, args: DatasetArguments, processor: Any) -> 
         rows = []
         for row in data:
             row = dict(row)
+            if isinstance(row["input_ids"], dict):  # a tokenizer's whole output, see _unwrap_encoding
+                row = _unwrap_encoding(row)
             for key in _TOKEN_COLUMNS:
                 if key in row:
                     row[key] = list(row[key])[: args.max_seq_length]
@@ -194,6 +196,21 @@ def tokenize(data: datasets.Dataset, args: DatasetArguments, processor: Any) -> 
         return [_row(ids[i : i + n]) for i in range(0, len(ids) - n + 1, n)]
     encoded = tokenizer(texts, truncation=True, max_length=args.max_seq_length)["input_ids"]
     return [_row(list(e)) for e in encoded if len(e) > 0]
+
+
+def _unwrap_encoding(row: Row) -> Row:
+    """A row whose ``input_ids`` holds a tokenizer's whole output, as a map that stores
+    ``{"input_ids": tokenizer.apply_chat_template(messages, tokenize=True)}`` writes under
+    transformers 5 (which returns a BatchEncoding there; llm-compressor's examples do so): its
+    ``input_ids`` and, unless the row has its own, ``attention_mask``."""
+    encoding = row["input_ids"]
+    if "input_ids" not in encoding:
+        raise ValueError(f"Column input_ids holds mappings without input_ids (keys {sorted(encoding)}): "
+                         "store the token ids themselves.")
+    unwrapped = {**row, "input_ids": encoding["input_ids"]}
+    if encoding.get("attention_mask") is not None:
+        unwrapped.setdefault("attention_mask", encoding["attention_mask"])
+    return unwrapped
 
 
 def _tensor_rows(rows: list[Row]) -> list[Row]:
