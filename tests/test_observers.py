@@ -170,6 +170,27 @@ def test_weight_mse_observer_searches_each_groups_clipping_range():
     assert not torch.equal(plain, scale)
 
 
+def test_nvfp4_expanded_mse_searches_from_an_expanded_range():
+    """llm-compressor's ``nvfp4_expanded_mse``: the MSE search from 1.8 times each group's range
+    down to 0.8 times it, 1/200 a step, no early stop (here on int4 groups, written out)."""
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(4))
+    w[:, ::37] *= 6
+    args = QuantizationModifier(scheme="W4A16", weight_observer="nvfp4_expanded_mse").config.config_groups["group_0"].weights
+    groups = w.reshape(-1, 128)
+    absmax = groups.abs().amax(-1, keepdim=True) * 1.8
+
+    def int4(x: torch.Tensor, p: float) -> torch.Tensor:
+        s = absmax * p / 7.5
+        return torch.clamp(torch.round(x / s), -8, 7) * s
+
+    p = _reference_shrink(groups, int4, steps=int((1 - 0.8 / 1.8) * 200), grid=200.0, patience=1000).float()
+    scale, _ = weight_qparams(w, args)
+    torch.testing.assert_close(scale.reshape(-1), absmax.reshape(-1) * p / 7.5)
+    assert len(set(p.tolist())) > 1  # the search chose, differently per group
+
+
 def test_mse_search_stops_after_patience_steps_that_improve_nothing():
     """One int4 group whose error, over the shrink steps, improves again only after more than
     ``patience`` steps that did not: the observer must stop where the reference does."""
