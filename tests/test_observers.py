@@ -191,6 +191,68 @@ def test_nvfp4_expanded_mse_searches_from_an_expanded_range():
     assert len(set(p.tolist())) > 1  # the search chose, differently per group
 
 
+def test_imatrix_mse_weighs_each_columns_error_by_its_importance():
+    """llm-compressor's ``imatrix_mse``: the MSE search (norm 3, grid 20, down to 0.05) with
+    each column's error times its input channel's importance (normalised to mean 1)."""
+    from llmc.modifiers.quantization import QuantizationModifier
+
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(5))
+    w[:, ::37] *= 6
+    importance = torch.rand(256, generator=torch.Generator().manual_seed(6)) ** 4
+    args = QuantizationModifier(scheme="W4A16", weight_observer="imatrix_mse").config.config_groups["group_0"].weights
+    groups = w.reshape(-1, 128)
+    weights = (importance / importance.mean()).expand(32, 256).reshape(-1, 128)
+    absmax = groups.abs().amax(-1, keepdim=True)
+
+    def int4(x: torch.Tensor, p: float) -> torch.Tensor:
+        s = absmax * p / 7.5
+        return torch.clamp(torch.round(x / s), -8, 7) * s
+
+    def weighted(x: torch.Tensor, p: float) -> torch.Tensor:  # |q - x|^3 * importance, as an error
+        return x + (int4(x, p) - x) * weights ** (1 / 3)
+
+    p = _reference_shrink(groups, weighted, steps=20, grid=20.0, norm=3.0).float()
+    scale, _ = weight_qparams(w, args, importance=importance)
+    torch.testing.assert_close(scale.reshape(-1), absmax.reshape(-1) * p / 7.5)
+    uniform, _ = weight_qparams(w, args)  # without importance every column weighs the same
+    assert not torch.equal(scale, uniform)
+    p_uniform = _reference_shrink(groups, int4, steps=20, grid=20.0, norm=3.0).float()
+    torch.testing.assert_close(uniform.reshape(-1), absmax.reshape(-1) * p_uniform / 7.5)
+
+
+def test_imatrix_importance_is_the_mean_square_of_each_modules_inputs(llama_path):
+    """QuantizationModifier with ``imatrix_mse`` calibrates on data (sequential pipeline) and
+    sets each weight's range from its inputs' mean squares: layer 0's q_proj, whose input no
+    quantization changes, against the importance computed directly on the original model."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc import oneshot
+    from llmc.args import DatasetArguments
+    from llmc.data import build_calibration_dataloader
+    from llmc.modifiers.quantization import QuantizationModifier
+    from llmc.tiny import build_tokenizer
+
+    data = dict(dataset="llmc-docs", num_calibration_samples=8, max_seq_length=32)
+    modifier = QuantizationModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"], weight_observer="imatrix_mse")
+    assert modifier.needs_data() and modifier.pipeline() == "sequential"
+    model = oneshot(model=str(llama_path), recipe=[modifier], **data)
+
+    original = AutoModelForCausalLM.from_pretrained(llama_path)
+    q_proj = original.model.layers[0].self_attn.q_proj
+    squares = []
+    handle = q_proj.register_forward_pre_hook(lambda m, args: squares.append(args[0].reshape(-1, args[0].shape[-1]).pow(2)))
+    with torch.no_grad():
+        for batch in build_calibration_dataloader(DatasetArguments(**data), build_tokenizer(2048)):
+            original(**batch)
+    handle.remove()
+    importance = torch.cat(squares).mean(dim=0)
+    args = modifier.config.config_groups["group_0"].weights
+    expected, _ = weight_qparams(q_proj.weight, args, importance=importance)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight_scale, expected.to(torch.float32))
+    uniform, _ = weight_qparams(q_proj.weight, args)
+    assert not torch.equal(expected, uniform)
+
+
 def test_mse_search_stops_after_patience_steps_that_improve_nothing():
     """One int4 group whose error, over the shrink steps, improves again only after more than
     ``patience`` steps that did not: the observer must stop where the reference does."""

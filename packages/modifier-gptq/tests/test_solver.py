@@ -119,6 +119,18 @@ def test_fp4_result_is_what_packing_its_qparams_gives(name):
         assert not torch.equal(result.scale, gptq_quantize(w, x.T @ x, args).scale)
 
 
+def test_imatrix_observer_weighs_by_the_hessians_diagonal():
+    """With ``imatrix_mse`` the solve's ranges weigh each column by its input channel's sum
+    of squares, the Hessian's diagonal (what llm-compressor's observer measures itself)."""
+    args = ARGS["group-sym"].model_copy(update={"observer": "imatrix_mse"})
+    x, w = _problem(7)
+    hessian = x.T @ x
+    result = gptq_quantize(w, hessian, args, actorder=False)
+    expected, _ = weight_qparams(w, args, importance=hessian.diagonal())
+    torch.testing.assert_close(result.scale, expected)
+    assert not torch.equal(expected, weight_qparams(w, args)[0])
+
+
 def test_stored_scale_dtype_is_what_the_solve_used():
     args = ARGS["group-sym"]
     x, w = _problem(5)

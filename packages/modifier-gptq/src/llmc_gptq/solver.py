@@ -22,7 +22,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import calculate_range
 
-from llmc.quantization.observers import global_scale, weight_qparams
+from llmc.quantization.observers import global_scale, observer_class, weight_qparams
 from llmc_gptq import column_kernel as fused_loop
 
 logger = logging.getLogger(__name__)
@@ -283,12 +283,15 @@ def gptq_quantize_batch(
         raise ValueError("The Hessian holds NaN or infinite values; check the calibration data.")
 
     diagonal = H.diagonal(dim1=-2, dim2=-1)
+    # the Hessian's diagonal is each input channel's sum of squares: the importance an
+    # observer such as imatrix_mse weighs the weight's columns by
+    importance = diagonal.clone() if observer_class(args, "weight").uses_importance else None
     dead = diagonal == 0
     diagonal.masked_fill_(dead, 1.0)
     W.masked_fill_(dead[:, None, :], 0.0)
     del diagonal  # a view keeps H alive: the factorisation below frees it
 
-    if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL):
+    if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL) and importance is None:
         # rows are independent: one call for the whole batch
         scale, zero_point = weight_qparams(W.reshape(batch * rows, cols), args)
         scale, zero_point = scale.reshape(batch, rows, -1), zero_point.reshape(batch, rows, -1)
@@ -297,7 +300,11 @@ def gptq_quantize_batch(
             global_scales = torch.stack([global_scale(W[b], args) for b in range(batch)])
         if global_scales is not None:
             global_scales = global_scales.reshape(batch, 1).to(W.device, torch.float32)
-        pairs = [weight_qparams(W[b], args, None if global_scales is None else global_scales[b]) for b in range(batch)]
+        pairs = [
+            weight_qparams(W[b], args, None if global_scales is None else global_scales[b],
+                           None if importance is None else importance[b])
+            for b in range(batch)
+        ]
         scale, zero_point = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     if scale_dtype is not None:
         scale = scale.to(scale_dtype)

@@ -38,7 +38,7 @@ from llmc.quantization.config import (
     warn_unmatched,
 )
 from llmc.quantization.kv_cache import apply_kv_cache_scheme, attention_modules
-from llmc.quantization.observers import weight_qparams
+from llmc.quantization.observers import observer_class, weight_qparams
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class QuantizationModifier(Modifier):
     _config: QuantizationConfig | None = attrs.field(default=None, init=False, repr=False)
     _observers: ActivationObservers = attrs.field(factory=ActivationObservers, init=False, repr=False)
     _modules: list[tuple[str, Any]] = attrs.field(factory=list, init=False, repr=False)
+    # modules whose weight observer weighs by input importance, by name, until their range is set
+    _weighted: dict[str, Any] = attrs.field(factory=dict, init=False, repr=False)
+    _importance: dict[str, tuple[torch.Tensor, int]] = attrs.field(factory=dict, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         # Resolve now so that a bad scheme or observer fails when the recipe is read.
@@ -104,7 +107,7 @@ class QuantizationModifier(Modifier):
 
     def needs_data(self) -> bool:
         return self.config.kv_cache_scheme is not None or any(
-            scheme_needs_data(s) for s in self.config.config_groups.values()
+            scheme_needs_data(s) or _weighs_by_importance(s.weights) for s in self.config.config_groups.values()
         )
 
     def pipeline(self) -> str:
@@ -149,13 +152,18 @@ class QuantizationModifier(Modifier):
         return list(self._modules)
 
     def weight_qparams(
-        self, weight: torch.Tensor, args: QuantizationArgs, global_scale: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        args: QuantizationArgs,
+        global_scale: torch.Tensor | None,
+        importance: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of one weight rounded to nearest: by default the range its
         observer gives (:func:`llmc.api.weight_qparams`). Override to choose the range
         another way; called for every weight this modifier rounds to nearest, with the
-        NVFP4 global scale its fused group shares (None for other schemes)."""
-        return weight_qparams(weight, args, global_scale)
+        NVFP4 global scale its fused group shares (None for other schemes), and, for an
+        observer that weighs by it (``imatrix_mse``), its input channels' ``importance``."""
+        return weight_qparams(weight, args, global_scale, importance)
 
     @staticmethod
     def mark_quantized_weight(module: torch.nn.Module) -> None:
@@ -165,17 +173,60 @@ class QuantizationModifier(Modifier):
         scheme = module.quantization_scheme
         module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
 
-    def calibrate_weights(self, modules: list[tuple[str, torch.nn.Module]], device: torch.device | None = None) -> None:
-        """Write ``modules``' weight scales and zero points, through :meth:`weight_qparams`."""
-        calibrate_weights(modules, device, self.weight_qparams)
+    def calibrate_weights(
+        self,
+        modules: list[tuple[str, torch.nn.Module]],
+        device: torch.device | None = None,
+        importance: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write ``modules``' weight scales and zero points, through :meth:`weight_qparams`
+        (``importance`` by module name, where measured)."""
+        calibrate_weights(modules, device, self.weight_qparams, importance)
 
     # --- lifecycle ---------------------------------------------------------------
     # this modifier reduces its statistics over the ranks of a distributed run (llmc.distributed)
     data_parallel: ClassVar[bool] = True
 
     def on_calibration_start(self, state: State) -> None:
-        self.calibrate_weights(self._modules, state.device)
+        weighted = [(n, m) for n, m in self._modules if _weighs_by_importance(m.quantization_scheme.weights)]
+        self.calibrate_weights([(n, m) for n, m in self._modules if (n, m) not in weighted], state.device)
+        self.measure_importance(state, weighted)
         self.observe_activations(state)
+
+    def measure_importance(self, state: State, modules: list[tuple[str, torch.nn.Module]]) -> None:
+        """Each module's input channels' mean square over the calibration data, for weight
+        observers that weigh by it; until its layer ends (and its range is set from it) the
+        module runs unquantized."""
+        for name, module in modules:
+            self._weighted[name] = module
+            module.quantization_enabled = False
+
+            def add(x: torch.Tensor, name: str = name) -> None:
+                x = x.detach().reshape(-1, x.shape[-1]).float()
+                total, count = self._importance.get(name, (None, 0))
+                squares = x.pow(2).sum(dim=0)
+                self._importance[name] = (squares if total is None else total + squares, count + x.shape[0])
+
+            self.observe(state, module, add)
+
+    def calibrate_by_importance(self, names: list[str], device: torch.device | None = None) -> None:
+        """Set the ranges of the modules :meth:`measure_importance` measured (``names``), from
+        their importance (summed over the ranks of a distributed run)."""
+        modules = [(name, self._weighted.pop(name)) for name in names]
+        importance = {}
+        for name, module in modules:
+            total, count = self._importance.pop(name, (None, 0))
+            if distributed.is_distributed():  # collective: the same modules in the same order everywhere
+                total = distributed.all_reduce(torch.zeros(module.weight.shape[1], device=module.weight.device)
+                                               if total is None else total)
+                count = int(distributed.all_reduce(torch.tensor([float(count)], device=total.device)).item())
+            if count:
+                importance[name] = total / count
+            else:
+                logger.warning("%s saw no calibration data: its weight range weighs every input channel alike.", name)
+        self.calibrate_weights(modules, device, importance)
+        for _, module in modules:
+            module.quantization_enabled = True
 
     def observe_activations(self, state: State) -> None:
         """Static activation scales of every targeted module, observed while calibrating
@@ -186,8 +237,10 @@ class QuantizationModifier(Modifier):
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
         self._observers.synchronize(layer_name + ".")
+        self.calibrate_by_importance([n for n in self._weighted if n.startswith(layer_name + ".")], state.device)
 
     def on_calibration_end(self, state: State) -> None:
+        self.calibrate_by_importance(list(self._weighted), state.device)
         self._observers.detach()
 
     def on_finalize(self, state: State) -> None:
@@ -202,6 +255,11 @@ class QuantizationModifier(Modifier):
         self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
     ) -> None:
         self._observers.restore(saved, state.device)
+
+
+def _weighs_by_importance(args: QuantizationArgs | None) -> bool:
+    """Whether a weight's observer weighs its error by the input channels' importance."""
+    return args is not None and observer_class(args, "weight").uses_importance
 
 
 def __getattr__(name: str) -> Any:

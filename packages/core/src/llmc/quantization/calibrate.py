@@ -130,26 +130,36 @@ def calibrate_weight(
     gscale: torch.Tensor | None = None,
     device: torch.device | None = None,
     qparams: QParams = weight_qparams,
+    importance: torch.Tensor | None = None,
 ) -> None:
     """The module's weight scale and zero point, written into its qparams: ``qparams``
-    (round to nearest over the observer's range by default)."""
+    (round to nearest over the observer's range by default), given the input channels'
+    ``importance`` where the observer weighs by it (then as a fourth argument)."""
     args = module.quantization_scheme.weights
     if args is None:
         return
     weight = module.weight if device is None else module.weight.to(device)
     if gscale is not None:
         copy_into(module, "weight_global_scale", gscale)
-    scale, zero_point = qparams(weight, args, gscale)
+    if importance is None:
+        scale, zero_point = qparams(weight, args, gscale)
+    else:
+        scale, zero_point = qparams(weight, args, gscale, importance)  # type: ignore[call-arg]
     copy_into(module, "weight_scale", scale)
     copy_into(module, "weight_zero_point", zero_point)
 
 
 def calibrate_weights(
-    modules: list[tuple[str, torch.nn.Module]], device: torch.device | None = None, qparams: QParams = weight_qparams
+    modules: list[tuple[str, torch.nn.Module]],
+    device: torch.device | None = None,
+    qparams: QParams = weight_qparams,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Every module's weight qparams (:func:`calibrate_weight`), NVFP4's global scales shared
+    by fused groups; ``importance`` by module name, where measured."""
     gscales = fused_global_scales(modules, device)
     for name, module in modules:
-        calibrate_weight(module, gscales.get(name), device, qparams)
+        calibrate_weight(module, gscales.get(name), device, qparams, (importance or {}).get(name))
 
 
 @contextlib.contextmanager
