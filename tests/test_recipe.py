@@ -101,3 +101,19 @@ def test_round_trip_preserves_everything():
 def test_bad_recipes_are_explained(text, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.load(text)
+
+
+def test_no_recipe_runs_the_pipeline_and_quantizes_nothing(llama_path, tmp_path, caplog):
+    """``recipe=None``, as llm-compressor's prefetch benchmark example passes it: the pipeline's
+    forward passes run, nothing is quantized (said), and the saved weights are the model's."""
+    from llmc import oneshot
+    from llmc.testing import assert_same_tensors
+
+    with caplog.at_level("WARNING", logger="llmc.recipe"):
+        oneshot(model=str(llama_path), recipe=None, pipeline="sequential", dataset="llmc-docs",
+                num_calibration_samples=4, max_seq_length=32, output_dir=str(tmp_path / "out"))
+    assert "nothing will be quantized" in caplog.text
+    assert (tmp_path / "out" / "recipe.yaml").read_text().strip().endswith("default_stage: {}")
+    assert_same_tensors(tmp_path / "out", llama_path)
+    with pytest.raises(RecipeError, match="recipe_args were given without a recipe"):
+        Recipe.load(None, recipe_args={"scheme": "W4A16"})

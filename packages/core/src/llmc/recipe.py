@@ -18,6 +18,7 @@ value by its dotted path (``quant_stage.quant_modifiers.QuantizationModifier.sch
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,8 @@ import yaml
 
 from llmc.modifiers.base import Modifier
 from llmc.plugins import get_registry
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STAGE = "default_stage"
 DEFAULT_GROUP = "default_modifiers"
@@ -65,9 +68,14 @@ class Recipe:
         recipe_args: Iterable[str] | Mapping[str, Any] | str | None = None,
         stage: str | None = None,
     ) -> Recipe:
-        """Read any accepted recipe form, apply overrides, and select ``stage``."""
+        """Read any accepted recipe form, apply overrides, and select ``stage``. ``None``, as
+        llm-compressor allows it, is one stage without modifiers: the pipeline's forward passes
+        run (a benchmark of the pipeline alone) and nothing is quantized."""
         if recipe is None:
-            raise RecipeError("No recipe given: pass recipe= (a YAML file or string, or modifiers).")
+            if recipe_args:
+                raise RecipeError("recipe_args were given without a recipe: pass recipe= (a YAML file or string, or modifiers).")
+            logger.warning("No recipe given: nothing will be quantized (pass recipe= to compress the model).")
+            return cls((Stage(DEFAULT_STAGE, ()),))
         overrides = _parse_overrides(recipe_args)
         if isinstance(recipe, Modifier):
             recipe = [recipe]
