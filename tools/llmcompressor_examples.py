@@ -1,0 +1,175 @@
+"""llm-compressor's example scripts, run through llmc with only ``llmcompressor`` renamed.
+
+Each script runs in its own process as a user would run it, with four things stood in for what
+this machine cannot reach: a model id on the hub loads a tiny local model of its family (Llama,
+Qwen3-MoE, Mixtral; built here, random weights), ``datasets.load_dataset`` returns local chat
+rows (``messages``, ``text``, ``prompt``, ``instruction``/``output`` columns), a tokenizer without
+a chat template gets a plain one, and the scripts' sample counts, sequence lengths and generation
+lengths are cut to seconds, and without a GPU a script's ``"cuda"`` device is the CPU. Everything else (the recipe, the modifiers' arguments, ``oneshot``'s
+arguments, ``load_context``, ``model.save_pretrained``, generation) is the script's own.
+
+    git clone https://github.com/vllm-project/llm-compressor /tmp/llm-compressor
+    python tools/llmcompressor_examples.py --repo /tmp/llm-compressor              # every text example
+    python tools/llmcompressor_examples.py --repo /tmp/llm-compressor --only awq
+
+Multimodal, distributed (``torchrun``) and disk-offloading scripts are left out: their models
+and launchers have no tiny local stand-in here. A failure prints the last error line; the JSON
+(``tools/llmcompressor_examples-result.json``) keeps every script's outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("llmc.examples")
+
+LEFT_OUT = ("multimodal", "ddp", "distributed", "disk_offloading", "big_models", "vision", "_vl", "vl_", "audio",
+            "whisper", "omni", "llava", "pixtral", "idefics", "mllama", "internvl", ".claude", "benchmark")
+
+# run in the example's process: python RUNNER models_dir example.py
+RUNNER = r'''
+import os, re, sys
+import datasets, torch, transformers
+
+models, example = sys.argv[1:3]
+source = open(example).read().replace("llmcompressor", "llmc")
+source = re.sub(r"NUM_CALIBRATION_SAMPLES\s*=\s*\d+", "NUM_CALIBRATION_SAMPLES = 16", source)
+source = re.sub(r"MAX_SEQUENCE_LENGTH\s*=\s*\d+", "MAX_SEQUENCE_LENGTH = 64", source)
+source = re.sub(r"max_new_tokens=\d+", "max_new_tokens=4", source)
+if not torch.cuda.is_available():  # scripts that name the GPU run on the CPU
+    source = re.sub(r"""(device\s*=\s*|\.to\()["']cuda(:\d+)?["']""", r'\1"cpu"', source)
+
+
+def local(model_id):
+    name = str(model_id)
+    if os.path.exists(name):
+        return name
+    low = name.lower()
+    family = "mixtral" if "mixtral" in low else "qwen3_moe" if ("moe" in low or "a3b" in low or "30b" in low) else "llama"
+    return os.path.join(models, family)
+
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def wrap(owner, attr, tokenizer=False):
+    original = getattr(owner, attr)
+
+    def patched(*args, **kwargs):
+        args = list(args)
+        if args:
+            args[0] = local(args[0])
+        for key in ("pretrained_model_name_or_path", "model_stub"):
+            if key in kwargs:
+                kwargs[key] = local(kwargs[key])
+        made = original(*args, **kwargs)
+        if tokenizer and getattr(made, "chat_template", None) is None:
+            made.chat_template = TEMPLATE
+        return made
+
+    setattr(owner, attr, patched)
+
+
+wrap(transformers.AutoModelForCausalLM, "from_pretrained")
+wrap(transformers.AutoTokenizer, "from_pretrained", tokenizer=True)
+wrap(transformers.AutoProcessor, "from_pretrained", tokenizer=True)
+import llmc
+wrap(llmc, "model_free_ptq")
+
+WORDS = ("the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing "
+         "matches and a calibration corpus keeps its words plain ").split()
+
+
+def load_dataset(*args, split=None, **kwargs):
+    count = 64
+    if split and "[:" in str(split):
+        count = min(count, int(re.search(r"\[:(\d+)", str(split)).group(1)))
+    rows = []
+    for i in range(count):
+        text = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60))
+        rows.append({"messages": [{"role": "user", "content": text[:120]}, {"role": "assistant", "content": text[120:]}],
+                     "text": text, "prompt": text, "instruction": text[:80], "output": text[80:], "input": ""})
+    data = datasets.Dataset.from_list(rows)
+    return data if split is not None else datasets.DatasetDict({"train": data, "train_sft": data, "test": data})
+
+
+datasets.load_dataset = load_dataset
+sys.argv = [example]
+exec(compile(source, example, "exec"), {"__name__": "__main__"})
+'''
+
+
+def build_models(folder: Path) -> None:
+    """Tiny random models (with a tokenizer) of the families the examples use."""
+    import torch
+    import transformers
+
+    from llmc import tiny
+
+    if (folder / "llama" / "config.json").exists():
+        return
+    tiny.save_tiny(folder / "llama", arch="llama", hidden_size=128, intermediate_size=256, seed=0)
+    common = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)
+    for name, config in {
+        "qwen3_moe": transformers.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=128),
+        "mixtral": transformers.MixtralConfig(**common, num_local_experts=4),
+    }.items():
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / name)
+        tiny.build_tokenizer(2048).save_pretrained(folder / name)
+
+
+def last_error(output: str) -> str:
+    lines = [line for line in output.splitlines() if ("Error" in line or "error:" in line) and not line.startswith(" ")]
+    return lines[-1][:300] if lines else output.strip().splitlines()[-1][:300] if output.strip() else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", type=Path, required=True, help="a checkout of llm-compressor")
+    parser.add_argument("--only", default="", help="run the examples whose path contains this")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per example")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    examples = sorted(
+        p for p in (args.repo / "examples").rglob("*.py")
+        if args.only in str(p) and not any(part in str(p.relative_to(args.repo)) for part in LEFT_OUT)
+    )
+    work = Path(tempfile.mkdtemp(prefix="llmc-examples-"))
+    build_models(work / "models")
+    runner = work / "runner.py"
+    runner.write_text(RUNNER)
+    results = {}
+    for example in examples:
+        name = str(example.relative_to(args.repo))
+        cwd = work / "runs" / name.replace("/", "_")
+        cwd.mkdir(parents=True)
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, str(runner), str(work / "models"), str(example)], cwd=cwd,
+                                  capture_output=True, text=True, timeout=args.timeout)
+            ok, error = done.returncode == 0, "" if done.returncode == 0 else last_error(done.stderr + done.stdout)
+        except subprocess.TimeoutExpired:
+            ok, error = False, f"timed out after {args.timeout} s"
+        results[name] = {"ok": ok, "seconds": round(time.perf_counter() - started, 1), "error": error}
+        logger.info("%s %s %s", "ok  " if ok else "FAIL", name, error)
+    passed = sum(r["ok"] for r in results.values())
+    print(f"\n{passed} of {len(results)} examples ran through llmc")
+    path = ROOT / "tools" / "llmcompressor_examples-result.json"  # examples run now replace their earlier results
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**earlier, **results}, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
