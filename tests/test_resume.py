@@ -47,6 +47,11 @@ stage:
   modifiers_modifiers:
     QuantizationModifier: {targets: [Linear], scheme: FP8, ignore: [lm_head, "re:.*mlp.gate$"]}
 """
+IMATRIX = """
+stage:
+  modifiers_modifiers:
+    QuantizationModifier: {targets: [Linear], scheme: W4A16, ignore: [lm_head], weight_observer: imatrix_mse}
+"""
 AWQ = """
 stage:
   modifiers_modifiers:
@@ -97,8 +102,9 @@ def _files(directory):
         ("four_layers", SMOOTH_THEN_GPTQ_FP8, 2, ["4 of 4", "2 of 4"]),
         ("four_layers", AWQ, 1, ["2 of 4"]),
         ("four_moe_layers", FP8_STATIC_EXPERTS, 1, ["2 of 4"]),
+        ("four_layers", IMATRIX, 1, ["2 of 4"]),
     ],
-    ids=["smoothquant-then-gptq-fp8-static", "awq", "moe-fp8-static-unseen-experts"],
+    ids=["smoothquant-then-gptq-fp8-static", "awq", "moe-fp8-static-unseen-experts", "imatrix-ranges-set-at-layer-ends"],
 )
 def test_a_killed_sequential_run_resumes_to_a_byte_identical_checkpoint(
     request, tmp_path, caplog, model, recipe, when, restored

@@ -188,9 +188,9 @@ class QuantizationModifier(Modifier):
     data_parallel: ClassVar[bool] = True
 
     def on_calibration_start(self, state: State) -> None:
-        weighted = [(n, m) for n, m in self._modules if _weighs_by_importance(m.quantization_scheme.weights)]
-        self.calibrate_weights([(n, m) for n, m in self._modules if (n, m) not in weighted], state.device)
-        self.measure_importance(state, weighted)
+        weighted = {n for n, m in self._modules if _weighs_by_importance(m.quantization_scheme.weights)}
+        self.calibrate_weights([(n, m) for n, m in self._modules if n not in weighted], state.device)
+        self.measure_importance(state, [(n, m) for n, m in self._modules if n in weighted])
         self.observe_activations(state)
 
     def measure_importance(self, state: State, modules: list[tuple[str, torch.nn.Module]]) -> None:
@@ -255,6 +255,9 @@ class QuantizationModifier(Modifier):
         self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
     ) -> None:
         self._observers.restore(saved, state.device)
+        for name in [n for n in self._weighted if n.startswith(layer_name + ".")]:  # ranges restored with the layer
+            self._weighted.pop(name).quantization_enabled = True
+            self._importance.pop(name, None)
 
 
 def _weighs_by_importance(args: QuantizationArgs | None) -> bool:
