@@ -2,7 +2,7 @@
 
 Each script runs in its own process as a user would run it, with four things stood in for what
 this machine cannot reach: a model id on the hub loads a tiny local model of its family (Llama,
-Qwen3-MoE, Mixtral; built here, random weights), ``datasets.load_dataset`` returns local chat
+Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4-MoE; built here, random weights), ``datasets.load_dataset`` returns local chat
 rows (``messages``, ``text``, ``prompt``, ``instruction``/``output`` columns), a tokenizer without
 a chat template gets a plain one, and the scripts' sample counts, sequence lengths and generation
 lengths are cut to seconds, and without a GPU a script's ``"cuda"`` device is the CPU. Everything else (the recipe, the modifiers' arguments, ``oneshot``'s
@@ -53,7 +53,9 @@ def local(model_id):
     if os.path.exists(name):
         return name
     low = name.lower()
-    family = "mixtral" if "mixtral" in low else "qwen3_moe" if ("moe" in low or "a3b" in low or "30b" in low) else "llama"
+    families = (("mixtral", "mixtral"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
+                ("a3b", "qwen3_moe"), ("30b", "qwen3_moe"))
+    family = next((family for key, family in families if key in low), "llama")
     return os.path.join(models, family)
 
 
@@ -115,14 +117,23 @@ def build_models(folder: Path) -> None:
 
     from llmc import tiny
 
-    if (folder / "llama" / "config.json").exists():
+    if (folder / "glm4_moe" / "config.json").exists():
         return
     tiny.save_tiny(folder / "llama", arch="llama", hidden_size=128, intermediate_size=256, seed=0)
     common = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)
+    mla = dict(q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
     for name, config in {
         "qwen3_moe": transformers.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=128),
         "mixtral": transformers.MixtralConfig(**common, num_local_experts=4),
+        "deepseek_v3": transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4, "head_dim": 16}, **mla, n_routed_experts=4, moe_intermediate_size=128,
+            first_k_dense_replace=1, n_group=2, topk_group=1,
+        ),
+        # four layers: GLM-4.7's recipe leaves its three dense layers out
+        "glm4_moe": transformers.Glm4MoeConfig(
+            **{**common, "num_hidden_layers": 4}, n_routed_experts=4, moe_intermediate_size=128, first_k_dense_replace=3,
+        ),
     }.items():
         torch.manual_seed(0)
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / name)

@@ -422,6 +422,27 @@ def test_bad_sequential_targets_name_the_classes(llama_path):
         )
 
 
+def test_targets_inside_the_layers_calibrate_whole_layers(llama_path, caplog):
+    """llm-compressor's DeepSeek recipe names the attention and the MLP (sub-layer subgraphs
+    there): llmc calibrates the decoder layers holding them, as with its default targets."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc_pipelines.sequential import sequential_targets
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    with caplog.at_level("INFO", logger="llmc_pipelines"):
+        layers = sequential_targets(model, ["LlamaAttention", "LlamaMLP"])
+    assert [name for name, _ in layers] == ["model.layers.0", "model.layers.1"]
+    assert "calibrates one whole LlamaDecoderLayer at a time" in caplog.text
+    assert [name for name, _ in sequential_targets(model, ["re:.*mlp.up_proj$"])] == ["model.layers.0", "model.layers.1"]
+    grams = []
+    for targets in (["LlamaAttention", "LlamaMLP"], None):
+        gram = GramModifier()
+        oneshot(model=str(llama_path), recipe=[gram], pipeline="sequential", sequential_targets=targets, **DATA)
+        grams.append(gram.grams)
+    assert grams[0].keys() == grams[1].keys() and all(torch.equal(grams[0][k], grams[1][k]) for k in grams[0])
+
+
 def test_shared_layers_are_refused_with_a_clear_message(llama_path):
     from transformers import AutoModelForCausalLM
 

@@ -86,6 +86,7 @@ def sequential_targets(
             f"No module of {type(model).__name__} matches sequential_targets {targets}. "
             f"Module classes in this model: {', '.join(classes)}."
         )
+    found = _whole_blocks(model, found, targets)
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
@@ -99,6 +100,31 @@ def sequential_targets(
             )
     _check_one_stack(model, found)
     return found
+
+
+def _whole_blocks(
+    model: torch.nn.Module, found: list[tuple[str, torch.nn.Module]], targets: Sequence[str]
+) -> list[tuple[str, torch.nn.Module]]:
+    """Targets inside the blocks of a layer stack (a ModuleList's elements), such as the
+    attention and MLP that llm-compressor's DeepSeek and GLM recipes name, become those
+    blocks: llmc traces no graph between modules inside a layer, so it calibrates whole
+    layers, each module of a layer still seeing the layer's real inputs."""
+    modules = dict(model.named_modules())
+    lifted: list[tuple[str, torch.nn.Module]] = []
+    for name, _ in found:
+        block = name
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, 0, -1):  # the outermost ModuleList element above it
+            if isinstance(modules.get(".".join(parts[: depth - 1])), torch.nn.ModuleList) and parts[depth - 1].isdigit():
+                block = ".".join(parts[:depth])
+        if all(block != n for n, _ in lifted):
+            lifted.append((block, modules[block]))
+    if [n for n, _ in lifted] != [n for n, _ in found]:
+        logger.info(
+            "sequential_targets %s lie inside the %s blocks of %s: llmc calibrates one whole %s at a time.",
+            list(targets), type(lifted[0][1]).__name__, lifted[0][0].rpartition(".")[0], type(lifted[0][1]).__name__,
+        )
+    return lifted
 
 
 def _check_one_stack(model: torch.nn.Module, found: list[tuple[str, torch.nn.Module]]) -> None:
