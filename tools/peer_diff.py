@@ -49,6 +49,10 @@ def recipes(ignore: list[str]) -> dict[str, dict]:
         "nvfp4": _recipe(_modifier("QuantizationModifier", "NVFP4", ignore)),
         "gptq-w4a16": _recipe(_modifier("GPTQModifier", "W4A16", ignore)),
         "gptq-nvfp4": _recipe(_modifier("GPTQModifier", "NVFP4", ignore)),
+        "w4a16-imatrix": _recipe(_modifier("QuantizationModifier", "W4A16", ignore, weight_observer="imatrix_mse")),
+        "nvfp4a16-expanded-mse": _recipe(
+            _modifier("QuantizationModifier", "NVFP4A16", ignore, weight_observer="nvfp4_expanded_mse")
+        ),
         "fp8-kv-cache": _recipe(_modifier("QuantizationModifier", "FP8_DYNAMIC", ignore, kv_cache_scheme=kv)),
         "smoothquant-gptq-w8a8": _recipe(
             {"SmoothQuantModifier": {"smoothing_strength": 0.8}}, _modifier("GPTQModifier", "W8A8", ignore)
@@ -58,7 +62,7 @@ def recipes(ignore: list[str]) -> dict[str, dict]:
 
 CASES = {
     "llama": ["w4a16", "fp8-dynamic", "w8a8", "fp8-static", "nvfp4", "gptq-w4a16", "gptq-nvfp4", "fp8-kv-cache",
-              "smoothquant-gptq-w8a8"],
+              "smoothquant-gptq-w8a8", "w4a16-imatrix", "nvfp4a16-expanded-mse"],
     "qwen3": ["gptq-w4a16", "smoothquant-gptq-w8a8"],
     "qwen3_moe": ["w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
     "mixtral": ["w4a16"],
