@@ -214,7 +214,12 @@ def preprocess(
     elif quantizes_output_embeddings(model):
         logger.info("tie_word_embeddings: the recipe quantizes the output embeddings, so they are untied.")
         untie_word_embeddings(model)
+    apply_patches(model)
+    return model, processor
+
+
+def apply_patches(model: PreTrainedModel) -> None:
+    """Apply every installed model patch that matches ``model`` (e.g. llmc-moe's linearized experts)."""
     for patch in matching_patches(model):
         logger.info("Applying model patch %s", patch.name)
         patch.apply(model)
-    return model, processor

@@ -41,8 +41,7 @@ def load_context(model_cls: Any = None) -> Iterator[None]:
     from compressed_tensors.utils import patch_attr
     from transformers import AutoModelForCausalLM
 
-    from llmc.model_loading import undispatch
-    from llmc.patches import matching_patches
+    from llmc.model_loading import apply_patches, undispatch
 
     model_cls = model_cls or AutoModelForCausalLM
     original = model_cls.from_pretrained
@@ -57,9 +56,7 @@ def load_context(model_cls: Any = None) -> Iterator[None]:
                 kwargs.pop(key, None)
         model = original(*args, **kwargs)
         undispatch(model)
-        for patch in matching_patches(model):
-            logger.info("Applying model patch %s", patch.name)
-            patch.apply(model)
+        apply_patches(model)
         return model
 
     with patch_attr(model_cls, "from_pretrained", classmethod(from_pretrained)):
