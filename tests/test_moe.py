@@ -300,3 +300,18 @@ def test_nvfp4_static_inputs_on_every_expert(qwen3_moe, tmp_path, all_experts, c
                 module = getattr(fake_quant.model.layers[layer].mlp.experts[expert], proj)
                 stored = getattr(dense.model.layers[layer].mlp.experts[expert], proj).weight
                 torch.testing.assert_close(stored, quantized(module, module.weight, "weight").to(stored.dtype))
+
+
+@pytest.mark.parametrize(("arch", "expert"), [
+    ("qwen3_moe", "experts.3.down_proj"), ("mixtral", "experts.3.w2"),
+    ("deepseek_v3", "experts.3.down_proj"), ("glm4_moe", "experts.3.down_proj"),
+])
+def test_tiny_builds_the_moe_families_the_testing_fixture_names(checkpoint_factory, tmp_path, arch, expert):
+    """llmc.testing's checkpoint_factory names MoE families ("qwen3_moe", "mixtral", ...):
+    llmc.tiny builds them (fused experts, four of them), and the experts are quantized and
+    saved under their checkpoint names."""
+    path = checkpoint_factory(arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert model.model.layers[-1].mlp.experts.gate_up_proj.shape[0] == 4
+    run(path, tmp_path / "out", quant_recipe("W4A16", ignore=IGNORE))
+    assert any(k.endswith(f"{expert}.weight_packed") for k in keys(tmp_path / "out"))

@@ -112,32 +112,13 @@ exec(compile(source, example, "exec"), {"__name__": "__main__"})
 
 def build_models(folder: Path) -> None:
     """Tiny random models (with a tokenizer) of the families the examples use."""
-    import torch
-    import transformers
-
     from llmc import tiny
 
-    if (folder / "glm4_moe" / "config.json").exists():
-        return
-    tiny.save_tiny(folder / "llama", arch="llama", hidden_size=128, intermediate_size=256, seed=0)
-    common = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)
-    mla = dict(q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
-    for name, config in {
-        "qwen3_moe": transformers.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=128),
-        "mixtral": transformers.MixtralConfig(**common, num_local_experts=4),
-        "deepseek_v3": transformers.DeepseekV3Config(
-            **{**common, "num_key_value_heads": 4, "head_dim": 16}, **mla, n_routed_experts=4, moe_intermediate_size=128,
-            first_k_dense_replace=1, n_group=2, topk_group=1,
-        ),
-        # four layers: GLM-4.7's recipe leaves its three dense layers out
-        "glm4_moe": transformers.Glm4MoeConfig(
-            **{**common, "num_hidden_layers": 4}, n_routed_experts=4, moe_intermediate_size=128, first_k_dense_replace=3,
-        ),
-    }.items():
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / name)
-        tiny.build_tokenizer(2048).save_pretrained(folder / name)
+    for arch in ("llama", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"):
+        if not (folder / arch / "config.json").exists():
+            # four GLM layers: GLM-4.7's recipe leaves its three dense layers out
+            glm = {"num_hidden_layers": 4, "first_k_dense_replace": 3} if arch == "glm4_moe" else {}
+            tiny.save_tiny(folder / arch, arch=arch, hidden_size=128, intermediate_size=256, seed=0, **glm)
 
 
 def last_error(output: str) -> str:

@@ -83,25 +83,11 @@ oneshot(model=model, recipe=recipe, dataset=data, num_calibration_samples=32,
 
 def build_model(arch: str, folder: Path) -> Path:
     """A tiny random model of ``arch`` saved with a tokenizer, once."""
-    import torch
-    import transformers
-
     from llmc import tiny
 
     if (folder / "config.json").exists():
         return folder
-    if arch in ("llama", "qwen3"):
-        return tiny.save_tiny(folder, arch=arch, hidden_size=128, intermediate_size=256, seed=0)
-    common = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts_per_tok=2)
-    config = {
-        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=128),
-        "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4),
-    }[arch]()
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny.build_tokenizer(2048).save_pretrained(folder)
-    return folder
+    return tiny.save_tiny(folder, arch=arch, hidden_size=128, intermediate_size=256, seed=0)
 
 
 def compare(mine: Path, peer: Path) -> dict[str, Any]:

@@ -26,6 +26,18 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {}),
     "gemma": ("GemmaConfig", {"tie_word_embeddings": True}),
+    # MoE families (fused experts, as transformers 5 holds them): four experts, two per token
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # multi-head latent attention: as many key/value heads as query heads, rotary on 16 dims
+    "deepseek_v3": ("DeepseekV3Config", {
+        "num_key_value_heads": 4, "head_dim": 16, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+    }),
+    "glm4_moe": ("Glm4MoeConfig", {
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "first_k_dense_replace": 1,
+    }),
 }
 
 
@@ -79,8 +91,8 @@ def build_config(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        **extra,
     )
+    fields.update(extra)  # a family's own fields, then the caller's, may replace the defaults
     fields.update(overrides)
     return getattr(transformers, cls_name)(**fields)
 
