@@ -165,8 +165,8 @@ def _solve_phases(w: torch.Tensor, H: torch.Tensor, weights) -> dict:
     total = wall(whole) - clone_ms
     damp = H.clone()[None]
     damp.diagonal(dim1=-2, dim2=-1).add_(0.01 * H.diagonal().mean())
-    cholesky = wall(lambda: solver._inverse_cholesky([damp.clone()], 0.01)) - clone_ms
-    quadratic = wall(lambda: solver._quadratic_form(w[None].float(), H[None]))
+    cholesky = wall(lambda: solver.inverse_cholesky([damp.clone()], 0.01)) - clone_ms
+    quadratic = wall(lambda: solver.quadratic_form(w[None].float(), H[None]))
     qparams = wall(lambda: solver.weight_qparams(w.float(), weights))
     return {"ms_total": total, "ms_inverse_cholesky": cholesky, "ms_quadratic_form": quadratic,
             "ms_qparams": qparams, "ms_column_loop_and_rest": total - cholesky - quadratic - qparams}

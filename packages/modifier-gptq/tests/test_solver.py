@@ -252,7 +252,7 @@ def test_inverse_factor_equals_the_factor_of_the_inverse(n, monkeypatch):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
     H = torch.stack([x.T @ x, x.T @ x + torch.eye(n, dtype=torch.float64)])
-    upper, frac, added = solver._inverse_cholesky([H.clone()], 0.01)
+    upper, frac, added = solver.inverse_cholesky([H.clone()], 0.01)
     damped = H + added[:, None, None] * torch.eye(n, dtype=torch.float64)
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     torch.testing.assert_close(upper, reference, rtol=1e-9, atol=1e-12)
@@ -282,3 +282,19 @@ def test_warm_up_runs_the_real_solve_on_one_stand_in_per_problem(monkeypatch):
     calls.clear()
     solver.warm_up(torch.device("cpu"), 64, [(100, group, torch.bfloat16), (128, channel, torch.float32)])
     assert [c[0] for c in calls] == [(1, 32, 100)]  # 100 columns in groups of 128: refused, no raise
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+@pytest.mark.parametrize("name", ["group-sym", "group-asym", "nvfp4"])
+def test_a_pruned_weight_keeps_its_zeros_and_still_beats_round_to_nearest(name, actorder):
+    """A 2:4-pruned weight (SparseGPT before GPTQ) stays 2:4: its zeros quantize to zero and
+    their neighbours absorb the error, better than rounding the pruned weight."""
+    args = ARGS[name]
+    x, w = _problem(2)
+    keep = w.reshape(64, -1, 4).abs().topk(2, dim=-1).indices
+    pruned = torch.zeros_like(w.reshape(64, -1, 4)).scatter(-1, keep, w.reshape(64, -1, 4).gather(-1, keep)).reshape(w.shape)
+    result = gptq_quantize(pruned, x.T @ x, args, block_size=32, actorder=actorder)
+    assert bool((result.weight[pruned == 0] == 0).all())
+    gptq_err = torch.linalg.norm(x @ (pruned - result.weight).T)
+    rtn_err = torch.linalg.norm(x @ (pruned - _rtn(pruned, args)).T)
+    assert gptq_err < 0.95 * rtn_err, (gptq_err, rtn_err)

@@ -28,6 +28,8 @@ from llmc_gptq import column_kernel as fused_loop
 logger = logging.getLogger(__name__)
 
 MAX_DAMPENING_RETRIES = 6
+# a weight at least this fraction exactly zero was pruned (SparseGPT before GPTQ): its zeros stay
+PRUNED_FRACTION = 0.05
 
 
 @attrs.frozen
@@ -91,21 +93,25 @@ def _column_loop(
     Hinv1: torch.Tensor,
     Q1: torch.Tensor,
     Err1: torch.Tensor,
+    pruned1: torch.Tensor | None = None,
 ) -> None:
     """Quantize one block's columns in order, updating the rest of the block (in place).
 
     Every tensor has a leading batch dimension: one matrix and its inverse Hessian factor
-    per entry, all advanced by the same kernels."""
+    per entry, all advanced by the same kernels. Entries of ``pruned1`` quantize to zero (their
+    error spreads like any rounding error)."""
     for i in range(W1.shape[2]):
         w = W1[:, :, i]
         q = quantize_column(w, S1[:, :, i], Z1[:, :, i])
+        if pruned1 is not None:
+            q = q.masked_fill(pruned1[:, :, i], 0.0)
         Q1[:, :, i] = q
         err = (w - q) / Hinv1[:, i, i, None]
         W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, None, i, i:]
         Err1[:, :, i] = err
 
 
-def _inverse_cholesky(
+def inverse_cholesky(
     holder: list[torch.Tensor], dampening_frac: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Upper Cholesky factors of a batch of H^-1, retrying with more dampening the Hessians
@@ -178,7 +184,7 @@ def _invert_lower(L: torch.Tensor, out: torch.Tensor) -> None:
 _ROW_CHUNK = 4096
 
 
-def _quadratic_form(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+def quadratic_form(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """sum over rows of w H w^T, per matrix of the batch (= ||X W^T||^2), in row chunks.
 
     Only the relative error's denominator, a logged estimate: on CUDA the products run in
@@ -197,7 +203,7 @@ def _quadratic_form(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _squared_distance(original: torch.Tensor, W: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+def squared_distance(original: torch.Tensor, W: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """||original - W||^2 per matrix, dead columns of ``original`` taken as zero (as the solve
     did), in row chunks: no float32 copy of the original weights is kept through the solve."""
     total = torch.zeros(W.shape[0], device=W.device)
@@ -205,6 +211,17 @@ def _squared_distance(original: torch.Tensor, W: torch.Tensor, dead: torch.Tenso
         chunk = original[:, r : r + _ROW_CHUNK].float().masked_fill(dead[:, None, :], 0.0)
         total += torch.sum((chunk - W[:, r : r + _ROW_CHUNK]) ** 2, dim=(1, 2))
     return total
+
+
+def _pruned_entries(W: torch.Tensor) -> torch.Tensor | None:
+    """The zeros of the matrices at least :data:`PRUNED_FRACTION` zero (pruned before, e.g. 2:4
+    by SparseGPT), to keep at zero; None when no matrix of the batch was pruned. A dense weight
+    has next to no exact zeros, so its solve is unchanged."""
+    zeros = W == 0
+    pruned = zeros.flatten(1).float().mean(dim=1) >= PRUNED_FRACTION
+    if not bool(pruned.any()):
+        return None
+    return zeros & pruned[:, None, None]
 
 
 def _permute_in_place(H: torch.Tensor, order: torch.Tensor) -> None:
@@ -275,6 +292,7 @@ def gptq_quantize_batch(
     """
     batch, rows, cols = weights.shape
     W = weights.detach().to(torch.float32, copy=True)
+    pruned = _pruned_entries(W)
     if isinstance(hessians, list):
         H = hessians.pop().detach().float()
     else:
@@ -312,18 +330,21 @@ def gptq_quantize_batch(
 
     # ||X W||^2 now; ||X (W - Q)||^2 comes out of the solve itself (see below), so the raw
     # Hessian need not outlive its factorisation.
-    denominator = _quadratic_form(W, H)
+    denominator = quadratic_form(W, H)
     order = torch.arange(cols, device=W.device).expand(batch, cols)
     if actorder:
         order = torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
         W = W.gather(2, order[:, None, :].expand(batch, rows, cols))
+        if pruned is not None:
+            pruned = pruned.gather(2, order[:, None, :].expand(batch, rows, cols))
         _permute_in_place(H, order)
     quantize_column = _ColumnQuantizer(args, W.device, global_scales)
 
     holder = [H]
     del H
-    Hinv, used_frac, damp = _inverse_cholesky(holder, dampening_frac)
-    use_kernel = column_kernel and W.is_cuda and quantize_column.is_int and fused_loop.available()
+    Hinv, used_frac, damp = inverse_cholesky(holder, dampening_frac)
+    # the Triton kernel has no pruned entries: a pruned weight takes the eager loop
+    use_kernel = column_kernel and W.is_cuda and quantize_column.is_int and pruned is None and fused_loop.available()
 
     damped_error = torch.zeros(batch, device=W.device)  # sum of squared scaled errors, per matrix
     for i1 in range(0, cols, block_size):
@@ -341,7 +362,8 @@ def gptq_quantize_batch(
         if not use_kernel:
             W1 = W1.clone()
             Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-            _column_loop(quantize_column, W1, S1, Z1, Hinv1, Q1, Err1)
+            _column_loop(quantize_column, W1, S1, Z1, Hinv1, Q1, Err1,
+                         None if pruned is None else pruned[:, :, i1:i2])
         W[:, :, i1:i2] = Q1
         damped_error += torch.sum(Err1 * Err1, dim=(1, 2))
         if i2 < cols:
@@ -352,7 +374,7 @@ def gptq_quantize_batch(
         W = W.gather(2, torch.argsort(order, dim=-1)[:, None, :].expand(batch, rows, cols))
     # Each column's scaled error err = (w - q) / U_ii adds err^2 to ||X (W - Q)||^2 under the
     # dampened Hessian H + damp I; removing damp * ||W - Q||^2 gives the error under H itself.
-    numerator = damped_error - damp * _squared_distance(weights, W, dead)
+    numerator = damped_error - damp * squared_distance(weights, W, dead)
     relative = torch.where(denominator > 0, numerator.clamp(min=0) / denominator, torch.zeros_like(numerator))
     relative_list, frac_list = relative.tolist(), used_frac.tolist()
     if not bool(torch.isfinite(W).all()) or any(math.isnan(r) for r in relative_list):
