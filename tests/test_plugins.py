@@ -218,8 +218,8 @@ def test_llm_compressor_modifiers_llmc_lacks_are_named_so():
     with pytest.raises(ImportError, match="llm-compressor's QuIPModifier has no llmc implementation") as caught:
         from llmc.modifiers.transform import QuIPModifier  # noqa: F401
     assert "Did you mean" not in str(caught.value)
-    with pytest.raises(ImportError, match="SparseGPTModifier has no llmc implementation"):
-        from llmc.modifiers.obcq import SparseGPTModifier  # noqa: F401
+    with pytest.raises(ImportError, match="WandaPruningModifier has no llmc implementation"):
+        from llmc.modifiers.pruning import WandaPruningModifier  # noqa: F401
     with pytest.raises(ImportError, match="REAPPruningModifier has no llmc implementation"):
         from llmc.modifiers.pruning import REAPPruningModifier  # noqa: F401
     with pytest.raises(ImportError, match="LogarithmicEqualizationModifier has no llmc implementation"):

@@ -40,6 +40,8 @@ def _recipe(*modifiers: dict) -> dict:
 def recipes(ignore: list[str]) -> dict[str, dict]:
     """The recipes compared, in llm-compressor 0.14's shape (AWQ is left out: 0.14's AWQ pins
     memory, which fails without a GPU)."""
+    sparse_24 = {"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4", "targets": ["Linear"],
+                                       "ignore": ["re:.*lm_head", *ignore[1:]]}}
     kv = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
     return {
         "w4a16": _recipe(_modifier("QuantizationModifier", "W4A16", ignore)),
@@ -57,14 +59,20 @@ def recipes(ignore: list[str]) -> dict[str, dict]:
         "smoothquant-gptq-w8a8": _recipe(
             {"SmoothQuantModifier": {"smoothing_strength": 0.8}}, _modifier("GPTQModifier", "W8A8", ignore)
         ),
+        "sparsegpt-2of4": _recipe(sparse_24),
+        "sparsegpt-unstructured": _recipe(
+            {"SparseGPTModifier": {"sparsity": 0.6, "targets": [r"re:model.layers.\d+$"], "block_size": 64}}
+        ),
+        "sparsegpt-2of4-fp8": _recipe(sparse_24, _modifier("QuantizationModifier", "FP8_DYNAMIC", ignore)),
     }
 
 
 CASES = {
     "llama": ["w4a16", "fp8-dynamic", "w8a8", "fp8-static", "nvfp4", "gptq-w4a16", "gptq-nvfp4", "fp8-kv-cache",
-              "smoothquant-gptq-w8a8", "w4a16-imatrix", "nvfp4a16-expanded-mse"],
+              "smoothquant-gptq-w8a8", "w4a16-imatrix", "nvfp4a16-expanded-mse", "sparsegpt-2of4",
+              "sparsegpt-unstructured", "sparsegpt-2of4-fp8"],
     "qwen3": ["gptq-w4a16", "smoothquant-gptq-w8a8"],
-    "qwen3_moe": ["w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
+    "qwen3_moe": ["sparsegpt-2of4", "w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
     "mixtral": ["w4a16"],
 }
 

@@ -31,12 +31,13 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "AWQModifier": "llmc-awq",
     "AutoRoundModifier": "llmc-autoround",
     "SmoothQuantModifier": "llmc-smoothquant",
+    "SparseGPTModifier": "llmc-sparsegpt",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
 # llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
 NOT_PROVIDED: frozenset[str] = frozenset({
-    "QuIPModifier", "SpinQuantModifier", "SparseGPTModifier", "WandaPruningModifier",
+    "QuIPModifier", "SpinQuantModifier", "WandaPruningModifier",
     "MagnitudePruningModifier", "ConstantPruningModifier", "REAPPruningModifier",
     "LogarithmicEqualizationModifier",
 })
