@@ -1,4 +1,4 @@
-"""Seconds per decoder layer for GPTQ W4A16 (or AWQ W4A16_ASYM) on Llama-3-8B-shaped layers, end to end.
+"""Seconds per decoder layer for GPTQ W4A16 (or AWQ W4A16_ASYM, or SparseGPT 2:4) on Llama-3-8B-shaped layers, end to end.
 
 End to end means what oneshot does for each layer: calibration forward passes, Hessian
 accumulation, the GPTQ solves, and the propagation pass that feeds the next layer.
@@ -8,6 +8,7 @@ through llm-compressor in a separate process (its own site directory, given by
 
     python -m benchmarks.gptq_layer --samples 512 --seq 2048            # GPU machine
     python -m benchmarks.gptq_layer --modifier awq --layers 2 --samples 256 --seq 512
+    python -m benchmarks.gptq_layer --modifier sparsegpt --layers 2 --samples 256 --seq 2048
     python -m benchmarks.gptq_layer --hidden 256 --intermediate 512 --samples 8 --seq 128  # CPU smoke
 """
 
@@ -55,13 +56,14 @@ def dataset(args: argparse.Namespace):
 
 
 def recipe(name: str):
-    """The benchmarked modifier: GPTQ W4A16 or AWQ W4A16_ASYM, Linear layers but lm_head."""
+    """The benchmarked modifier: GPTQ W4A16, AWQ W4A16_ASYM or SparseGPT 2:4, Linear layers but
+    lm_head."""
+    from llmc.modifiers import AWQModifier, GPTQModifier, SparseGPTModifier
+
     if name == "gptq":
-        from llmc_gptq.modifier import GPTQModifier
-
         return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-    from llmc_awq.modifier import AWQModifier
-
+    if name == "sparsegpt":
+        return SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets="Linear", ignore=["re:.*lm_head"])
     return AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])
 
 
@@ -103,20 +105,25 @@ from transformers import AutoModelForCausalLM
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from llmcompressor.modifiers.awq import AWQModifier
+from llmcompressor.modifiers.pruning import SparseGPTModifier
 import datasets
 args = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(4, 2048, (args["samples"], args["seq"]), generator=g)
 data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 model = AutoModelForCausalLM.from_pretrained(args["path"], dtype=torch.bfloat16)
-torch.cuda.reset_peak_memory_stats()
+cuda = torch.cuda.is_available()
+torch.cuda.reset_peak_memory_stats() if cuda else None
 started = time.perf_counter()
-recipe = (GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]) if args["modifier"] == "gptq"
-          else AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"]))
+recipe = {
+    "gptq": lambda: GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+    "awq": lambda: AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"]),
+    "sparsegpt": lambda: SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets="Linear", ignore=["re:.*lm_head"]),
+}[args["modifier"]]()
 oneshot(model=model, dataset=data, recipe=recipe,
         num_calibration_samples=args["samples"], max_seq_length=args["seq"])
 total = time.perf_counter() - started
-print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30}))
+print("PEER_RESULT", json.dumps({"seconds_total": total, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 """
 
 
@@ -143,7 +150,7 @@ def shape_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_arguments(parser, layers=3)
-    parser.add_argument("--modifier", choices=["gptq", "awq"], default="gptq")
+    parser.add_argument("--modifier", choices=["gptq", "awq", "sparsegpt"], default="gptq")
     parser.add_argument("--offload", default="cpu", help="sequential_offload_device for llmc")
     parser.add_argument("--peer-path", default=None, help="site directory holding llmcompressor")
     parser.add_argument("--skip-llmc", action="store_true")
