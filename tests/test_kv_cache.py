@@ -22,12 +22,13 @@ def _samples(count: int = 6, length: int = 20) -> list[list[int]]:
 
 
 def _reference_states(path, samples: list[list[int]]) -> list[dict[str, list[torch.Tensor]]]:
-    """Per layer, the keys after RoPE and the values of every sample, from transformers'
-    own layers: the unquantized model's hidden states through each attention's projections."""
+    """Per layer, the queries and keys after RoPE and the values of every sample, from
+    transformers' own layers: the unquantized model's hidden states through each attention's
+    projections."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rope = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"]).apply_rotary_pos_emb
     layers = model.model.layers
-    found: list[dict[str, list[torch.Tensor]]] = [{"k": [], "v": []} for _ in layers]
+    found: list[dict[str, list[torch.Tensor]]] = [{"q": [], "k": [], "v": []} for _ in layers]
     with torch.no_grad():
         for ids in samples:
             x = torch.tensor([ids])
@@ -37,23 +38,24 @@ def _reference_states(path, samples: list[list[int]]) -> list[dict[str, list[tor
                 attn = layer.self_attn
                 h = layer.input_layernorm(hidden[i])
                 shape = (1, x.shape[1], -1, attn.head_dim)
-                k = attn.k_proj(h).view(shape)
+                q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
                 if hasattr(attn, "k_norm"):
-                    k = attn.k_norm(k)
-                k = k.transpose(1, 2)
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
                 v = attn.v_proj(h).view(shape).transpose(1, 2)
                 cos, sin = model.model.rotary_emb(h, positions)
-                _, k = rope(k, k, cos, sin)
+                q, k = rope(q, k, cos, sin)
+                found[i]["q"].append(q)
                 found[i]["k"].append(k)
                 found[i]["v"].append(v)
     return found
 
 
-def _run(path, tmp_path, kv: dict, **recipe_args) -> tuple[torch.nn.Module, dict, dict]:
+def _run(path, tmp_path, kv: dict | None, model=None, **recipe_args) -> tuple[torch.nn.Module, dict, dict]:
     samples = _samples()
     recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"kv_cache_scheme": kv, **recipe_args}}}}
     model = oneshot(
-        model=str(path), recipe=recipe, output_dir=str(tmp_path / "out"),
+        model=model if model is not None else str(path), recipe=recipe, output_dir=str(tmp_path / "out"),
         dataset=datasets.Dataset.from_dict({"input_ids": samples}), num_calibration_samples=len(samples),
         max_seq_length=64, pad_to_max_length=False, quantization_aware_calibration=False,
     )
@@ -124,10 +126,73 @@ def test_a_model_without_attention_to_quantize_is_refused(tmp_path):
         apply_kv_cache_scheme(model, args)
 
 
-def test_attention_states_through_a_config_group_are_refused(llama_path, tmp_path):
-    groups = {"attn": {"targets": ["re:.*self_attn$"], "input_activations": {**FP8_KV, "strategy": "tensor"}}}
-    with pytest.raises(ValueError, match="kv_cache_scheme"):
-        _run(llama_path, tmp_path, {**FP8_KV, "strategy": "tensor"}, config_groups=groups)
+def _assert_scales_are_the_ranges(tensors: dict, reference: list, strategy: str, bases: str) -> None:
+    for i, states in enumerate(reference):
+        for base in bases:
+            values = torch.cat([s.transpose(1, 2).flatten(0, 1) for s in states[base]])  # (tokens, heads, dim)
+            absmax = values.abs().amax() if strategy == "tensor" else values.abs().amax(dim=(0, 2))
+            saved = tensors[f"model.layers.{i}.self_attn.{base}_scale"]
+            torch.testing.assert_close(saved.float(), (absmax / 448.0).reshape(saved.shape), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_an_attention_group_quantizes_queries_keys_and_values(checkpoint_factory, tmp_path, arch, strategy):
+    """llm-compressor's attention example: a config group targeting the attention modules with
+    input activations alone gives each q_scale, k_scale and v_scale, the ranges of the
+    queries and keys after RoPE and of the values; the config keeps the group and writes its
+    arguments as kv_cache_scheme."""
+    path = checkpoint_factory(arch)
+    args = {**FP8_KV, "strategy": strategy, "observer": "static_minmax"}
+    attention = "Qwen3Attention" if arch == "qwen3" else "LlamaAttention"
+    groups = {"attention": {"targets": [attention], "input_activations": args}}
+    _, config, tensors = _run(path, tmp_path, None, config_groups=groups)
+    assert list(config["config_groups"]) == ["group_0"]
+    group = config["config_groups"]["group_0"]
+    assert group["targets"] == [attention] and group["weights"] is None
+    assert group["input_activations"]["strategy"] == strategy
+    assert config["kv_cache_scheme"] == group["input_activations"]
+    assert "attn" not in json.dumps({k: v for k, v in json.loads((tmp_path / "out" / "config.json").read_text()).items() if k != "quantization_config"})
+    _assert_scales_are_the_ranges(tensors, _reference_states(path, _samples()), strategy, "qkv")
+
+
+def test_the_quantized_model_runs_its_queries_on_the_fp8_grid_eager_attention_too(llama_path, tmp_path, monkeypatch):
+    """The model oneshot returns fake-quantizes its queries as vLLM's FP8 attention will, with
+    the model's eager attention too (which transformers does not register), and generates."""
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32, attn_implementation="eager")
+    groups = {"attention": {"targets": ["re:.*self_attn$"], "input_activations": {**FP8_KV, "strategy": "tensor", "observer": "static_minmax"}}}
+    model, _, tensors = _run(llama_path, tmp_path, None, model=model, config_groups=groups, ignore=["lm_head"])
+    _assert_scales_are_the_ranges(tensors, _reference_states(llama_path, _samples()), "tensor", "q")
+    seen = []
+    eager = __import__(type(model).__module__, fromlist=["eager_attention_forward"])
+    original = eager.eager_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        seen.append((module, query))
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(eager, "eager_attention_forward", spy)
+    with torch.no_grad():
+        model(torch.tensor([_samples()[0]]))
+    assert len(seen) == len(model.model.layers)
+    for module, query in seen:
+        on_grid = query.float() / module.q_scale.float()
+        torch.testing.assert_close(on_grid.to(torch.float8_e4m3fn).float(), on_grid)
+    assert model.generate(torch.tensor([_samples()[0][:5]]), max_new_tokens=3, do_sample=False).shape[1] == 8
+    # the decompressor the benchmarks score with puts the q/k/v scales back and runs alike
+    from llmc.evaluation import load_decompressed
+
+    reloaded = load_decompressed(tmp_path / "out", dtype=torch.float32, via_transformers=False)
+    ids = torch.tensor([_samples()[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_an_attention_group_with_output_activations_is_refused(llama_path, tmp_path):
+    args = {**FP8_KV, "strategy": "tensor"}
+    groups = {"attn": {"targets": ["re:.*self_attn$"], "input_activations": args, "output_activations": args}}
+    with pytest.raises(ValueError, match="input_activations alone"):
+        _run(llama_path, tmp_path, None, config_groups=groups)
 
 
 def test_the_checkpoint_reloads_through_the_decompressor_with_its_kv_scales(llama_path, tmp_path):

@@ -81,7 +81,8 @@ def load_decompressed(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmc.patches import matching_patches
-    from llmc.quantization.kv_cache import apply_kv_cache_scheme
+    from llmc.quantization.attention import apply_attention_scheme
+    from llmc.quantization.kv_cache import apply_kv_cache_scheme, attention_modules
 
     if via_transformers:
         try:
@@ -100,10 +101,17 @@ def load_decompressed(
         patch.apply(model)
     if config.kv_cache_scheme is not None:  # k/v scales to load, and keys and values quantized as served
         apply_kv_cache_scheme(model, config.kv_cache_scheme)
+    attention = dict(attention_modules(model))
+    for scheme in config.config_groups.values():  # attention groups: q scales too, queries quantized
+        modules = [(n, m) for n, m in match_named_modules(model, scheme.targets, config.ignore) if n in attention]
+        if scheme.weights is None and modules:
+            apply_attention_scheme(model, modules, scheme)
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(checkpoint.glob("*.safetensors")):
         tensors.update(load_file(shard))
     for scheme in config.config_groups.values():
+        if scheme.weights is None:  # activations only: their scales load as they are
+            continue
         compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
         for name, _ in match_named_modules(model, scheme.targets, config.ignore):
             prefix = name + "."

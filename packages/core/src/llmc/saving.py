@@ -24,7 +24,7 @@ from llmc import distributed
 from llmc.locking import output_lock
 from llmc.quantization.calibrate import quantized_modules
 from llmc.quantization.kernels import eager_kernels
-from llmc.quantization.kv_cache import kv_schemes_set_aside, with_kv_cache_scheme
+from llmc.quantization.kv_cache import kv_schemes_set_aside, with_attention_schemes
 from llmc.reloading import settle_config
 
 logger = logging.getLogger(__name__)
@@ -270,14 +270,14 @@ def save_compressed_tensors(
     with eager_kernels():
         if not save_compressed:
             _fake_quantize_weights(model)
-        with kv_schemes_set_aside(model) as kv_args:
+        with kv_schemes_set_aside(model) as attention_schemes:
             compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
             if compressor.quantization_config is not None:
                 compress_on_device(model, compressor, _compression_device())
                 with _compressing_alone():
                     compressor.compress_model(model, skip_compressed=True)
-        if kv_args is not None:
-            compressor.quantization_config = with_kv_cache_scheme(compressor.quantization_config, kv_args)
+        if attention_schemes:
+            compressor.quantization_config = with_attention_schemes(compressor.quantization_config, attention_schemes)
     model.save_pretrained(output_dir, **save_kwargs)
     copy_python_files(model, output_dir)
     compressor.update_config(str(output_dir))

@@ -10,6 +10,7 @@ import torch
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
+    QuantizationScheme,
     apply_quantization_config,
 )
 from compressed_tensors.utils import match_named_modules
@@ -17,6 +18,7 @@ from compressed_tensors.utils import match_named_modules
 from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
+from llmc.quantization.attention import apply_attention_scheme
 from llmc.quantization.calibrate import (
     ActivationObservers,
     calibrate_weights,
@@ -122,28 +124,53 @@ class QuantizationModifier(Modifier):
             state.model, targets, self.config.ignore, type(self).__name__, state.allow_unmatched_targets
         )
         warn_overlapping_groups(state.model, self.config)
-        attention = {n for n, _ in attention_modules(state.model)}
-        states = [t for s in self.config.config_groups.values() if s.weights is None for t in s.targets]
-        for name, _ in match_named_modules(state.model, states, self.config.ignore):
-            if name in attention:
-                raise ValueError(
-                    f"{name}: quantizing attention states through a config group (query scales) is "
-                    "not supported; quantize keys and values with kv_cache_scheme."
-                )
+        attention = self._attention_groups(state.model)
         if not self.bypass_divisibility_checks:
             validate_shapes(state.model, self.config)
-        # the KV cache is llmc's to hook (see llmc.quantization.kv_cache), not compressed-tensors'
+        # attention states (the KV cache, queries) are llmc's to hook (llmc.quantization.kv_cache,
+        # .attention), not compressed-tensors': its groups and modules are left out here
+        tapped = [name for modules, _ in attention.values() for name, _ in modules]
+        # a group that matches other modules too quantizes their inputs as usual
+        mixed = {k for k, (modules, g) in attention.items() if len(modules) < _matches(state.model, g, self.config.ignore)}
+        groups = {k: g for k, g in self.config.config_groups.items() if k not in attention or k in mixed}
         with accurate_match_warnings():
             apply_quantization_config(
-                state.model, self.config.model_copy(update={"kv_cache_scheme": None}), show_progress=False
+                state.model,
+                self.config.model_copy(update={"kv_cache_scheme": None, "config_groups": groups, "ignore": [*self.config.ignore, *tapped]}),
+                show_progress=False,
             )
         if self.config.kv_cache_scheme is not None:
             apply_kv_cache_scheme(state.model, self.config.kv_cache_scheme)
+        for modules, scheme in attention.values():
+            apply_attention_scheme(state.model, modules, scheme)
         # Modules frozen by an earlier stage keep their parameters.
         self._modules = initialized_modules(state.model)
         check_finite(
             (f"{name}.weight", m.weight) for name, m in self._modules if m.quantization_scheme.weights is not None
         )
+
+    def _attention_groups(
+        self, model: torch.nn.Module
+    ) -> dict[str, tuple[list[tuple[str, torch.nn.Module]], QuantizationScheme]]:
+        """The config groups that quantize attention modules' states (no weights, input
+        activations, targets matching attention modules): by group, the attention modules
+        each matches and its scheme."""
+        attention = dict(attention_modules(model))
+        found = {}
+        for key, scheme in self.config.config_groups.items():
+            if scheme.weights is not None:
+                continue
+            modules = [(n, m) for n, m in match_named_modules(model, scheme.targets, self.config.ignore) if n in attention]
+            if not modules:
+                continue
+            if scheme.input_activations is None or scheme.output_activations is not None:
+                raise ValueError(
+                    f"config group {key!r} targets attention modules ({modules[0][0]}, ...): their queries, keys "
+                    "and values are quantized through input_activations alone; give input_activations and no "
+                    "output_activations."
+                )
+            found[key] = (modules, scheme)
+        return found
 
     # --- extension points -------------------------------------------------------
     def targeted_modules(self) -> list[tuple[str, torch.nn.Module]]:
@@ -258,6 +285,10 @@ class QuantizationModifier(Modifier):
         for name in [n for n in self._weighted if n.startswith(layer_name + ".")]:  # ranges restored with the layer
             self._weighted.pop(name).quantization_enabled = True
             self._importance.pop(name, None)
+
+
+def _matches(model: torch.nn.Module, scheme: QuantizationScheme, ignore: list[str]) -> int:
+    return sum(1 for _ in match_named_modules(model, scheme.targets, ignore))
 
 
 def _weighs_by_importance(args: QuantizationArgs | None) -> bool:

@@ -20,6 +20,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 
 from llmc import distributed
 from llmc.observing import input_only
+from llmc.quantization.attention import has_query_tap, register_query_hook
 from llmc.quantization.kv_cache import kv_cache_tap
 from llmc.quantization.observers import (
     Observer,
@@ -274,8 +275,9 @@ class ActivationObservers:
     ) -> None:
         scheme = module.quantization_scheme
         tap = kv_cache_tap(module)
-        if tap is not None:  # an attention module: its keys and values
-            values = [(base, scheme.input_activations) for base in ("k", "v")]
+        if tap is not None:  # an attention module: its keys and values (and queries, if tapped)
+            bases = ("q", "k", "v") if has_query_tap(module) else ("k", "v")
+            values = [(base, scheme.input_activations) for base in bases]
         else:
             values = [("input", scheme.input_activations), ("output", scheme.output_activations)]
         for base, args in values:
@@ -297,7 +299,7 @@ class ActivationObservers:
                 _write_activation_qparams(mod, entry.base, entry.args, entry.observer.min, entry.observer.max)
 
             if tap is not None:
-                self._removers.append(tap.register(base, record))
+                self._removers.append(register_query_hook(module, record) if base == "q" else tap.register(base, record))
                 continue
             if base == "input":
                 handle = module.register_forward_pre_hook(input_only(lambda m, a, record=record: record(m, a[0])))

@@ -32,6 +32,7 @@ from compressed_tensors.utils import get_head_dim, get_num_kv_heads
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 _KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_b_proj")
 TAP_ATTRIBUTE = "llmc_kv_cache"
+QUERY_HOOKS = "llmc_query_hooks"  # on modules whose queries are quantized too (llmc.quantization.attention)
 
 StateHook = Callable[[torch.nn.Module, torch.Tensor], None]
 
@@ -103,10 +104,13 @@ def _substitute_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     return args, kwargs
 
 
-def apply_kv_cache_scheme(model: torch.nn.Module, args: QuantizationArgs) -> list[tuple[str, torch.nn.Module]]:
-    """Give every attention module ``args`` for its keys and values: the scheme and the
-    ``k_scale``/``v_scale`` (and zero point) compressed-tensors defines, and the tap."""
-    modules = attention_modules(model)
+def apply_kv_cache_scheme(
+    model: torch.nn.Module, args: QuantizationArgs, modules: list[tuple[str, torch.nn.Module]] | None = None
+) -> list[tuple[str, torch.nn.Module]]:
+    """Give every attention module (or those of ``modules``) ``args`` for its keys and values:
+    the scheme and the ``k_scale``/``v_scale`` (and zero point) compressed-tensors defines, and
+    the tap."""
+    modules = attention_modules(model) if modules is None else modules
     if not modules:
         raise ValueError(
             f"kv_cache_scheme: {type(model).__name__} has no attention module with key/value "
@@ -131,24 +135,40 @@ def kv_cache_tap(module: torch.nn.Module) -> KVCacheTap | None:
 
 
 @contextlib.contextmanager
-def kv_schemes_set_aside(model: torch.nn.Module) -> Iterator[QuantizationArgs | None]:
-    """Take the attention modules' KV schemes off them for the block, and yield their
-    arguments (None without a KV scheme). compressed-tensors' config inference recognises
-    attention modules by transformers' argument name of the day and would otherwise take
-    one for a quantized layer; the saver adds ``kv_cache_scheme`` to the config itself
-    (:func:`with_kv_cache_scheme`)."""
+def kv_schemes_set_aside(model: torch.nn.Module) -> Iterator[list[tuple[QuantizationScheme, bool]]]:
+    """Take the attention modules' schemes off them for the block, and yield the distinct
+    ones, each with whether its modules' queries are quantized too (empty without a KV or
+    attention scheme). compressed-tensors' config inference recognises attention modules by
+    transformers' argument name of the day and would otherwise take one for a quantized
+    layer; the saver writes them into the config itself (:func:`with_attention_schemes`)."""
     modules = [m for m in model.modules() if kv_cache_tap(m) is not None]
     schemes = [m.__dict__.pop("quantization_scheme") for m in modules]
+    distinct: dict[str, tuple[QuantizationScheme, bool]] = {}
+    for module, scheme in zip(modules, schemes, strict=True):
+        queries = hasattr(module, QUERY_HOOKS)
+        # a KV scheme names its module; an attention group's scheme, the group's targets
+        key = (scheme if queries else scheme.input_activations).model_dump_json() + str(queries)
+        distinct.setdefault(key, (scheme, queries))
     try:
-        yield schemes[0].input_activations if schemes else None
+        yield list(distinct.values())
     finally:
         for module, scheme in zip(modules, schemes, strict=True):
             module.quantization_scheme = scheme
 
 
-def with_kv_cache_scheme(config: QuantizationConfig | None, args: QuantizationArgs) -> QuantizationConfig:
-    """``config`` with ``kv_cache_scheme``; a KV-cache-only recipe gets a config of its own."""
+def with_attention_schemes(
+    config: QuantizationConfig | None, schemes: list[tuple[QuantizationScheme, bool]]
+) -> QuantizationConfig:
+    """``config`` with the attention modules' schemes (:func:`kv_schemes_set_aside`): their
+    arguments as ``kv_cache_scheme`` (an attention group's, if any, as llm-compressor writes
+    it), and a config group for each scheme that quantizes queries too (the recipe's attention
+    config group, with its targets); a recipe that quantizes nothing else gets a config of its
+    own."""
     if config is None:
         config = QuantizationConfig(config_groups={}, quantization_status=QuantizationStatus.FROZEN, format="dense")
-    config.kv_cache_scheme = args
+    config.kv_cache_scheme = max(schemes, key=lambda entry: entry[1])[0].input_activations
+    for scheme, queries in schemes:
+        if queries:
+            group = scheme.model_copy(update={"format": "dense"})
+            config.config_groups[f"group_{len(config.config_groups)}"] = group
     return config
