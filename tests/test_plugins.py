@@ -351,3 +351,12 @@ def test_the_demo_picks_the_installed_quantizer_that_declares_the_most_strength(
         assert strongest_algorithm() == "StrongerModifier"  # no list of names to edit
     finally:
         pm.unregister(plugin)
+
+
+def test_autorounds_dataset_helper_leaves_rows_as_they_are():
+    """0.14's fix_batch_if_needed works around the auto-round library's masks; llmc's
+    AutoRound needs no change, so the helper returns the row unchanged."""
+    from llmc.modifiers.autoround import fix_batch_if_needed
+
+    row = {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}
+    assert fix_batch_if_needed(dict(row)) == row
