@@ -220,8 +220,8 @@ def test_llm_compressor_modifiers_llmc_lacks_are_named_so():
     assert "Did you mean" not in str(caught.value)
     with pytest.raises(ImportError, match="WandaPruningModifier has no llmc implementation"):
         from llmc.modifiers.pruning import WandaPruningModifier  # noqa: F401
-    with pytest.raises(ImportError, match="REAPPruningModifier has no llmc implementation"):
-        from llmc.modifiers.pruning import REAPPruningModifier  # noqa: F401
+    with pytest.raises(ImportError, match="MagnitudePruningModifier has no llmc implementation"):
+        from llmc.modifiers.pruning import MagnitudePruningModifier  # noqa: F401
     with pytest.raises(ImportError, match="LogarithmicEqualizationModifier has no llmc implementation"):
         from llmc.modifiers.logarithmic_equalization import LogarithmicEqualizationModifier  # noqa: F401
 

@@ -32,13 +32,14 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "AutoRoundModifier": "llmc-autoround",
     "SmoothQuantModifier": "llmc-smoothquant",
     "SparseGPTModifier": "llmc-sparsegpt",
+    "REAPPruningModifier": "llmc-reap",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
 # llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
 NOT_PROVIDED: frozenset[str] = frozenset({
     "QuIPModifier", "SpinQuantModifier", "WandaPruningModifier",
-    "MagnitudePruningModifier", "ConstantPruningModifier", "REAPPruningModifier",
+    "MagnitudePruningModifier", "ConstantPruningModifier",
     "LogarithmicEqualizationModifier",
 })
 DISABLE_VARIABLE = "LLMC_DISABLE_PLUGINS"  # comma-separated plugin (entry point) names not to load

@@ -22,6 +22,8 @@ from llmc_moe import stacked
 from llmc_moe.layout import DOWN, GATE, UP, FusedLayout, ProjectionNames
 
 Gate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (expert indices, routing weights, expert outputs) of the routed (token, slot) pairs of one call
+RoutedHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def contiguous_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,6 +99,9 @@ class LinearExperts(nn.ModuleList):
     ``scale_inputs``: the routing weight multiplies an expert's input instead of its
     output (Llama 4). ``tokens_seen[e]`` counts the tokens expert ``e`` ran on,
     ``tokens_total`` the tokens the module was called with, since the last reset.
+    ``routed_hooks`` are called on every call with the routed pairs' expert indices, routing
+    weights and the experts' outputs before weighting (see :data:`RoutedHook`); a hook cannot
+    see Llama 4's, whose weights scale the inputs.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class LinearExperts(nn.ModuleList):
         self.scale_inputs = scale_inputs
         self.source = source  # the class it replaced, for messages
         self.all_experts = False
+        self.routed_hooks: list[RoutedHook] = []
         self._stacks = stacks if stacks is not None else stacked.WeightStacks()
         self.reset_counts()
 
@@ -140,6 +146,18 @@ class LinearExperts(nn.ModuleList):
         return cls(
             experts, post_norm=post_norm, scale_inputs=scale_inputs, source=type(fused).__name__, stacks=stacks
         )
+
+    def keep(self, retained: list[int]) -> None:
+        """Keep only the experts ``retained`` (indices, in order), renumbered from 0 (expert
+        pruning: the router must be cut to the same rows)."""
+        others = {k: m for k, m in self._modules.items() if not k.isdigit()}  # a post-expert norm
+        experts = [self[i] for i in retained]
+        self._modules.clear()
+        self._modules.update({str(i): expert for i, expert in enumerate(experts)})
+        self._modules.update(others)
+        self.num_experts = len(experts)
+        self.clear_stacks()
+        self.reset_counts()
 
     def reset_counts(self) -> None:
         self.tokens_seen = [0] * self.num_experts
@@ -198,8 +216,11 @@ class LinearExperts(nn.ModuleList):
             local = top_k_index - start
             chosen = (local >= 0) & (local < len(part))
             token_idx, slot = chosen.nonzero(as_tuple=True)
-            picked = y[local[token_idx, slot], token_idx] * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, picked.to(out.dtype))
+            picked = y[local[token_idx, slot], token_idx]
+            weights = top_k_weights[token_idx, slot]
+            for hook in self.routed_hooks:
+                hook(top_k_index[token_idx, slot], weights, picked)
+            out.index_add_(0, token_idx, (picked * weights[:, None]).to(out.dtype))
         self.tokens_seen = [seen + tokens for seen in self.tokens_seen]
         self.tokens_total += tokens
         return out
@@ -259,6 +280,8 @@ class LinearExperts(nn.ModuleList):
             if norm is not None:
                 y = norm(y)
             if not self.scale_inputs:
+                for hook in self.routed_hooks:
+                    hook(torch.full_like(token_idx, index), weights[:, 0], y)
                 y = y * weights
             out.index_add_(0, token_idx, y.to(out.dtype))
         self.tokens_total += tokens

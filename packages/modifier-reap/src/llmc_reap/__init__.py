@@ -1,0 +1,1 @@
+"""llmc's REAP plugin: ``REAPPruningModifier`` (MoE expert pruning by router-weighted activations)."""
