@@ -99,6 +99,11 @@ def load_decompressed(
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
     for patch in matching_patches(model):
         patch.apply(model)
+    transforms = raw["quantization_config"].get("transform_config")
+    if transforms:  # rotations (QuIP): online transforms attached; their weights load below
+        from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+        apply_transform_config(model, TransformConfig.model_validate(transforms))
     if config.kv_cache_scheme is not None:  # k/v scales to load, and keys and values quantized as served
         apply_kv_cache_scheme(model, config.kv_cache_scheme)
     attention = dict(attention_modules(model))
@@ -115,11 +120,17 @@ def load_decompressed(
         compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
         for name, _ in match_named_modules(model, scheme.targets, config.ignore):
             prefix = name + "."
-            state = {k.removeprefix(prefix): tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            # the module's own tensors (a submodule's, such as a transform's weight, load as they are)
+            own = [k for k in tensors if k.startswith(prefix) and "." not in k.removeprefix(prefix)]
+            state = {k.removeprefix(prefix): tensors.pop(k) for k in own}
             tensors[prefix + "weight"] = compressor.decompress(state, scheme)["weight"]
             if "bias" in state:  # stored as is
                 tensors[prefix + "bias"] = state["bias"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # a parameter shared by several modules (one transform for every Linear) is stored once
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(parameters[k]) for k in tensors if k in parameters}
+    missing = [m for m in missing if m not in parameters or id(parameters[m]) not in loaded]
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise ValueError(f"{checkpoint}: could not map tensors: missing {missing}, unexpected {unexpected}.")
     model.tie_weights()

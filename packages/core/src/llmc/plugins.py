@@ -33,12 +33,13 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "SmoothQuantModifier": "llmc-smoothquant",
     "SparseGPTModifier": "llmc-sparsegpt",
     "REAPPruningModifier": "llmc-reap",
+    "QuIPModifier": "llmc-quip",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
 # llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
 NOT_PROVIDED: frozenset[str] = frozenset({
-    "QuIPModifier", "SpinQuantModifier", "WandaPruningModifier",
+    "SpinQuantModifier", "WandaPruningModifier",
     "MagnitudePruningModifier", "ConstantPruningModifier",
     "LogarithmicEqualizationModifier",
 })

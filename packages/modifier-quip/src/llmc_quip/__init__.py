@@ -1,0 +1,1 @@
+"""llmc's QuIP plugin: ``QuIPModifier`` (Hadamard incoherence rotations through compressed-tensors' transforms)."""
