@@ -34,12 +34,13 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "SparseGPTModifier": "llmc-sparsegpt",
     "REAPPruningModifier": "llmc-reap",
     "QuIPModifier": "llmc-quip",
+    "SpinQuantModifier": "llmc-spinquant",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
 # llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
 NOT_PROVIDED: frozenset[str] = frozenset({
-    "SpinQuantModifier", "WandaPruningModifier",
+    "WandaPruningModifier",
     "MagnitudePruningModifier", "ConstantPruningModifier",
     "LogarithmicEqualizationModifier",
 })
