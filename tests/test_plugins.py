@@ -220,8 +220,6 @@ def test_llm_compressor_modifiers_llmc_lacks_are_named_so():
     assert "Did you mean" not in str(caught.value)
     with pytest.raises(ImportError, match="MagnitudePruningModifier has no llmc implementation"):
         from llmc.modifiers.pruning import MagnitudePruningModifier  # noqa: F401
-    with pytest.raises(ImportError, match="LogarithmicEqualizationModifier has no llmc implementation"):
-        from llmc.modifiers.logarithmic_equalization import LogarithmicEqualizationModifier  # noqa: F401
 
 
 def test_a_missing_modifier_under_an_llm_compressor_path_names_its_package(fancy_provider):

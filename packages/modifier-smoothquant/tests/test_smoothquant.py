@@ -220,3 +220,23 @@ def test_every_layer_smooths_on_the_max_of_its_first_calibration_steps(outlier_l
         scales = maxima[name] ** alpha / weight_max ** (1 - alpha)
         got = getattr(smoothed.model.layers[int(index)], norm_name).weight
         torch.testing.assert_close(got, norm.weight / scales, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_log_equalization_scales_and_llm_compressors_modifier(outlier_llama, sample_ids):
+    """0.14's algorithm="log_equalization" (and its LogarithmicEqualizationModifier alias):
+    s = max|X| / log2(2 + max|X|), the function kept, W8A8 error below plain W8A8's."""
+    from llmc.modifiers.logarithmic_equalization import LogarithmicEqualizationModifier
+    from llmc_smoothquant.modifier import log_equalization_scales
+
+    act = torch.tensor([6.0, 1.0, 0.0])
+    torch.testing.assert_close(log_equalization_scales(act), torch.tensor([6.0 / 3.0, 1.0 / torch.log2(torch.tensor(3.0)).item(), 1.0]))
+    reference = logits(transformers.AutoModelForCausalLM.from_pretrained(outlier_llama), sample_ids)
+    smoothed = oneshot(model=str(outlier_llama), recipe=[LogarithmicEqualizationModifier()], **DATA)
+    torch.testing.assert_close(logits(smoothed, sample_ids), reference, atol=2e-4, rtol=2e-4)
+    quant = {"QuantizationModifier": {"scheme": "W8A8", "ignore": ["lm_head"]}}
+    plain = oneshot(model=str(outlier_llama), recipe={"q": {"quant_modifiers": quant}}, **DATA)
+    recipe = {"q": {"quant_modifiers": {"SmoothQuantModifier": {"algorithm": "log_equalization"}, **quant}}}
+    equalized = oneshot(model=str(outlier_llama), recipe=recipe, **DATA)
+    err_plain = (logits(plain, sample_ids) - reference).pow(2).mean()
+    err_equalized = (logits(equalized, sample_ids) - reference).pow(2).mean()
+    assert err_equalized < 0.5 * err_plain, (err_equalized, err_plain)

@@ -31,6 +31,7 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "AWQModifier": "llmc-awq",
     "AutoRoundModifier": "llmc-autoround",
     "SmoothQuantModifier": "llmc-smoothquant",
+    "LogarithmicEqualizationModifier": "llmc-smoothquant",
     "SparseGPTModifier": "llmc-sparsegpt",
     "REAPPruningModifier": "llmc-reap",
     "QuIPModifier": "llmc-quip",
@@ -42,7 +43,6 @@ KNOWN_PROVIDERS: dict[str, str] = {
 NOT_PROVIDED: frozenset[str] = frozenset({
     "WandaPruningModifier",
     "MagnitudePruningModifier", "ConstantPruningModifier",
-    "LogarithmicEqualizationModifier",
 })
 DISABLE_VARIABLE = "LLMC_DISABLE_PLUGINS"  # comma-separated plugin (entry point) names not to load
 

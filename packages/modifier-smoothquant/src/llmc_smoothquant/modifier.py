@@ -21,6 +21,14 @@ def _strength(instance: Any, attribute: attrs.Attribute, value: float) -> None:
         raise ValueError(f"smoothing_strength must be in [0, 1], got {value!r}.")
 
 
+def log_equalization_scales(activation_max: torch.Tensor) -> torch.Tensor:
+    """Logarithmic equalization (Wei et al., 2023, arXiv 2308.15987): s = max|X| / log2(2 + max|X|)
+    per input channel, no weight statistic."""
+    act = activation_max.float()
+    scales = act / torch.log2(2 + act)
+    return torch.where(scales > 0, scales, torch.ones_like(scales)).clamp(min=1e-5)
+
+
 def smoothing_scales(
     activation_max: torch.Tensor, balance_weights: list[torch.Tensor], alpha: float
 ) -> torch.Tensor:
@@ -44,8 +52,8 @@ class SmoothQuantModifier(Modifier):
     mappings: list[Any] | None = None
     ignore: list[str] = attrs.field(factory=list)
     num_calibration_steps: int | None = None
-    # llm-compressor writes the algorithm it smoothed with into its recipe.yaml
-    algorithm: str = attrs.field(default="smoothquant", validator=attrs.validators.in_(["smoothquant"]))
+    # llm-compressor's choice of statistic: "smoothquant", or "log_equalization" (no weights)
+    algorithm: str = attrs.field(default="smoothquant", validator=attrs.validators.in_(["smoothquant", "log_equalization"]))
 
     _resolved: list[ResolvedMapping] = attrs.field(factory=list, init=False, repr=False)
     _max: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False, repr=False)
@@ -112,8 +120,18 @@ class SmoothQuantModifier(Modifier):
             if activation_max is None:
                 logger.warning("SmoothQuant: %s saw no calibration data; left as is.", mapping.smooth_name)
                 continue
-            scales = smoothing_scales(
-                activation_max, [layer.weight for layer in mapping.balance], self.smoothing_strength
-            )
+            if self.algorithm == "log_equalization":
+                scales = log_equalization_scales(activation_max).to(mapping.balance[0].weight.device)
+            else:
+                scales = smoothing_scales(
+                    activation_max, [layer.weight for layer in mapping.balance], self.smoothing_strength
+                )
             fold_scales(mapping, scales)
             logger.debug("SmoothQuant %s: scales in [%.3g, %.3g]", mapping.smooth_name, scales.min(), scales.max())
+
+
+@attrs.define(kw_only=True)
+class LogarithmicEqualizationModifier(SmoothQuantModifier):
+    """llm-compressor's name for ``SmoothQuantModifier(algorithm="log_equalization")``."""
+
+    algorithm: str = attrs.field(default="log_equalization", validator=attrs.validators.in_(["log_equalization"]))

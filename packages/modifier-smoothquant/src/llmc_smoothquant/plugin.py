@@ -1,4 +1,4 @@
-"""Entry-point plugin: registers SmoothQuantModifier and its default mappings."""
+"""Entry-point plugin: registers SmoothQuantModifier (and LogarithmicEqualizationModifier) and its default mappings."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from llmc.api import DENSE_ARCHITECTURES, hookimpl, norm_mappings, phi3_norm_map
 
 @hookimpl
 def llmc_register_modifiers(register):
-    from llmc_smoothquant.modifier import SmoothQuantModifier
+    from llmc_smoothquant.modifier import LogarithmicEqualizationModifier, SmoothQuantModifier
 
     register(SmoothQuantModifier)
+    register(LogarithmicEqualizationModifier)
 
 
 @hookimpl
