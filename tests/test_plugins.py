@@ -215,8 +215,8 @@ def test_llm_compressor_import_paths_resolve_through_the_registry():
 def test_llm_compressor_modifiers_llmc_lacks_are_named_so():
     """0.14's transforms and pruning modifiers that no llmc package provides: an ImportError
     that says so, not a guess at a similar name."""
-    with pytest.raises(ImportError, match="llm-compressor's WandaPruningModifier has no llmc implementation") as caught:
-        from llmc.modifiers.pruning import WandaPruningModifier  # noqa: F401
+    with pytest.raises(ImportError, match="llm-compressor's ConstantPruningModifier has no llmc implementation") as caught:
+        from llmc.modifiers.pruning import ConstantPruningModifier  # noqa: F401
     assert "Did you mean" not in str(caught.value)
     with pytest.raises(ImportError, match="MagnitudePruningModifier has no llmc implementation"):
         from llmc.modifiers.pruning import MagnitudePruningModifier  # noqa: F401

@@ -36,14 +36,12 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "REAPPruningModifier": "llmc-reap",
     "QuIPModifier": "llmc-quip",
     "SpinQuantModifier": "llmc-spinquant",
+    "WandaPruningModifier": "llmc-wanda",
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
 # llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
-NOT_PROVIDED: frozenset[str] = frozenset({
-    "WandaPruningModifier",
-    "MagnitudePruningModifier", "ConstantPruningModifier",
-})
+NOT_PROVIDED: frozenset[str] = frozenset({"MagnitudePruningModifier", "ConstantPruningModifier"})
 DISABLE_VARIABLE = "LLMC_DISABLE_PLUGINS"  # comma-separated plugin (entry point) names not to load
 
 _MODIFIER_PREFIX = "modifier:"

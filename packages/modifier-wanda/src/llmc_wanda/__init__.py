@@ -1,0 +1,1 @@
+"""llmc's Wanda plugin: ``WandaPruningModifier`` (pruning by weight magnitude × input norm)."""
