@@ -22,7 +22,7 @@ from __future__ import annotations
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from llmc import distributed, tiny
+from llmc import distributed, tiny, transforms
 from llmc.hookspecs import hookimpl
 from llmc.lifecycle import State
 from llmc.linalg import add_gram, gram, mirror_upper
@@ -97,4 +97,6 @@ __all__ = [
     # nested call arguments; tiny models for a plugin's tests
     "map_tensors",
     "tiny",
+    # rotation modifiers: 0.14's transform arguments, a compressed-tensors transform config applied
+    "transforms",
 ]

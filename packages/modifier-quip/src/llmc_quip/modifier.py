@@ -7,41 +7,18 @@ from typing import Any
 
 import attrs
 import torch
-from compressed_tensors.transform import (
-    TransformArgs,
-    TransformConfig,
-    TransformScheme,
-    apply_transform_config,
-)
+from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 
+from llmc import transforms
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
 
 logger = logging.getLogger(__name__)
 
-ROTATIONS = ("v", "u")
-TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix")
 
 
 def _str_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
-
-
-def _rotations(value: str | list[str]) -> list[str]:
-    rotations = [r.lower() for r in _str_list(value)]
-    unknown = [r for r in rotations if r not in ROTATIONS]
-    if unknown or not rotations:
-        raise ValueError(f"rotations must name 'v' (inputs) and/or 'u' (outputs), got {value!r}.")
-    return rotations
-
-
-def _not_yet(instance: Any, attribute: attrs.Attribute, value: bool) -> None:
-    if value:
-        raise NotImplementedError(f"{attribute.name}=True is not supported (nor by llm-compressor 0.14).")
-
-
-def _transform_config(value: Any) -> TransformConfig | None:
-    return value if value is None or isinstance(value, TransformConfig) else TransformConfig.model_validate(value)
 
 
 @attrs.define(kw_only=True)
@@ -56,16 +33,16 @@ class QuIPModifier(Modifier):
     quantizing modifier after it.
     """
 
-    rotations: list[str] = attrs.field(factory=lambda: ["v"], converter=_rotations)
-    transform_type: str = attrs.field(default="random-hadamard", validator=attrs.validators.in_(TRANSFORM_TYPES))
+    rotations: list[str] = attrs.field(factory=lambda: ["v"], converter=transforms.rotation_names(("v", "u")))
+    transform_type: str = attrs.field(default="random-hadamard", validator=attrs.validators.in_(transforms.TRANSFORM_TYPES))
     targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_str_list)
-    randomize: bool = attrs.field(default=False, validator=_not_yet)
-    learnable: bool = attrs.field(default=False, validator=_not_yet)
+    randomize: bool = attrs.field(default=False, validator=transforms.refuse_true)
+    learnable: bool = attrs.field(default=False, validator=transforms.refuse_true)
     # float64 where the device has it (llm-compressor's default; MPS has not)
     precision: str | None = None
     transform_block_size: int | None = None
     ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=_str_list)
-    transform_config: Any = attrs.field(default=None, converter=_transform_config)
+    transform_config: Any = attrs.field(default=None, converter=transforms.as_transform_config)
 
     def on_initialize(self, state: State) -> None:
         config = self.transform_config or self.build_config(state.device)
@@ -75,15 +52,13 @@ class QuIPModifier(Modifier):
             raise ValueError(
                 f"transform_block_size {self.transform_block_size} does not divide the hidden size {hidden}."
             )
-        if _targets_embeddings(model, config):
-            _untie_embeddings(model)
-        apply_transform_config(model, config)
+        transforms.apply_transforms(model, config)
         logger.info("QuIP: %s rotations %s applied", self.transform_type, "+".join(self.rotations))
 
     def build_config(self, device: torch.device) -> TransformConfig:
         """The transform config the arguments describe: per rotation, an online transform of
         the inputs (outputs) and its inverse fused into the weights."""
-        precision = self.precision or ("float32" if device.type == "mps" else "float64")
+        precision = self.precision or transforms.default_precision(device)
         sides = {"v": ("input", "weight_input"), "u": ("weight_output", "output")}
         groups = {}
         for rotation in self.rotations:
@@ -99,23 +74,3 @@ class QuIPModifier(Modifier):
             )
         return TransformConfig(config_groups=groups)
 
-
-def _targets_embeddings(model: torch.nn.Module, config: TransformConfig) -> bool:
-    from compressed_tensors.utils import match_named_modules
-
-    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
-    return any(
-        module in embeddings
-        for scheme in config.config_groups.values()
-        for args in scheme.apply
-        for _, module in match_named_modules(model, args.targets, args.ignore)
-    )
-
-
-def _untie_embeddings(model: torch.nn.Module) -> None:
-    """Give the output embedding a weight of its own: a transform fused into one must not
-    change the other."""
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is model.get_input_embeddings().weight:
-        output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=False)
-        model.config.get_text_config(decoder=True).tie_word_embeddings = False

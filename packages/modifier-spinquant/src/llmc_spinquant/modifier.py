@@ -8,14 +8,10 @@ from typing import Any
 import attrs
 import torch
 from compressed_tensors import match_named_modules
-from compressed_tensors.transform import (
-    TransformArgs,
-    TransformConfig,
-    TransformScheme,
-    apply_transform_config,
-)
+from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from compressed_tensors.utils import get_head_dim
 
+from llmc import transforms
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
 from llmc_spinquant.mappings import (
@@ -30,24 +26,6 @@ from llmc_spinquant.mappings import (
 logger = logging.getLogger(__name__)
 
 ROTATIONS = ("R1", "R2", "R3", "R4")
-TRANSFORM_TYPES = ("hadamard", "random-hadamard", "random-matrix")
-
-
-def _rotations(value: str | list[str]) -> list[str]:
-    rotations = [r.upper() for r in ([value] if isinstance(value, str) else value)]
-    unknown = [r for r in rotations if r not in ROTATIONS]
-    if unknown or not rotations:
-        raise ValueError(f"rotations must name some of {', '.join(ROTATIONS)}, got {value!r}.")
-    return rotations
-
-
-def _not_yet(instance: Any, attribute: attrs.Attribute, value: bool) -> None:
-    if value:
-        raise NotImplementedError(f"{attribute.name}=True is not supported (nor by llm-compressor 0.14).")
-
-
-def _transform_config(value: Any) -> TransformConfig | None:
-    return value if value is None or isinstance(value, TransformConfig) else TransformConfig.model_validate(value)
 
 
 @attrs.define(kw_only=True)
@@ -64,15 +42,15 @@ class SpinQuantModifier(Modifier):
     serializes the transforms. The arguments are llm-compressor 0.14's.
     """
 
-    rotations: list[str] = attrs.field(factory=lambda: ["R1", "R2"], converter=_rotations)
-    transform_type: str = attrs.field(default="hadamard", validator=attrs.validators.in_(TRANSFORM_TYPES))
-    randomize: bool = attrs.field(default=False, validator=_not_yet)
-    learnable: bool = attrs.field(default=False, validator=_not_yet)
+    rotations: list[str] = attrs.field(factory=lambda: ["R1", "R2"], converter=transforms.rotation_names(ROTATIONS))
+    transform_type: str = attrs.field(default="hadamard", validator=attrs.validators.in_(transforms.TRANSFORM_TYPES))
+    randomize: bool = attrs.field(default=False, validator=transforms.refuse_true)
+    learnable: bool = attrs.field(default=False, validator=transforms.refuse_true)
     precision: str | None = None  # float64 where the device has it (MPS has not)
     transform_block_size: int | None = None
     mappings: Any = attrs.field(default=None, converter=as_mapping)
     norm_mappings: Any = attrs.field(default=None, converter=as_norm_mappings)
-    transform_config: Any = attrs.field(default=None, converter=_transform_config)
+    transform_config: Any = attrs.field(default=None, converter=transforms.as_transform_config)
 
     @torch.no_grad()
     def on_initialize(self, state: State) -> None:
@@ -82,14 +60,14 @@ class SpinQuantModifier(Modifier):
         config = self.transform_config or self.build_config(model, mapping, state.device)
         if "R3" in self.rotations and self.transform_config is None:
             _check_attention_hooks(model, mapping)
-        _untie_embeddings(model)
+        transforms.untie_embeddings(model)  # before folding the final norm into the head
         for norm_mapping in norms:
             _fold_norms(model, norm_mapping)
-        apply_transform_config(model, config)
+        transforms.apply_transforms(model, config)
         logger.info("SpinQuant: %s rotations %s applied", self.transform_type, "+".join(self.rotations))
 
     def build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping, device: torch.device) -> TransformConfig:
-        precision = self.precision or ("float32" if device.type == "mps" else "float64")
+        precision = self.precision or transforms.default_precision(device)
         head_dim = mapping.attn_head_dim or get_head_dim(model.config.get_text_config(decoder=True))
 
         def scheme(block: int | None, *apply: TransformArgs) -> TransformScheme:
@@ -133,14 +111,6 @@ def _check_attention_hooks(model: torch.nn.Module, mapping: SpinQuantMapping) ->
                 f"R3 rotates queries and keys through compressed-tensors' attention hooks, which do not "
                 f"recognise {name} ({type(module).__name__}) with this transformers; use rotations R1, R2, R4."
             )
-
-
-def _untie_embeddings(model: torch.nn.Module) -> None:
-    """R1 rotates the input embedding's output and the head's input differently."""
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is model.get_input_embeddings().weight:
-        output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=False)
-        model.config.get_text_config(decoder=True).tie_word_embeddings = False
 
 
 def _fold_norms(model: torch.nn.Module, mapping: NormMapping) -> None:
