@@ -4,6 +4,7 @@ names, reloaded; model_free_ptq writes what oneshot writes; fused weights are ne
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,58 @@ def test_tiny_builds_the_moe_families_the_testing_fixture_names(checkpoint_facto
     assert model.model.layers[-1].mlp.experts.gate_up_proj.shape[0] == 4
     run(path, tmp_path / "out", quant_recipe("W4A16", ignore=IGNORE))
     assert any(k.endswith(f"{expert}.weight_packed") for k in keys(tmp_path / "out"))
+
+
+def test_a_vector_held_in_four_dimensions_is_not_taken_for_fused_weights():
+    """Kimi Linear's forget gate keeps A_log as 1 × 1 × heads × 1: a vector, not a stack of
+    weight matrices, so nothing is refused for it; a 3-D stack of matrices still is."""
+    from llmc.fused_weights import unquantized_fused_weights
+    from llmc.modifiers import QuantizationModifier
+
+    gate = torch.nn.Module()
+    gate.A_log = torch.nn.Parameter(torch.zeros(1, 1, 32, 1))
+    experts = torch.nn.Module()
+    experts.down_proj = torch.nn.Parameter(torch.zeros(4, 16, 8))
+    model = torch.nn.ModuleDict({"forget_gate": gate, "experts": experts})
+    left = unquantized_fused_weights(model, [QuantizationModifier(targets="Linear", scheme="W4A16")])
+    assert [name for name, _, _ in left] == ["experts"]
+
+
+NEWER_FAMILIES = ["qwen3_next", "qwen3_5_moe", "minimax_m2", "cohere2_moe", "glm_moe_dsa"]
+
+
+@pytest.mark.parametrize("arch", NEWER_FAMILIES)
+def test_newer_moe_families_quantize_every_expert_and_reload(arch, tmp_path, sample_ids):
+    """MoE families transformers 5.2x added (Qwen3-Next, Qwen3.5-MoE, MiniMax-M2, Cohere2-MoE,
+    GLM-5's DSA): linearized by the same mechanism, every routed expert quantized (GPTQ on the
+    sequential pipeline; GLM-5 on the basic one, its layers hand each other their indexer's
+    picks), and transformers reloads the checkpoint with the model's logits."""
+    if not hasattr(transformers, tiny.ARCHITECTURES[arch][0]):
+        pytest.skip(f"this transformers has no {arch}")
+    path = tiny.save_tiny(tmp_path / "model", arch=arch, seed=0)
+    config = tiny.build_config(arch)
+    recipe = {"s": {"q_modifiers": {"GPTQModifier": {
+        "targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
+    }}}}
+    pipeline = "basic" if arch == "glm_moe_dsa" else "sequential"
+    out = tmp_path / "out"
+    model = oneshot(model=str(path), recipe=recipe, output_dir=str(out), pipeline=pipeline,
+                    dataset="llmc-docs", num_calibration_samples=8, max_seq_length=32)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or config.n_routed_experts
+    moe_layers = config.num_hidden_layers - getattr(config, "first_k_dense_replace", 0)
+    packed = [k for k in keys(out) if re.search(r"\.experts\.\d+\.\w+\.weight_packed$", k)]
+    assert len(packed) == moe_layers * experts * 3, sorted(packed)[:6]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(sample_ids).logits, model(sample_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_glm5_on_the_sequential_pipeline_says_what_to_do(tmp_path):
+    """GLM-5's layers hand each other their indexer's top-k picks: the sequential pipeline,
+    which runs each layer on its own inputs, refuses it before calibrating and names the fix."""
+    if not hasattr(transformers, "GlmMoeDsaConfig"):
+        pytest.skip("this transformers has no GLM-5")
+    path = tiny.save_tiny(tmp_path / "model", arch="glm_moe_dsa", seed=0)
+    recipe = {"s": {"q_modifiers": {"GPTQModifier": {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head", "re:.*mlp.gate$"]}}}}
+    with pytest.raises(RuntimeError, match="pipeline='basic'"):
+        oneshot(model=str(path), recipe=recipe, dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)

@@ -38,6 +38,23 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4_moe": ("Glm4MoeConfig", {
         "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "first_k_dense_replace": 1,
     }),
+    # newer MoE families (transformers 5.2x): linear and full attention layers, DSA indexers
+    "qwen3_next": ("Qwen3NextConfig", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 128, "layer_types": ["linear_attention", "full_attention"],
+    }),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 128, "layer_types": ["linear_attention", "full_attention"],
+    }),
+    "minimax_m2": ("MiniMaxM2Config", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "cohere2_moe": ("Cohere2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", {
+        "num_key_value_heads": 4, "head_dim": 16, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16, "v_head_dim": 32, "index_head_dim": 32, "index_n_heads": 2, "index_topk": 8,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1,
+    }),
 }
 
 
