@@ -68,6 +68,7 @@ def recipes(ignore: list[str]) -> dict[str, dict]:
                               _modifier("QuantizationModifier", "W4A16", ignore)),
         "spinquant-w4a16": _recipe({"SpinQuantModifier": {"rotations": ["R1", "R2"], "transform_type": "hadamard"}},
                                    _modifier("QuantizationModifier", "W4A16", ignore)),
+        "reap-50": _recipe({"REAPPruningModifier": {"sparsity": 0.5}}),
         "attention-fp8": _recipe({"QuantizationModifier": {"config_groups": {"attention": {
             "targets": ["LlamaAttention"], "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor"}}}}}),
     }
@@ -78,7 +79,7 @@ CASES = {
               "smoothquant-gptq-w8a8", "w4a16-imatrix", "nvfp4a16-expanded-mse", "sparsegpt-2of4",
               "sparsegpt-unstructured", "sparsegpt-2of4-fp8", "quip-w4a16", "spinquant-w4a16", "attention-fp8"],
     "qwen3": ["gptq-w4a16", "smoothquant-gptq-w8a8"],
-    "qwen3_moe": ["sparsegpt-2of4", "w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
+    "qwen3_moe": ["reap-50", "sparsegpt-2of4", "w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
     "mixtral": ["w4a16"],
 }
 
