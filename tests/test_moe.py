@@ -371,3 +371,23 @@ def test_glm5_on_the_sequential_pipeline_says_what_to_do(tmp_path):
     recipe = {"s": {"q_modifiers": {"GPTQModifier": {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head", "re:.*mlp.gate$"]}}}}
     with pytest.raises(RuntimeError, match="pipeline='basic'"):
         oneshot(model=str(path), recipe=recipe, dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe", "minimax_m2", "cohere2_moe"])
+def test_newer_families_smooth_with_their_default_mappings(arch, tmp_path, sample_ids):
+    """SmoothQuant's default mappings for the newer families keep the model's function (the
+    norms' scales move into every Linear they feed: q/k/v or linear attention's inputs, every
+    expert's gate/up, shared experts, the router; Cohere2's one norm feeds attention and experts),
+    and AWQ runs with its own."""
+    if not hasattr(transformers, tiny.ARCHITECTURES[arch][0]):
+        pytest.skip(f"this transformers has no {arch}")
+    path = tiny.save_tiny(tmp_path / "model", arch=arch, seed=0)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path)
+    data = dict(dataset="llmc-docs", num_calibration_samples=8, max_seq_length=32)
+    smoothed = oneshot(model=str(path), recipe={"s": {"smooth_modifiers": {"SmoothQuantModifier": {"smoothing_strength": 0.8}}}}, **data)
+    norm = smoothed.model.layers[1].input_layernorm.weight
+    assert not torch.allclose(norm, reference.model.layers[1].input_layernorm.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(sample_ids).logits, reference(sample_ids).logits, atol=2e-4, rtol=2e-4)
+    awq = {"s": {"q_modifiers": {"AWQModifier": {"scheme": "W4A16_ASYM", "targets": ["Linear"], "ignore": [*IGNORE, "re:.*shared_expert_gate$"]}}}}
+    oneshot(model=str(path), recipe=awq, **data)

@@ -211,8 +211,19 @@ def fold_scales(mapping: ResolvedMapping, scales: torch.Tensor) -> None:
 
 
 def _offset_norm(module: torch.nn.Module) -> bool:
-    """Norms that multiply by ``1 + weight`` (Gemma, Qwen3-Next) rather than ``weight``."""
-    return type(module).__name__ in {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "Qwen3NextRMSNorm"}
+    """Norms that multiply by ``1 + weight`` (Gemma, Qwen3-Next, Qwen3.5) rather than ``weight``:
+    an RMS norm is asked, on a probe input, which of the two it computes (a family's class
+    names change; its arithmetic decides)."""
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.ndim != 1 or weight.is_meta or "rmsnorm" not in type(module).__name__.lower():
+        return False
+    with torch.no_grad():
+        probe = torch.linspace(-2.0, 3.0, weight.shape[0], device=weight.device)[None]
+        unit = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True))
+        out = type(module).forward(module, probe.to(weight.dtype)).float()  # no hooks: observers see nothing
+        w = weight.float()
+        offset, plain = (out - unit * (1.0 + w)).abs().max(), (out - unit * w).abs().max()
+    return bool(offset < plain)
 
 
 # transformers classes whose layers are Llama's: input_layernorm -> self_attn.q/k/v_proj,

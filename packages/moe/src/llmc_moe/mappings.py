@@ -53,6 +53,17 @@ def moe_mappings(
 
 def builtin_moe_mappings() -> dict[str, AlgorithmMappings]:
     standard = moe_mappings()
+    # Qwen3-Next and Qwen3.5: the attention norm feeds full attention's q/k/v or, in linear
+    # attention layers, the linear attention's input projections
+    hybrid = moe_mappings(attention=Mapping(
+        "re:.*input_layernorm$", [r"re:.*self_attn\.(q|k|v)_proj$", r"re:.*linear_attn\.in_proj_\w+$"]
+    ))
+    # Cohere2-MoE: one norm feeds the attention and the MoE block in parallel
+    parallel_inputs = Mapping(
+        "re:.*input_layernorm$",
+        [r"re:.*self_attn\.(q|k|v)_proj$", *_moe_inputs("mlp").balance_layers],
+    )
+    parallel = ([parallel_inputs], [parallel_inputs, Mapping("re:.*v_proj$", ["re:.*o_proj$"]), _up_down()])
     deepseek_attention = _attention(r"(q_proj|q_a_proj|kv_a_proj_with_mqa)")
     deepseek = (
         [deepseek_attention, _moe_inputs("mlp")],
@@ -76,4 +87,8 @@ def builtin_moe_mappings() -> dict[str, AlgorithmMappings]:
         "GptOssForCausalLM": moe_mappings(up_down=False),
         "DeepseekV2ForCausalLM": deepseek,
         "DeepseekV3ForCausalLM": deepseek,
+        "MiniMaxM2ForCausalLM": standard,
+        "Qwen3NextForCausalLM": hybrid,
+        "Qwen3_5MoeForCausalLM": hybrid,
+        "Cohere2MoeForCausalLM": parallel,
     }
