@@ -58,13 +58,13 @@ def dataset(args: argparse.Namespace):
 def recipe(name: str):
     """The benchmarked modifier: GPTQ W4A16, AWQ W4A16_ASYM or SparseGPT 2:4, Linear layers but
     lm_head."""
-    from llmc.modifiers import AWQModifier, GPTQModifier, SparseGPTModifier
+    import llmc.modifiers as modifiers  # each name resolved only when asked: older trees lack some
 
     if name == "gptq":
-        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+        return modifiers.GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
     if name == "sparsegpt":
-        return SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets="Linear", ignore=["re:.*lm_head"])
-    return AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])
+        return modifiers.SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets="Linear", ignore=["re:.*lm_head"])
+    return modifiers.AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])
 
 
 def run_llmc(path: Path, args: argparse.Namespace) -> dict:

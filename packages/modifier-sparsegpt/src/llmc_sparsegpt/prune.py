@@ -121,8 +121,8 @@ def sparsegpt_prune_batch(
             mask1 = _block_mask(W1, diag, target, kept1)
         else:
             mask1 = kept1.clone() if kept1 is not None else torch.zeros_like(W1, dtype=torch.bool)
-        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
+        zero = W1.new_zeros(())
         for i in range(i2 - i1):
             if prune_n and i % prune_m == 0:
                 width = min(prune_m, i2 - i1 - i)
@@ -131,13 +131,12 @@ def sparsegpt_prune_batch(
                     score = score.masked_fill(kept1[:, :, i : i + width], 0.0)
                 smallest = torch.topk(score, min(prune_n, width), dim=-1, largest=False).indices
                 mask1[:, :, i : i + width].scatter_(-1, smallest, True)
-            w = W1[:, :, i]
-            q = w.masked_fill(mask1[:, :, i], 0.0)
-            Q1[:, :, i] = q
-            err = (w - q) / Hinv1[:, i, i, None]
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
+            # a pruned weight's error is all of it, a kept one's none: few kernels per column (the
+            # loop runs once per input column, and on a GPU its launches set the time)
+            err = torch.where(mask1[:, :, i], W1[:, :, i], zero).div_(Hinv1[:, i, i, None])
+            W1[:, :, i:].baddbmm_(err[:, :, None], Hinv1[:, i : i + 1, i:], alpha=-1.0)
             Err1[:, :, i] = err
-        W[:, :, i1:i2] = Q1
+        W[:, :, i1:i2] = W1.masked_fill_(mask1, 0.0)  # kept weights as updated, pruned ones exactly zero
         damped_error += torch.sum(Err1 * Err1, dim=(1, 2))
         if i2 < cols:
             update = torch.bmm(Err1, Hinv[:, i1:i2, i2:])
