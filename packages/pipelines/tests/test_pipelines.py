@@ -55,7 +55,7 @@ class GramModifier(Modifier):
             h.remove()
 
 
-def _grams(path, pipeline, qac, quantize):
+def _grams(path, pipeline, qac, quantize, data=DATA):
     gram = GramModifier()
     recipe = ([QuantizationModifier(scheme="W4A16", ignore=["lm_head"])] if quantize else []) + [
         gram
@@ -65,7 +65,7 @@ def _grams(path, pipeline, qac, quantize):
         recipe=recipe,
         pipeline=pipeline,
         quantization_aware_calibration=qac,
-        **DATA,
+        **data,
     )
     return gram.grams
 
@@ -929,3 +929,23 @@ def test_attention_warm_up_calls_attention_shaped_as_the_model_does(tmp_path, ar
     assert (warm_query[1], warm_query[3], warm_dtype, causal) == (query[1], query[3], dtype, True)
     assert warm_key[1] == key[1] or (warm_gqa and warm_key[1] == model.config.num_key_value_heads)
     assert warming.start_attention_warm_up(model, torch.device("cpu")) is None
+
+
+def test_layers_of_several_kinds_on_padded_batches_calibrate_like_basic(tmp_path):
+    """Qwen3.5's linear attention layers take the 2-D padding mask, its full attention layers a
+    4-D causal one; an unpadded first batch gives both the same arguments, so the capture must
+    not assume every layer's arguments alike from it (the full layer got the 2-D mask)."""
+    import transformers
+
+    from llmc import tiny
+
+    if not hasattr(transformers, tiny.ARCHITECTURES["qwen3_5"][0]):
+        pytest.skip("this transformers has no Qwen3.5")
+    path = tiny.save_tiny(tmp_path, arch="qwen3_5")
+    # one row a batch, padded to 64 tokens: the first row fills them, later ones do not
+    data = dict(dataset="llmc-docs", num_calibration_samples=16, max_seq_length=64)
+    basic = _grams(path, "basic", qac=True, quantize=True, data=data)
+    sequential = _grams(path, "sequential", qac=True, quantize=True, data=data)
+    assert basic.keys() == sequential.keys() and any("linear_attn" in n for n in basic)
+    for name in basic:
+        torch.testing.assert_close(sequential[name], basic[name], rtol=1e-5, atol=1e-5)

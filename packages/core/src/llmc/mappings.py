@@ -230,14 +230,16 @@ def _offset_norm(module: torch.nn.Module) -> bool:
 # post_attention_layernorm -> mlp.gate/up_proj, self_attn.v_proj -> o_proj, mlp.up_proj -> down_proj
 DENSE_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma2ForCausalLM",
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "Qwen3_5ForCausalLM",
 )
 
 
 def norm_mappings(attention: str = "self_attn", mlp: str = "mlp") -> list[Mapping]:
-    """Each decoder layer's two norms and the projections they feed (Llama's layout)."""
+    """Each decoder layer's two norms and the projections they feed (Llama's layout; in the
+    linear attention layers of hybrid models such as Qwen3.5, the attention norm feeds the
+    linear attention's input projections instead)."""
     return [
-        Mapping("re:.*input_layernorm", [f"re:.*{attention}\\.(q|k|v)_proj"]),
+        Mapping("re:.*input_layernorm", [f"re:.*{attention}\\.(q|k|v)_proj", r"re:.*linear_attn\.in_proj_\w+"]),
         Mapping("re:.*post_attention_layernorm", [f"re:.*{mlp}\\.(gate|up)_proj"]),
     ]
 

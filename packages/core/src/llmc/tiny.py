@@ -26,6 +26,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {}),
     "gemma": ("GemmaConfig", {"tie_word_embeddings": True}),
+    # linear and full attention layers, norms that scale by 1 + weight (transformers 5.2x)
+    "qwen3_5": ("Qwen3_5TextConfig", {"layer_types": ["linear_attention", "full_attention"]}),
     # MoE families (fused experts, as transformers 5 holds them): four experts, two per token
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),

@@ -64,6 +64,14 @@ class _NotAStack(ValueError):
     """The model does something between targets that layer-by-layer calibration would skip."""
 
 
+def _mixed_layer_types(model: torch.nn.Module) -> bool:
+    """Whether the model's config gives its layers more than one kind (``layer_types``)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if config is not None else None
+    kinds = getattr(text, "layer_types", None)
+    return isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1
+
+
 def sequential_targets(
     model: torch.nn.Module, targets: Sequence[str] | None
 ) -> list[tuple[str, torch.nn.Module]]:
@@ -321,7 +329,10 @@ class Capture:
                 "Pass sequential_targets= naming the repeated block (e.g. the decoder layer class)."
             )
         if not self.calls:
-            self._shared = all(call is calls[0] for call in calls)
+            # a model whose layers are of several kinds (linear and full attention, sliding and
+            # global windows) may hand them the same arguments on an unpadded batch and not on a
+            # padded one: each batch's calls are recorded whole
+            self._shared = all(call is calls[0] for call in calls) and not _mixed_layer_types(model)
         self.calls.append(calls)
         first, self._first = self._first, None
         assert first is not None
