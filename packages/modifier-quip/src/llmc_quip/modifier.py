@@ -12,13 +12,11 @@ from compressed_tensors.transform import TransformArgs, TransformConfig, Transfo
 from llmc import transforms
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
+from llmc.quantization.config import as_list
 
 logger = logging.getLogger(__name__)
 
 
-
-def _str_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 @attrs.define(kw_only=True)
@@ -35,13 +33,13 @@ class QuIPModifier(Modifier):
 
     rotations: list[str] = attrs.field(factory=lambda: ["v"], converter=transforms.rotation_names(("v", "u")))
     transform_type: str = attrs.field(default="random-hadamard", validator=attrs.validators.in_(transforms.TRANSFORM_TYPES))
-    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_str_list)
+    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=as_list)
     randomize: bool = attrs.field(default=False, validator=transforms.refuse_true)
     learnable: bool = attrs.field(default=False, validator=transforms.refuse_true)
     # float64 where the device has it (llm-compressor's default; MPS has not)
     precision: str | None = None
     transform_block_size: int | None = None
-    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=_str_list)
+    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=as_list)
     transform_config: Any = attrs.field(default=None, converter=transforms.as_transform_config)
 
     def on_initialize(self, state: State) -> None:

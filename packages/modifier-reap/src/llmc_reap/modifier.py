@@ -13,13 +13,11 @@ import torch
 from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
+from llmc.quantization.config import as_list
 from llmc_reap.experts import Routing, keep_experts, moe_blocks, routing, set_expert_count
 
 logger = logging.getLogger(__name__)
 
-
-def _str_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -88,7 +86,7 @@ class REAPPruningModifier(Modifier):
     data_parallel: ClassVar[bool] = True  # saliency sums reduced over the ranks
 
     sparsity: float = attrs.field(validator=_fraction)
-    ignore: list[str] = attrs.field(factory=list, converter=_str_list)
+    ignore: list[str] = attrs.field(factory=list, converter=as_list)
     report_path: str | None = attrs.field(default=None, validator=_json_path)
 
     _routing: Routing | None = attrs.field(default=None, init=False, repr=False)

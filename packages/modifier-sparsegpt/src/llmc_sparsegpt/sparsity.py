@@ -13,13 +13,11 @@ from compressed_tensors.utils import is_match, match_named_modules
 
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
+from llmc.quantization.config import as_list
 from llmc_sparsegpt.prune import parse_mask_structure
 
 logger = logging.getLogger(__name__)
 
-
-def _str_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _fraction(value: float) -> float:
@@ -52,8 +50,8 @@ class PruningModifier(Modifier):
     sparsity_profile: str | None = None
     owl_m: int | None = None
     owl_lmbda: float | None = None
-    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_str_list)
-    ignore: list[str] = attrs.field(factory=list, converter=_str_list)
+    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=as_list)
+    ignore: list[str] = attrs.field(factory=list, converter=as_list)
     sequential_targets: list[str] | None = None
     sequential_update: bool | None = None  # llm-compressor's deprecated switch: always on here
 

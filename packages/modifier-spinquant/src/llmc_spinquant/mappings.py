@@ -11,9 +11,7 @@ from typing import Any
 
 import attrs
 
-
-def _str_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
+from llmc.quantization.config import as_list
 
 
 @attrs.frozen(kw_only=True)
@@ -28,8 +26,8 @@ class SpinQuantMapping:
     attn_k: str
     attn_v: str
     attn_o: str
-    mlp_in: list[str] = attrs.field(converter=_str_list)
-    mlp_out: list[str] = attrs.field(converter=_str_list)
+    mlp_in: list[str] = attrs.field(converter=as_list)
+    mlp_out: list[str] = attrs.field(converter=as_list)
     lm_head: str
     attn_head_dim: int | None = None
 
@@ -39,7 +37,7 @@ class NormMapping:
     """A norm and the Linears it feeds: its scale is folded into them before rotating."""
 
     norm: str
-    linears: list[str] = attrs.field(converter=_str_list)
+    linears: list[str] = attrs.field(converter=as_list)
 
 
 DEFAULT = SpinQuantMapping(
