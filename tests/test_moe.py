@@ -318,17 +318,20 @@ def test_tiny_builds_the_moe_families_the_testing_fixture_names(checkpoint_facto
     assert any(k.endswith(f"{expert}.weight_packed") for k in keys(tmp_path / "out"))
 
 
-def test_a_vector_held_in_four_dimensions_is_not_taken_for_fused_weights():
-    """Kimi Linear's forget gate keeps A_log as 1 × 1 × heads × 1: a vector, not a stack of
-    weight matrices, so nothing is refused for it; a 3-D stack of matrices still is."""
+def test_a_vector_or_an_embedding_table_held_in_many_dimensions_is_not_taken_for_fused_weights():
+    """Kimi Linear's forget gate keeps A_log as 1 × 1 × heads × 1 (a vector), Gemma 4's vision
+    patch embedder a 2 × positions × width table of embeddings: neither is a stack of weight
+    matrices, so nothing is refused for them; a 3-D stack of matrices still is."""
     from llmc.fused_weights import unquantized_fused_weights
     from llmc.modifiers import QuantizationModifier
 
     gate = torch.nn.Module()
     gate.A_log = torch.nn.Parameter(torch.zeros(1, 1, 32, 1))
+    patches = torch.nn.Module()
+    patches.position_embedding_table = torch.nn.Parameter(torch.zeros(2, 64, 16))
     experts = torch.nn.Module()
     experts.down_proj = torch.nn.Parameter(torch.zeros(4, 16, 8))
-    model = torch.nn.ModuleDict({"forget_gate": gate, "experts": experts})
+    model = torch.nn.ModuleDict({"forget_gate": gate, "patch_embedder": patches, "experts": experts})
     left = unquantized_fused_weights(model, [QuantizationModifier(targets="Linear", scheme="W4A16")])
     assert [name for name, _, _ in left] == ["experts"]
 

@@ -31,13 +31,14 @@ class UnquantizedFusedWeightsError(ValueError):
 def _fused_parameters(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """A module's stacks of weight matrices: floating-point parameters with three or more
     dimensions longer than one (experts × out × in). A vector held in more dimensions (Kimi
-    Linear's ``A_log``, 1 × 1 × heads × 1) is not one."""
+    Linear's ``A_log``, 1 × 1 × heads × 1) is not one, nor a table of embeddings (Gemma 4's
+    vision ``position_embedding_table``), which no scheme quantizes."""
     if isinstance(module, torch.nn.modules.conv._ConvNd):
         return []
     return [
         (name, tuple(p.shape))
         for name, p in module.named_parameters(recurse=False)
-        if sum(size > 1 for size in p.shape) >= 3 and p.is_floating_point()
+        if sum(size > 1 for size in p.shape) >= 3 and p.is_floating_point() and "embed" not in name.lower()
     ]
 
 

@@ -110,6 +110,53 @@ def sequential_targets(
     return found
 
 
+def reached_targets(
+    model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]], loader: Any, device: torch.device
+) -> list[tuple[str, torch.nn.Module]]:
+    """The targets ``model`` runs on the first batch, in the order it runs them, when they lie in
+    more than one stack (a vision tower's blocks beside a language model's layers): a text
+    batch runs the language layers only, and the tower's are left out of calibration, as
+    they would be of a traced graph. One forward with every target passing its input
+    through; a single stack is taken as it is, without that forward."""
+    if len({name.rpartition(".")[0] for name, _ in layers}) < 2:
+        return layers
+    order: list[int] = []
+
+    def passing(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            order.append(index)
+            return args[0] if args else kwargs["hidden_states"]
+
+        return forward
+
+    originals = [layer.__dict__.get("forward") for _, layer in layers]
+    for index, (_, layer) in enumerate(layers):
+        layer.forward = passing(index)
+    try:
+        with torch.no_grad(), lazily_onloaded(_shell(model, layers), device):
+            model(**to_device(pop_loss_mask(next(iter(loader)))[0], device), use_cache=False)
+    finally:
+        for (_, layer), original in zip(layers, originals, strict=True):
+            if original is None:
+                del layer.forward
+            else:
+                layer.forward = original
+    reached = [layers[i] for i in dict.fromkeys(order)]
+    if not reached:
+        raise ValueError(
+            f"The calibration batches run none of {type(model).__name__}'s sequential targets "
+            f"({layers[0][0]}, ...); pass sequential_targets= naming the layers they run."
+        )
+    left = [name for name, _ in layers if all(name != n for n, _ in reached)]
+    if left:
+        stacks = sorted({name.rpartition(".")[0] for name in left})
+        logger.info(
+            "The calibration batches do not run %s (%d targets): they are left out of calibration; "
+            "modifiers see no inputs of their modules.", ", ".join(stacks), len(left),
+        )
+    return reached
+
+
 def _whole_blocks(
     model: torch.nn.Module, found: list[tuple[str, torch.nn.Module]], targets: Sequence[str]
 ) -> list[tuple[str, torch.nn.Module]]:
@@ -543,6 +590,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     args = state.pipeline_args
     model = state.model
     layers = sequential_targets(model, args.sequential_targets or declared_targets(modifiers))
+    layers = reached_targets(model, layers, loader, state.device)
     device, offload = state.device, torch.device(args.sequential_offload_device)
     qac = args.quantization_aware_calibration
     logger.info(
