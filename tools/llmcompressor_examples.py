@@ -53,7 +53,10 @@ def local(model_id):
     if os.path.exists(name):
         return name
     low = name.lower()
-    families = (("mixtral", "mixtral"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
+    families = (("qwen3.6", "qwen3_5_moe_vl"), ("qwen3.5", "qwen3_5_vl"), ("qwen3.8-27b", "qwen3_5_vl"),
+                ("gemma-4", "gemma4_vl"), ("qwen3-next", "qwen3_next"), ("minimax", "minimax_m2"),
+                ("north-mini", "cohere2_moe"), ("glm-5", "glm_moe_dsa"),
+                ("mixtral", "mixtral"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
                 ("a3b", "qwen3_moe"), ("30b", "qwen3_moe"))
     family = next((family for key, family in families if key in low), "llama")
     return os.path.join(models, family)
@@ -61,6 +64,29 @@ def local(model_id):
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+class TextProcessor:
+    """A tokenizer standing in for a multimodal processor on text: chat contents given as
+    parts ({"type": "text", ...}) are joined, and processor_kwargs reach the tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, text=None, images=None, **kwargs):
+        return self.tokenizer(*args, text=text, **kwargs) if text is not None else self.tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, messages, processor_kwargs=None, **kwargs):
+        def plain(content):
+            return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+
+        messages = [{**m, "content": plain(m["content"])} for m in messages]
+        extra = dict(processor_kwargs or {})
+        extra.pop("add_special_tokens", None)
+        return self.tokenizer.apply_chat_template(messages, **kwargs, **extra)
 
 
 def wrap(owner, attr, tokenizer=False):
@@ -73,7 +99,12 @@ def wrap(owner, attr, tokenizer=False):
         for key in ("pretrained_model_name_or_path", "model_stub"):
             if key in kwargs:
                 kwargs[key] = local(kwargs[key])
-        made = original(*args, **kwargs)
+        try:
+            made = original(*args, **kwargs)
+        except OSError:  # a tiny stand-in has no image processor: its tokenizer stands in for the processor
+            if not tokenizer:
+                raise
+            made = TextProcessor(transformers.AutoTokenizer.from_pretrained(*args, **kwargs))
         if tokenizer and getattr(made, "chat_template", None) is None:
             made.chat_template = TEMPLATE
         return made
@@ -82,6 +113,15 @@ def wrap(owner, attr, tokenizer=False):
 
 
 wrap(transformers.AutoModelForCausalLM, "from_pretrained")
+wrap(transformers.AutoModelForImageTextToText, "from_pretrained")
+_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+
+
+def _from_pretrained(cls, name, *args, **kwargs):  # Qwen3_5ForConditionalGeneration.from_pretrained(id)
+    return _pretrained(cls, local(name), *args, **kwargs)
+
+
+transformers.PreTrainedModel.from_pretrained = classmethod(_from_pretrained)
 wrap(transformers.AutoTokenizer, "from_pretrained", tokenizer=True)
 wrap(transformers.AutoProcessor, "from_pretrained", tokenizer=True)
 import llmc
@@ -99,7 +139,9 @@ def load_dataset(*args, split=None, **kwargs):
     for i in range(count):
         text = " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60))
         rows.append({"messages": [{"role": "user", "content": text[:120]}, {"role": "assistant", "content": text[120:]}],
-                     "text": text, "prompt": text, "instruction": text[:80], "output": text[80:], "input": ""})
+                     "text": text, "prompt": text, "instruction": text[:80], "output": text[80:], "input": "",
+                     "response": text[80:], "conversations": [{"from": "human", "value": text[:120]},
+                                                              {"from": "gpt", "value": text[120:]}]})
     data = datasets.Dataset.from_list(rows)
     return data if split is not None else datasets.DatasetDict({"train": data, "train_sft": data, "test": data})
 
@@ -110,15 +152,23 @@ exec(compile(source, example, "exec"), {"__name__": "__main__"})
 '''
 
 
+TEXT_FAMILIES = ("llama", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "qwen3_next", "minimax_m2",
+                 "cohere2_moe", "glm_moe_dsa")
+
+
 def build_models(folder: Path) -> None:
     """Tiny random models (with a tokenizer) of the families the examples use."""
     from llmc import tiny
 
-    for arch in ("llama", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"):
+    for arch in TEXT_FAMILIES:
         if not (folder / arch / "config.json").exists():
-            # four GLM layers: GLM-4.7's recipe leaves its three dense layers out
-            glm = {"num_hidden_layers": 4, "first_k_dense_replace": 3} if arch == "glm4_moe" else {}
+            # four GLM layers: GLM-4.7's and GLM-5's recipes leave their three dense layers out
+            glm = {"num_hidden_layers": 4, "first_k_dense_replace": 3} if arch.startswith("glm") else {}
             tiny.save_tiny(folder / arch, arch=arch, hidden_size=128, intermediate_size=256, seed=0, **glm)
+    for arch in tiny.VISION_LANGUAGE:
+        if not (folder / arch / "config.json").exists():
+            tiny.build_vision_language(arch).save_pretrained(folder / arch)
+            tiny.build_tokenizer(2048).save_pretrained(folder / arch)
 
 
 def last_error(output: str) -> str:

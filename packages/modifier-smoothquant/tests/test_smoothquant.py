@@ -55,6 +55,25 @@ def test_smoothing_alone_keeps_the_function(checkpoint_factory, arch, sample_ids
     torch.testing.assert_close(logits(model, sample_ids), logits(reference, sample_ids), atol=2e-4, rtol=2e-4)
 
 
+def test_a_vision_language_model_smooths_its_language_model_with_its_mappings(tmp_path, sample_ids):
+    """Qwen3.5's vision-language wrapper has no mappings of its own: Qwen3_5ForCausalLM's are
+    resolved inside its language model. The function on text is kept, and the vision tower,
+    which text calibration never runs, is left as it was."""
+    if not hasattr(transformers, "Qwen3_5Config"):
+        pytest.skip("this transformers has no Qwen3.5")
+    model = tiny.build_vision_language("qwen3_5_vl")
+    reference = {name: p.clone() for name, p in model.state_dict().items()}
+    before = logits(model, sample_ids)
+    tiny.build_tokenizer(2048).save_pretrained(tmp_path)
+    oneshot(model=model, tokenizer=str(tmp_path), recipe=SMOOTH_ONLY, **DATA)
+    state = model.state_dict()
+    assert not torch.equal(state["model.language_model.layers.0.input_layernorm.weight"],
+                           reference["model.language_model.layers.0.input_layernorm.weight"])
+    tower = [name for name in state if name.startswith("model.visual.")]
+    assert tower and all(torch.equal(state[name], reference[name]) for name in tower)
+    torch.testing.assert_close(logits(model, sample_ids), before, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.8, 0.25])
 def test_scales_follow_the_formula(alpha):
     act = torch.tensor([4.0, 1.0, 9.0, 0.0])

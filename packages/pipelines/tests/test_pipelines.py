@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import attrs
 import pytest
@@ -615,23 +616,21 @@ def test_one_stack_of_an_encoder_decoder_calibrates_like_basic(tmp_path):
         torch.testing.assert_close(grams["sequential"][name], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_a_vision_tower_text_batches_do_not_run_is_left_out_like_basic(tmp_path, caplog):
+@pytest.mark.parametrize(
+    ("arch", "tower", "blocks"),
+    [("qwen3_5_vl", "model.visual.blocks", 2), ("gemma4_vl", "model.vision_tower", 2)],  # Gemma's patch embedder too
+)
+def test_a_vision_tower_text_batches_do_not_run_is_left_out_like_basic(arch, tower, blocks, tmp_path, caplog):
     """A vision-language model's blocks and layers are both sequential targets (its
     _no_split_modules); text batches run the language layers only. They are calibrated as the
     basic pipeline calibrates them, and the vision tower is left out, with a log line."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Qwen3_5Config"):
-        pytest.skip("transformers without Qwen3.5")
-    text = dict(
-        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-    )
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16)
-    config = transformers.Qwen3_5Config(text_config=text, vision_config=vision)
-    torch.manual_seed(0)
-    model = transformers.Qwen3_5ForConditionalGeneration(config).eval()
-    assert {"Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"} <= set(model._no_split_modules)
+    import transformers
+
+    from llmc import tiny
+
+    if not hasattr(transformers, tiny.VISION_LANGUAGE[arch][0]):
+        pytest.skip(f"transformers without {arch}")
+    model = tiny.build_vision_language(arch)
     tokenizer = _tokenizer_path(tmp_path)
     grams = {}
     for pipeline in ("basic", "sequential"):
@@ -640,11 +639,11 @@ def test_a_vision_tower_text_batches_do_not_run_is_left_out_like_basic(tmp_path,
             oneshot(model=model, tokenizer=tokenizer, recipe=[gram], pipeline=pipeline, **DATA)
         grams[pipeline] = gram.grams
     assert any(".language_model.layers.1." in name for name in grams["basic"])
-    assert not any(".visual." in name for name in grams["basic"])
+    assert not any(name.startswith(tower) for name in grams["basic"])
     assert grams["sequential"].keys() == grams["basic"].keys()
     for name, expected in grams["basic"].items():
         torch.testing.assert_close(grams["sequential"][name], expected, rtol=1e-6, atol=1e-6)
-    assert "do not run model.visual.blocks (2 targets)" in caplog.text
+    assert re.search(rf"do not run {re.escape(tower)}.* \({blocks} targets\)", caplog.text)
 
 
 def test_an_operation_between_layers_is_refused(llama_path):

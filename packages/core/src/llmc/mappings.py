@@ -10,12 +10,15 @@ pass their own in llm-compressor's shape: ``[[balance regexes...], smooth regex]
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -75,22 +78,52 @@ def _ignored(name: str, ignore: Iterable[str]) -> bool:
     return any(_matches(p, name) for p in ignore)
 
 
-def default_mappings(model: torch.nn.Module, algorithm: str) -> list[Mapping]:
-    """The mappings registered for ``algorithm`` on ``model``'s class, or a clear error."""
+def default_mappings(model: torch.nn.Module, algorithm: str) -> tuple[list[Mapping], str]:
+    """The mappings registered for ``algorithm`` on ``model``'s class, and the module they are
+    resolved in ("" for the whole model), or a clear error.
+
+    A vision-language model without mappings of its own takes its language model's (those of
+    the causal LM its text config names, e.g. Qwen3_5ForCausalLM's for
+    Qwen3_5ForConditionalGeneration), resolved inside the language model only: a vision
+    tower's blocks, which text calibration never runs, are left as they are."""
     from llmc.plugins import get_registry
 
     registry = get_registry()
     arch = type(model).__name__
-    key = mapping_key(algorithm, arch)
-    if not registry.has("mapping", key):
-        known = sorted(n.partition("/")[2] for n in registry.names("mapping") if n.startswith(algorithm + "/"))
-        raise ValueError(
-            f"No default {algorithm} mappings for {arch}. Pass mappings= in the recipe, e.g. "
-            "mappings: [[['re:.*q_proj', 're:.*k_proj', 're:.*v_proj'], 're:.*input_layernorm']], "
-            "or install a model plugin that registers them (llmc_register_mappings). "
-            f"Architectures with {algorithm} defaults: {', '.join(known) or 'none'}."
-        )
-    return list(registry.get("mapping", key))
+    if registry.has("mapping", mapping_key(algorithm, arch)):
+        return list(registry.get("mapping", mapping_key(algorithm, arch))), ""
+    text_arch, scope = _language_model(model)
+    if text_arch is not None and registry.has("mapping", mapping_key(algorithm, text_arch)):
+        logger.info("%s: %s's default %s mappings, inside %s", arch, text_arch, algorithm, scope)
+        return list(registry.get("mapping", mapping_key(algorithm, text_arch))), scope
+    known = sorted(n.partition("/")[2] for n in registry.names("mapping") if n.startswith(algorithm + "/"))
+    raise ValueError(
+        f"No default {algorithm} mappings for {arch}. Pass mappings= in the recipe, e.g. "
+        "mappings: [[['re:.*q_proj', 're:.*k_proj', 're:.*v_proj'], 're:.*input_layernorm']], "
+        "or install a model plugin that registers them (llmc_register_mappings). "
+        f"Architectures with {algorithm} defaults: {', '.join(known) or 'none'}."
+    )
+
+
+def _language_model(model: torch.nn.Module) -> tuple[str | None, str]:
+    """The causal LM class named by a multimodal model's text config, and the name of the
+    language model inside ``model`` (its decoder); (None, "") for a model that is its own."""
+    config = getattr(model, "config", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    if config is None or get_decoder is None:
+        return None, ""
+    text = config.get_text_config(decoder=True)
+    if text is config:
+        return None, ""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None, ""
+    scope = next((name for name, module in model.named_modules() if module is decoder and name), None)
+    text_arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(text, "model_type", None))
+    return (text_arch, scope) if text_arch and scope else (None, "")
 
 
 def mapping_key(algorithm: str, architecture: str) -> str:
@@ -106,12 +139,17 @@ def resolve_mappings(
     A mapping whose smooth layer matches nothing, or a smooth layer that finds
     none of its balance layers, is an error (a typo would silently do nothing).
     """
-    parsed = [Mapping.parse(m) for m in mappings] if mappings is not None else default_mappings(model, algorithm)
+    scope = ""
+    if mappings is None:
+        parsed, scope = default_mappings(model, algorithm)
+    else:
+        parsed = [Mapping.parse(m) for m in mappings]
+    inside = scope + "." if scope else ""
     modules = dict(model.named_modules())
     ignore = list(ignore)
     resolved: list[ResolvedMapping] = []
     for mapping in parsed:
-        smooth_names = [n for n in modules if _matches(mapping.smooth_layer, n)]
+        smooth_names = [n for n in modules if _matches(mapping.smooth_layer, n) and n.startswith(inside)]
         if not smooth_names:
             raise ValueError(
                 f"{algorithm} mapping smooth layer {mapping.smooth_layer!r} matches no module of "

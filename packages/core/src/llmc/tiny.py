@@ -85,6 +85,30 @@ def build_tokenizer(vocab_size: int = 2048, corpus_name: str = corpus.NAME) -> P
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
+def _text_fields(
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+) -> dict[str, Any]:
+    """The config fields every tiny decoder shares."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=hidden_size // num_attention_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+
+
 def build_config(
     arch: str = "llama",
     vocab_size: int = 2048,
@@ -98,18 +122,8 @@ def build_config(
     if arch not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}.")
     cls_name, extra = ARCHITECTURES[arch]
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=hidden_size // num_attention_heads,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
+    fields = _text_fields(
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads
     )
     fields.update(extra)  # a family's own fields, then the caller's, may replace the defaults
     fields.update(overrides)
@@ -121,6 +135,38 @@ def build_model(config: transformers.PretrainedConfig, seed: int = 0) -> PreTrai
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+# vision-language families: config class, the text model's fields beyond build_config's, the vision tower's
+_LINEAR_ATTENTION = {
+    "layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+}
+_QWEN_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 128,
+                "patch_size": 16}
+VISION_LANGUAGE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "qwen3_5_vl": ("Qwen3_5Config", _LINEAR_ATTENTION, _QWEN_VISION),
+    "qwen3_5_moe_vl": ("Qwen3_5MoeConfig", {
+        **_LINEAR_ATTENTION, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 128,
+    }, _QWEN_VISION),
+    "gemma4_vl": ("Gemma4Config", {
+        "vocab_size_per_layer_input": 2048, "layer_types": ["sliding_attention", "full_attention"],
+    }, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "position_embedding_size": 256}),
+}
+
+
+def build_vision_language(arch: str, seed: int = 0, **text: Any) -> PreTrainedModel:
+    """A randomly initialised vision-language model (``AutoModelForImageTextToText``): the text
+    model as :func:`build_config` makes one, beside a small vision tower."""
+    if arch not in VISION_LANGUAGE:
+        raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(VISION_LANGUAGE)}.")
+    cls_name, extra, vision = VISION_LANGUAGE[arch]
+    fields = {**_text_fields(), **extra, **text}
+    config = getattr(transformers, cls_name)(text_config=fields, vision_config=vision)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForImageTextToText.from_config(config).eval()
 
 
 def save_tiny(path: str | Path, arch: str = "llama", seed: int = 0, **config: Any) -> Path:
