@@ -382,6 +382,35 @@ def test_an_expert_that_saw_no_data_takes_its_siblings_range():
     assert torch.isfinite(fallback).all() and (fallback > 0).all()
 
 
+def test_an_unseen_module_takes_the_range_of_siblings_of_its_own_width():
+    """Gemma 4's full attention layers have wider o_proj inputs than its sliding ones: group-wise
+    (NVFP4) ranges of different widths do not combine, and an unseen module takes those of its
+    role's modules of its width."""
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_module_for_quantization,
+    )
+
+    from llmc.quantization.calibrate import ActivationObservers
+
+    widths = {"model.layers.0.self_attn.o_proj": 32, "model.layers.1.self_attn.o_proj": 64,
+              "model.layers.2.self_attn.o_proj": 32, "model.layers.3.self_attn.o_proj": 64}
+    modules = {}
+    observers = ActivationObservers()
+    for name, width in widths.items():
+        modules[name] = torch.nn.Linear(width, 16, bias=False)
+        initialize_module_for_quantization(modules[name], preset_name_to_scheme("NVFP4", ["Linear"]))
+        observers.attach(modules[name], name=name)
+    names = list(widths)
+    with torch.no_grad():
+        modules[names[0]](torch.full((4, 32), 2.0))
+        modules[names[1]](torch.full((4, 64), 7.0))
+        modules[names[2]](torch.full((4, 32), 3.0))
+    observers.detach()
+    scales = {name: module.input_global_scale.clone() for name, module in modules.items()}
+    assert torch.equal(scales[names[3]], scales[names[1]])  # the 64-wide sibling's range, 7
+    assert not torch.equal(scales[names[1]], scales[names[2]])
+
+
 @pytest.mark.parametrize("scheme", ["W4A16", "W8A8", "NVFP4A16"])
 def test_weights_quantized_once_give_the_outputs_of_quantizing_at_every_call(scheme):
     """The sequential pipeline's propagation runs quantized weights fake-quantized once per

@@ -646,6 +646,28 @@ def test_a_vision_tower_text_batches_do_not_run_is_left_out_like_basic(arch, tow
     assert re.search(rf"do not run {re.escape(tower)}.* \({blocks} targets\)", caplog.text)
 
 
+def test_modules_around_the_layers_are_observed_during_the_capture(tmp_path):
+    """Gemma 4 projects its embeddings for every layer (per_layer_model_projection) before the
+    first layer runs: the sequential pipeline observes it on each batch of its capture, and its
+    static scale is the basic pipeline's (it had seen no data)."""
+    import transformers
+
+    from llmc import tiny
+
+    if not hasattr(transformers, "Gemma4Config"):
+        pytest.skip("transformers without Gemma 4")
+    tokenizer = _tokenizer_path(tmp_path)
+    name = "model.language_model.per_layer_model_projection.input_scale"
+    scales = {}
+    for pipeline in ("basic", "sequential"):
+        model = tiny.build_vision_language("gemma4_vl")
+        recipe = QuantizationModifier(scheme="FP8", ignore=["lm_head", "re:.*vision.*"])
+        oneshot(model=model, tokenizer=tokenizer, recipe=recipe, pipeline=pipeline, **DATA)
+        scales[pipeline] = model.state_dict()[name]
+    assert scales["basic"].item() > 0
+    torch.testing.assert_close(scales["sequential"], scales["basic"], rtol=0, atol=0)
+
+
 def test_an_operation_between_layers_is_refused(llama_path):
     from transformers import AutoModelForCausalLM
 

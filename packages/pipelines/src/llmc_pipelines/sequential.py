@@ -248,9 +248,16 @@ class Capture:
         device: torch.device,
         transfers: Transfers,
         store: bool = True,
+        observing: Callable[[bool], None] = lambda on: None,
     ) -> None:
         self.model, self.layers, self.device, self.transfers = model, layers, device, transfers
         self.store = store
+        # the modules around the targets (embeddings, Gemma's per-layer projection) run in the
+        # capture and are observed there; the targets' own hooks, which fire around a recorder,
+        # are not: ``observing`` is switched off for them
+        self._observing = observing
+        self._recording = False
+        self._target_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.hidden: list[Chunk] = []  # every batch's input to the first target
         self.calls: list[list[LayerCall]] = []  # per batch, each target's call
         self._latest: dict[tuple, Any] = {}  # the last batch's arguments, to store repeats once
@@ -280,9 +287,22 @@ class Capture:
         for (_, layer), recorder in zip(self.layers, self._recorders, strict=True):
             self._originals.append(layer.__dict__.get("forward"))
             layer.forward = recorder
+            self._target_hooks.append(layer.register_forward_pre_hook(self._entering, prepend=True))
+            self._target_hooks.append(layer.register_forward_hook(self._leaving))
         return self
 
+    def _entering(self, module: torch.nn.Module, args: tuple) -> None:
+        if self._recording:
+            self._observing(False)
+
+    def _leaving(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._recording:
+            self._observing(True)
+
     def __exit__(self, *exc: object) -> None:
+        for handle in self._target_hooks:
+            handle.remove()
+        self._target_hooks.clear()
         for index in range(len(self._originals)):
             self._restore_forward(index)
         self._originals.clear()
@@ -350,6 +370,7 @@ class Capture:
         calls, model, layers = self._calls, self.model, self.layers
         if self._stream is not None:
             self._release_handed()
+        self._recording = True
         try:
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                 model(**to_device(batch, self.device), use_cache=False)
@@ -369,6 +390,8 @@ class Capture:
             ) from err
         finally:  # no device tensors kept past the batch
             self._last_arguments = self._handed_back = None
+            self._recording = False
+            self._observing(True)  # the last target's recorder ends the forward before its hooks
         if len(calls) != len(layers):
             raise RuntimeError(
                 f"The model called {len(calls)} of its {len(layers)} sequential targets in one "
@@ -664,20 +687,22 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
             waited = time.perf_counter()
             slabs_ready.wait()  # registering memory while the capture launches kernels stalls it
             logger.debug("Waited %.2f s for the capture's pinned memory", time.perf_counter() - waited)
+
+            def observing(on: bool) -> None:
+                state.observing = on
+
             with (
                 first_pass,
                 lazily_onloaded(_shell(model, layers), device),
-                Capture(model, layers, device, transfers, store=stored) as capture,
+                Capture(model, layers, device, transfers, store=stored, observing=observing) as capture,
             ):
                 started = time.perf_counter()
                 for b, batch in enumerate(tqdm(loader, desc="Capturing inputs", unit="batch")):
                     batch, mask = pop_loss_mask(batch)
                     masks.append(mask)
-                    # the targets' own hooks fire while their calls are recorded: not calibration
-                    state.observing = False
+                    state.loss_mask, state.batch_index = mask, b  # for the modules around the targets
                     hidden_states, call = capture.batch(batch)
                     if fused:
-                        state.observing = True
                         with capture.released(0):
                             out = calibrate_first(b, hidden_states, call)
                         if first_outputs is not None:

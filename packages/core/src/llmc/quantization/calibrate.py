@@ -232,6 +232,15 @@ def sibling_key(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
+def _role(entry: _Observed) -> tuple[str, str, int | None]:
+    """The modules whose ranges stand in for each other's: one role in a stack of layers or
+    experts, and inputs of one width (Gemma 4's full attention layers have wider heads than its
+    sliding ones, and group-wise ranges of different widths do not combine)."""
+    weight = getattr(entry.module, "weight", None)
+    width = None if weight is None else weight.shape[0] if entry.base == "output" else weight.shape[-1]
+    return sibling_key(entry.name), entry.base, width
+
+
 @attrs.define
 class _Observed:
     name: str
@@ -382,15 +391,15 @@ class ActivationObservers:
         unseen = [entry for entry in self._observed if not entry.observer.seen]
         if not unseen:
             return
-        ranges: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        ranges: dict[tuple[str, str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
         for entry in self._observed:
             observer = entry.observer
             if observer.seen:
-                key = (sibling_key(entry.name), entry.base)
+                key = _role(entry)
                 lo, hi = ranges.get(key, (observer.min, observer.max))
                 ranges[key] = (torch.minimum(lo, observer.min), torch.maximum(hi, observer.max))
         for entry in unseen:
-            found = ranges.get((sibling_key(entry.name), entry.base))
+            found = ranges.get(_role(entry))
             if found is None:
                 logger.warning(
                     "%s saw no calibration data and no module in its role did: its static %s "
