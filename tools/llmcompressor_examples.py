@@ -164,7 +164,9 @@ def build_models(folder: Path) -> None:
         if not (folder / arch / "config.json").exists():
             # four GLM layers: GLM-4.7's and GLM-5's recipes leave their three dense layers out
             glm = {"num_hidden_layers": 4, "first_k_dense_replace": 3} if arch.startswith("glm") else {}
-            tiny.save_tiny(folder / arch, arch=arch, hidden_size=128, intermediate_size=256, seed=0, **glm)
+            # North-Mini (Cohere2-MoE) normalizes by RMS, as SpinQuant's example needs
+            rms = {"rms_norm_eps": 1e-5} if arch == "cohere2_moe" else {}
+            tiny.save_tiny(folder / arch, arch=arch, hidden_size=128, intermediate_size=256, seed=0, **glm, **rms)
     for arch in tiny.VISION_LANGUAGE:
         if not (folder / arch / "config.json").exists():
             tiny.build_vision_language(arch).save_pretrained(folder / arch)

@@ -8,7 +8,7 @@ describes them; these helpers do the rest the same way for each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -69,3 +69,28 @@ def apply_transforms(model: torch.nn.Module, config: TransformConfig) -> None:
     ):
         untie_embeddings(model)
     apply_transform_config(model, config)
+
+
+@torch.no_grad()
+def fuse_norm_linears(norm: torch.nn.Module, linears: Iterable[torch.nn.Linear]) -> None:
+    """Fold ``norm``'s scale into the Linears that read its output, in float64, and set the scale
+    to one: a rotation commutes with RMSNorm's normalization, not with its scale. The
+    function is unchanged (llm-compressor's ``llmcompressor.modeling.fuse_norm_linears``)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise ValueError(f"Cannot fuse norm of type {type(norm).__name__}: it has no weight.")
+    scale = weight.detach().double()
+    for linear in linears:
+        linear.weight.copy_((linear.weight.double() * scale.to(linear.weight.device)).to(linear.weight.dtype))
+    weight.fill_(1.0)
+
+
+@torch.no_grad()
+def center_embeddings(embedding: torch.nn.Module) -> None:
+    """Shift each embedding row to zero mean, in float64 (llm-compressor's
+    ``center_embeddings``; its SpinQuant does this, llmc's does not: it changes the model)."""
+    weight = getattr(embedding, "weight", None)
+    if weight is None:
+        raise ValueError(f"Cannot center embeddings of type {type(embedding).__name__}: it has no weight.")
+    centered = weight.double() - weight.double().mean(dim=-1, keepdim=True)
+    weight.copy_(centered.to(weight.dtype))

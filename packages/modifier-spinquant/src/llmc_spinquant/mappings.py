@@ -67,3 +67,23 @@ def as_norm_mappings(value: Any) -> list[NormMapping] | None:
     if value is None:
         return None
     return [v if isinstance(v, NormMapping) else NormMapping(**v) for v in value]
+
+
+# Cohere2-MoE (after llmc.modeling.moe.cohere2_moe.prepare_cohere2_moe_for_spinquant): one norm
+# feeds attention, experts and router in parallel; the router's Linear reads the residual stream
+_COHERE2_MOE_IN = ["re:.*gate_proj$", "re:.*up_proj$", r"re:.*mlp\.gate\.linear$"]
+COHERE2_MOE = attrs.evolve(DEFAULT, mlp_in=_COHERE2_MOE_IN)
+COHERE2_MOE_NORMS = [
+    NormMapping(norm="re:.*input_layernorm$", linears=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$", *_COHERE2_MOE_IN]),
+    NormMapping(norm="model.norm", linears=["lm_head"]),
+]
+
+# architecture -> its mappings and norm mappings, where they are not the defaults (0.14's registry)
+BY_ARCHITECTURE: dict[str, tuple[SpinQuantMapping, list[NormMapping]]] = {
+    "Cohere2MoeForCausalLM": (COHERE2_MOE, COHERE2_MOE_NORMS),
+}
+
+
+def for_model(model: Any) -> tuple[SpinQuantMapping, list[NormMapping]]:
+    """The default mappings and norm mappings of ``model``'s architecture."""
+    return BY_ARCHITECTURE.get(type(model).__name__, (DEFAULT, DEFAULT_NORMS))

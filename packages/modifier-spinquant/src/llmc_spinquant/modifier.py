@@ -15,12 +15,11 @@ from llmc import transforms
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
 from llmc_spinquant.mappings import (
-    DEFAULT,
-    DEFAULT_NORMS,
     NormMapping,
     SpinQuantMapping,
     as_mapping,
     as_norm_mappings,
+    for_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,11 +54,15 @@ class SpinQuantModifier(Modifier):
     @torch.no_grad()
     def on_initialize(self, state: State) -> None:
         model = state.model
-        mapping: SpinQuantMapping = self.mappings or DEFAULT
-        norms: list[NormMapping] = self.norm_mappings or DEFAULT_NORMS
+        default_mapping, default_norms = for_model(model)
+        mapping: SpinQuantMapping = self.mappings or default_mapping
+        norms: list[NormMapping] = self.norm_mappings or default_norms
         config = self.transform_config or self.build_config(model, mapping, state.device)
-        if "R3" in self.rotations and self.transform_config is None:
-            _check_attention_hooks(model, mapping)
+        if self.transform_config is None:
+            if "R3" in self.rotations:
+                _check_attention_hooks(model, mapping)
+            if "R1" in self.rotations:
+                _check_residual_readers(model, config)
         transforms.untie_embeddings(model)  # before folding the final norm into the head
         for norm_mapping in norms:
             _fold_norms(model, norm_mapping)
@@ -113,6 +116,33 @@ def _check_attention_hooks(model: torch.nn.Module, mapping: SpinQuantMapping) ->
             )
 
 
+def _check_residual_readers(model: torch.nn.Module, config: TransformConfig) -> None:
+    """R1 is fused into the Linears that read the residual stream. A module that reads it with a
+    weight matrix of its own (an MoE router such as Qwen3-MoE's or Cohere2-MoE's) would keep
+    reading unrotated weights, and route tokens elsewhere: refused, before anything changes."""
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    rotated = {
+        id(module)
+        for args in config.config_groups["R1"].apply
+        for _, module in match_named_modules(model, args.targets, args.ignore)
+    }
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if (
+            weight is not None
+            and weight.dim() == 2
+            and weight.shape[-1] == hidden
+            and id(module) not in rotated
+            and not isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+        ):
+            raise ValueError(
+                f"SpinQuant's R1 rotates the residual stream, but {name} ({type(module).__name__}) reads it "
+                "with a weight matrix R1 is not fused into: it would route tokens differently. For "
+                "Cohere2-MoE call llmc.modeling.moe.cohere2_moe.prepare_cohere2_moe_for_spinquant(model) "
+                "before oneshot; otherwise leave R1 out of the rotations."
+            )
+
+
 def _fold_norms(model: torch.nn.Module, mapping: NormMapping) -> None:
     """Multiply the Linears ``mapping`` names (inside each norm's parent) by the norm's scale,
     in float64, and set the scale to one."""
@@ -129,7 +159,4 @@ def _fold_norms(model: torch.nn.Module, mapping: NormMapping) -> None:
             linears = [m for _, m in match_named_modules(model, mapping.linears) if isinstance(m, torch.nn.Linear)]
         if not linears:
             raise ValueError(f"SpinQuant: no Linear of {mapping.linears} follows {norm_name}.")
-        scale = norm.weight.detach().double()
-        for linear in linears:
-            linear.weight.copy_((linear.weight.double() * scale).to(linear.weight.dtype))
-        norm.weight.fill_(1.0)
+        transforms.fuse_norm_linears(norm, linears)
