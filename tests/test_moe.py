@@ -394,3 +394,27 @@ def test_newer_families_smooth_with_their_default_mappings(arch, tmp_path, sampl
         torch.testing.assert_close(smoothed(sample_ids).logits, reference(sample_ids).logits, atol=2e-4, rtol=2e-4)
     awq = {"s": {"q_modifiers": {"AWQModifier": {"scheme": "W4A16_ASYM", "targets": ["Linear"], "ignore": [*IGNORE, "re:.*shared_expert_gate$"]}}}}
     oneshot(model=str(path), recipe=awq, **data)
+
+
+@pytest.mark.parametrize("recipe", ["SmoothQuantModifier", "AWQModifier"])
+def test_qwen3_vl_moe_takes_qwen3_moe_mappings_inside_its_language_model(recipe, tmp_path, sample_ids):
+    """Qwen3-VL-MoE's language model has no causal LM class of its own: it takes Qwen3-MoE's
+    mappings (the router balanced with the experts, so routing is kept), resolved in the language
+    model; the vision tower, which text calibration never runs, is left as it was."""
+    if not hasattr(transformers, "Qwen3VLMoeConfig"):
+        pytest.skip("this transformers has no Qwen3-VL-MoE")
+    model = tiny.build_vision_language("qwen3_vl_moe")
+    reference = {name: p.clone() for name, p in model.state_dict().items()}
+    before = logits(model, sample_ids)
+    tiny.build_tokenizer(2048).save_pretrained(tmp_path)
+    modifier = {"SmoothQuantModifier": {"smoothing_strength": 0.8}} if recipe == "SmoothQuantModifier" else {
+        "AWQModifier": {"scheme": "W4A16", "ignore": ["lm_head", "re:.*visual.*", "re:.*mlp.gate$"], "apply_clip": False}}
+    oneshot(model=model, tokenizer=str(tmp_path), recipe={"s": {"s_modifiers": modifier}}, dataset="llmc-docs",
+            num_calibration_samples=8, max_seq_length=32)
+    state = model.state_dict()
+    norm = "model.language_model.layers.0.post_attention_layernorm.weight"
+    assert not torch.equal(state[norm], reference[norm])
+    tower = [name for name in reference if name.startswith("model.visual.")]
+    assert tower and all(torch.equal(state[name], reference[name]) for name in tower)
+    if recipe == "SmoothQuantModifier":  # smoothing alone keeps the function
+        torch.testing.assert_close(logits(model, sample_ids), before, atol=2e-4, rtol=2e-4)

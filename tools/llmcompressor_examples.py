@@ -53,8 +53,8 @@ def local(model_id):
     if os.path.exists(name):
         return name
     low = name.lower()
-    families = (("qwen3.6", "qwen3_5_moe_vl"), ("qwen3.5", "qwen3_5_vl"), ("qwen3.8-27b", "qwen3_5_vl"),
-                ("gemma-4", "gemma4_vl"), ("qwen3-next", "qwen3_next"), ("minimax", "minimax_m2"),
+    families = (("qwen3-vl-30b-a3b", "qwen3_vl_moe"), ("qwen3.6", "qwen3_5_moe_vl"), ("qwen3.5", "qwen3_5_vl"), ("qwen3.8-27b", "qwen3_5_vl"),
+                ("gemma-4-26b-a4b", "gemma4_moe_vl"), ("gemma-4", "gemma4_vl"), ("qwen3-next", "qwen3_next"), ("minimax", "minimax_m2"),
                 ("north-mini", "cohere2_moe"), ("glm-5", "glm_moe_dsa"),
                 ("mixtral", "mixtral"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
                 ("a3b", "qwen3_moe"), ("30b", "qwen3_moe"))
@@ -79,14 +79,14 @@ class TextProcessor:
     def __call__(self, *args, text=None, images=None, **kwargs):
         return self.tokenizer(*args, text=text, **kwargs) if text is not None else self.tokenizer(*args, **kwargs)
 
-    def apply_chat_template(self, messages, processor_kwargs=None, **kwargs):
+    def apply_chat_template(self, messages, processor_kwargs=None, tokenize=False, **kwargs):  # a processor's default
         def plain(content):
             return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
 
         messages = [{**m, "content": plain(m["content"])} for m in messages]
         extra = dict(processor_kwargs or {})
         extra.pop("add_special_tokens", None)
-        return self.tokenizer.apply_chat_template(messages, **kwargs, **extra)
+        return self.tokenizer.apply_chat_template(messages, tokenize=tokenize, **kwargs, **extra)
 
 
 def wrap(owner, attr, tokenizer=False):

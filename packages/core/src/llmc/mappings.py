@@ -122,8 +122,19 @@ def _language_model(model: torch.nn.Module) -> tuple[str | None, str]:
     except (AttributeError, NotImplementedError):
         return None, ""
     scope = next((name for name, module in model.named_modules() if module is decoder and name), None)
-    text_arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(text, "model_type", None))
+    model_type = getattr(text, "model_type", None)
+    text_arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) or TEXT_MODEL_LAYOUTS.get(model_type)
     return (text_arch, scope) if text_arch and scope else (None, "")
+
+
+# language models of vision-language families that have no causal LM class of their own, and the
+# causal LM whose layers are theirs
+TEXT_MODEL_LAYOUTS = {
+    "qwen2_vl_text": "Qwen2ForCausalLM",
+    "qwen2_5_vl_text": "Qwen2ForCausalLM",
+    "qwen3_vl_text": "Qwen3ForCausalLM",
+    "qwen3_vl_moe_text": "Qwen3MoeForCausalLM",
+}
 
 
 def mapping_key(algorithm: str, architecture: str) -> str:

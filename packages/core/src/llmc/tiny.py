@@ -144,16 +144,23 @@ _LINEAR_ATTENTION = {
 }
 _QWEN_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 128,
                 "patch_size": 16}
+_GEMMA4_TEXT = {"vocab_size_per_layer_input": 2048, "layer_types": ["sliding_attention", "full_attention"]}
+_GEMMA4_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "position_embedding_size": 256}
 VISION_LANGUAGE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen3_5_vl": ("Qwen3_5Config", _LINEAR_ATTENTION, _QWEN_VISION),
     "qwen3_5_moe_vl": ("Qwen3_5MoeConfig", {
         **_LINEAR_ATTENTION, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
         "shared_expert_intermediate_size": 128,
     }, _QWEN_VISION),
-    "gemma4_vl": ("Gemma4Config", {
-        "vocab_size_per_layer_input": 2048, "layer_types": ["sliding_attention", "full_attention"],
-    }, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "position_embedding_size": 256}),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+    }, {**_QWEN_VISION, "deepstack_visual_indexes": [1]}),
+    "gemma4_vl": ("Gemma4Config", _GEMMA4_TEXT, _GEMMA4_VISION),
+    # Gemma 4's MoE (26B-A4B): a dense MLP and routed experts side by side in every layer
+    "gemma4_moe_vl": ("Gemma4Config", {
+        **_GEMMA4_TEXT, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 128,
+    }, _GEMMA4_VISION),
 }
 
 
