@@ -1,11 +1,14 @@
 """llm-compressor's example scripts, run through llmc with only ``llmcompressor`` renamed.
 
-Each script runs in its own process as a user would run it, with four things stood in for what
+Each script runs in its own process as a user would run it, with these things stood in for what
 this machine cannot reach: a model id on the hub loads a tiny local model of its family (Llama,
-Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4-MoE; built here, random weights), ``datasets.load_dataset`` returns local chat
-rows (``messages``, ``text``, ``prompt``, ``instruction``/``output`` columns), a tokenizer without
-a chat template gets a plain one, and the scripts' sample counts, sequence lengths and generation
-lengths are cut to seconds, and without a GPU a script's ``"cuda"`` device is the CPU. Everything else (the recipe, the modifiers' arguments, ``oneshot``'s
+Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4-MoE, Qwen3-Next, MiniMax-M2, Cohere2-MoE, GLM-5, and the
+vision-language Qwen3.5/3.6, Qwen3-VL-MoE, Gemma 4 and Llama 4 from ``llmc.tiny``; random weights),
+``datasets.load_dataset`` and auto-round's ``get_dataset`` return local rows (``messages``,
+``text``, ``prompt``, ``instruction``/``output``, ``conversations`` columns), a tokenizer stands
+in for a multimodal processor on text, a tokenizer without a chat template gets a plain one, the
+scripts' sample counts, sequence lengths and generation lengths are cut to seconds, and without a
+GPU a script's ``"cuda"`` device is the CPU. Everything else (the recipe, the modifiers' arguments, ``oneshot``'s
 arguments, ``load_context``, ``model.save_pretrained``, generation) is the script's own.
 
     git clone https://github.com/vllm-project/llm-compressor /tmp/llm-compressor
@@ -54,7 +57,7 @@ def local(model_id):
         return name
     low = name.lower()
     families = (("qwen3-vl-30b-a3b", "qwen3_vl_moe"), ("qwen3.6", "qwen3_5_moe_vl"), ("qwen3.5", "qwen3_5_vl"), ("qwen3.8-27b", "qwen3_5_vl"),
-                ("gemma-4-26b-a4b", "gemma4_moe_vl"), ("gemma-4", "gemma4_vl"), ("qwen3-next", "qwen3_next"), ("minimax", "minimax_m2"),
+                ("llama-4", "llama4_vl"), ("gemma-4-26b-a4b", "gemma4_moe_vl"), ("gemma-4", "gemma4_vl"), ("qwen3-next", "qwen3_next"), ("minimax", "minimax_m2"),
                 ("north-mini", "cohere2_moe"), ("glm-5", "glm_moe_dsa"),
                 ("mixtral", "mixtral"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
                 ("a3b", "qwen3_moe"), ("30b", "qwen3_moe"))
@@ -122,6 +125,17 @@ def _from_pretrained(cls, name, *args, **kwargs):  # Qwen3_5ForConditionalGenera
 
 
 transformers.PreTrainedModel.from_pretrained = classmethod(_from_pretrained)
+_processor = transformers.ProcessorMixin.from_pretrained.__func__
+
+
+def _processor_from_pretrained(cls, name, *args, **kwargs):  # Llama4Processor.from_pretrained(id)
+    try:
+        return _processor(cls, local(name), *args, **kwargs)
+    except (OSError, TypeError, ValueError):  # the stand-in has a tokenizer only
+        return TextProcessor(transformers.AutoTokenizer.from_pretrained(local(name)))
+
+
+transformers.ProcessorMixin.from_pretrained = classmethod(_processor_from_pretrained)
 wrap(transformers.AutoTokenizer, "from_pretrained", tokenizer=True)
 wrap(transformers.AutoProcessor, "from_pretrained", tokenizer=True)
 import llmc
@@ -147,6 +161,23 @@ def load_dataset(*args, split=None, **kwargs):
 
 
 datasets.load_dataset = load_dataset
+
+
+def get_dataset(tokenizer, seqlen, dataset_name=None, seed=42, nsamples=512):
+    """auto_round.calib_dataset.get_dataset (which reads pile-10k from the hub): rows of exactly
+    seqlen tokens with their attention mask, from the local rows."""
+    ids = [t for row in load_dataset(split="train") for t in tokenizer(row["text"])["input_ids"]]
+    ids = (ids * (1 + nsamples * seqlen // max(len(ids), 1)))[: nsamples * seqlen]
+    rows = [{"input_ids": ids[i * seqlen:(i + 1) * seqlen], "attention_mask": [1] * seqlen} for i in range(nsamples)]
+    return datasets.Dataset.from_list(rows)
+
+
+import types
+auto_round = types.ModuleType("auto_round")
+auto_round.calib_dataset = types.ModuleType("auto_round.calib_dataset")
+auto_round.calib_dataset.get_dataset = get_dataset
+sys.modules.setdefault("auto_round", auto_round)
+sys.modules.setdefault("auto_round.calib_dataset", auto_round.calib_dataset)
 sys.argv = [example]
 exec(compile(source, example, "exec"), {"__name__": "__main__"})
 '''

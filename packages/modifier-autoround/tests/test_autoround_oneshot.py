@@ -54,7 +54,7 @@ def test_yaml_recipe_runs_through_the_cli_and_reloads(llama_path, tmp_path, samp
     assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.2
 
 
-@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "NVFP4A16"])
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "NVFP4A16", "FP8_BLOCK"])
 def test_one_iteration_is_round_to_nearest(llama_path, tmp_path, scheme):
     """Iteration 0 measures the loss at V = 0 and the full range: with one iteration that is
     what is kept, so the checkpoint is QuantizationModifier's (min-max round-to-nearest)."""
@@ -82,8 +82,10 @@ def _output_error(model, reference, batches) -> float:
         return sum((model(**b).logits - reference(**b).logits).pow(2).sum().item() for b in batches)
 
 
-@pytest.mark.parametrize("scheme", ["W4A16", "MXFP4A16"])
-def test_tuning_lowers_each_layers_loss_and_beats_round_to_nearest(llama_path, tmp_path, scheme):
+@pytest.mark.parametrize(("scheme", "gain"), [("W4A16", 0.8), ("MXFP4A16", 0.8), ("FP8_BLOCK", 0.99)])
+def test_tuning_lowers_each_layers_loss_and_beats_round_to_nearest(llama_path, tmp_path, scheme, gain):
+    """FP8's grid is fine already (its 128 × 128 tiles' loss falls by a few percent to a
+    quarter); 4-bit grids gain more."""
     from llmc.args import DatasetArguments
     from llmc.data import build_calibration_dataloader
     from llmc.modifiers import AutoRoundModifier
@@ -95,24 +97,23 @@ def test_tuning_lowers_each_layers_loss_and_beats_round_to_nearest(llama_path, t
     assert not modifier._captured  # nothing kept past its layer (the tuning's own calls neither)
     for name, result in modifier.results.items():
         assert result.samples == DATA["num_calibration_samples"], name  # each sequence once
-        assert result.best_loss < 0.8 * result.initial_loss, name
+        assert result.best_loss < gain * result.initial_loss, name
         assert len(result.losses) == 40
     rtn = oneshot(model=str(llama_path), recipe=quant_recipe(scheme), **DATA)
     original = AutoModelForCausalLM.from_pretrained(llama_path)
     batches = list(build_calibration_dataloader(DatasetArguments(**DATA), build_tokenizer(2048)))
-    assert _output_error(model, original, batches) < 0.8 * _output_error(rtn, original, batches)
+    assert _output_error(model, original, batches) < gain * _output_error(rtn, original, batches)
 
 
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        ({"iters": 0}, "iters must be a positive integer"),
-        ({"iters": -5}, "iters must be a positive integer"),
+        ({"iters": -5}, "iters must be a non-negative integer"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"lr": 0.0}, "lr must be positive"),
-        ({"scheme": "FP8_BLOCK"}, "'block' weight strategy"),
+        ({"scheme": "MXFP8"}, None),
         ({"scheme": "W8A8", "config_groups": None}, None),  # dynamic activations: accepted
-        ({"device_ids": "0,1"}, "one device"),
+        ({"device_ids": "0,1"}, None),  # tuned on oneshot's device, with a warning
     ],
 )
 def test_bad_arguments_fail_before_the_model_loads(tmp_path, args, match):
@@ -131,6 +132,24 @@ def test_static_activation_scales_are_refused(tmp_path):
     recipe = {"s": {"m_modifiers": {"AutoRoundModifier": {"config_groups": groups, "ignore": ["lm_head"]}}}}
     with pytest.raises(Exception, match="static input activation"):
         oneshot(model=str(tmp_path / "no-such-model"), recipe=recipe, **DATA)
+
+
+@pytest.mark.parametrize("scheme", ["FP8", "W4A16"])
+def test_zero_iterations_round_to_nearest_as_quantization_modifier(llama_path, tmp_path, scheme):
+    """iters=0 (llm-compressor's AutoRound RTN examples, static FP8 among them): nothing is
+    tuned; the checkpoint is QuantizationModifier's, its weight ranges AutoRound's optimized
+    round-to-nearest (the mse observer), or the plain min-max range with disable_opt_rtn."""
+    from llmc.modifiers import QuantizationModifier
+
+    for opt, observer in ((False, "memoryless_mse"), (True, None)):
+        auto = tmp_path / f"auto-{opt}"
+        oneshot(model=str(llama_path), recipe=_recipe(scheme=scheme, iters=0, disable_opt_rtn=opt),
+                output_dir=str(auto), **DATA)
+        plain = tmp_path / f"plain-{opt}"
+        weights = {"weight_observer": observer} if observer else {}
+        oneshot(model=str(llama_path), recipe=QuantizationModifier(scheme=scheme, ignore=["lm_head"], **weights),
+                output_dir=str(plain), **DATA)
+        assert_same_tensors(auto, plain)
 
 
 def test_device_ids_naming_another_device_is_refused(llama_path):

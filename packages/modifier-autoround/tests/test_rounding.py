@@ -10,7 +10,7 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from llmc.api import global_scale, weight_qparams
 from llmc_autoround.rounding import RoundingParams, WeightRounding
 
-SCHEMES = ["W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16"]
+SCHEMES = ["W4A16", "W4A16_ASYM", "W8A16", "NVFP4A16", "MXFP4A16", "FP8_BLOCK"]
 
 
 def _args(preset: str):
@@ -93,9 +93,18 @@ def test_scale_is_rounded_to_its_stored_dtype():
     assert rounding.fake_quantize(rounding.initial())[0].dtype == torch.bfloat16
 
 
-def test_block_strategy_is_refused():
-    with pytest.raises(ValueError, match="block"):
-        WeightRounding.of([_weight()], _args("FP8_BLOCK"), torch.float32)
+def test_block_tiles_come_back_in_place():
+    """FP8_BLOCK's groups are 128 × 128 tiles (a ragged edge padded): a weight split into them
+    and back is the same weight, and an offset moves only its own tile's values."""
+    w = _weight()  # 48 × 256: one row of two tiles, the rows padded from 48 to 128
+    rounding = WeightRounding.of([w], _args("FP8_BLOCK"), torch.float32)
+    assert rounding.grouped.shape == (2, 128 * 128)
+    torch.testing.assert_close(rounding.split(rounding.grouped)[0], w, rtol=0, atol=0)
+    params = rounding.initial()
+    params.value[1] = 0.49  # the second tile: columns 128-255
+    [moved] = rounding.fake_quantize(params, straight_through=False)
+    [plain] = rounding.fake_quantize(rounding.initial(), straight_through=False)
+    assert torch.equal(moved[:, :128], plain[:, :128]) and not torch.equal(moved[:, 128:], plain[:, 128:])
 
 
 def test_compiled_round_trip_agrees_with_eager():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -25,12 +26,13 @@ from llmc_autoround.tuning import BatchSampler, TuningResult, signed_gradient_de
 logger = logging.getLogger(__name__)
 
 
-def _at_least_one(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(
-            f"{attribute.name} must be a positive integer, got {value!r}"
-            + (" (AutoRound without iterations is round-to-nearest: use QuantizationModifier)." if attribute.name == "iters" else ".")
-        )
+def _at_least(least: int) -> Callable[[Any, attrs.Attribute, int], None]:
+    def check(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a positive integer" if least else "a non-negative integer (0: round to nearest)"
+            raise ValueError(f"{attribute.name} must be {kind}, got {value!r}.")
+
+    return check
 
 
 def _positive_or_none(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
@@ -38,12 +40,8 @@ def _positive_or_none(instance: Any, attribute: attrs.Attribute, value: float | 
         raise ValueError(f"{attribute.name} must be positive (or None for 1/iters), got {value!r}.")
 
 
-def _one_device(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
-    if value is not None and ("," in str(value) or str(value).strip() == "auto"):
-        raise ValueError(
-            f"device_ids={value!r}: llmc tunes each layer on one device, the one the pipeline "
-            "runs it on (oneshot's device=); spreading a layer over several GPUs is not supported."
-        )
+def _several(device_ids: str | None) -> bool:
+    return device_ids is not None and ("," in str(device_ids) or str(device_ids).strip() == "auto")
 
 
 def _device_of(device_ids: str) -> torch.device:
@@ -93,8 +91,10 @@ class AutoRoundModifier(QuantizationModifier):
     strength: ClassVar[int] = 3  # for `llmc demo`: AutoRound first, then GPTQ, AWQ, round-to-nearest
     data_parallel: ClassVar[bool] = False  # trains on one process's batches: not yet over ranks
 
-    iters: int = attrs.field(default=200, validator=_at_least_one)
-    batch_size: int = attrs.field(default=8, validator=_at_least_one)
+    # 0: no tuning, every weight rounded to nearest (optimized unless disable_opt_rtn) and
+    # activations calibrated as QuantizationModifier calibrates them (AutoRound's RTN mode)
+    iters: int = attrs.field(default=200, validator=_at_least(0))
+    batch_size: int = attrs.field(default=8, validator=_at_least(1))
     lr: float | None = attrs.field(default=None, validator=_positive_or_none)
     # compile the weights' rounding (elementwise, run every iteration) on CUDA. Off by default,
     # unlike llm-compressor: on the benchmark model compiling cost more than it saved (62.7 s
@@ -105,7 +105,8 @@ class AutoRoundModifier(QuantizationModifier):
     # "optimized RTN"), or with disable_opt_rtn over the plain min-max range
     disable_opt_rtn: bool = False
     # llm-compressor's device map for tuning; llmc tunes on one device, oneshot's by default
-    device_ids: str | None = attrs.field(default=None, validator=_one_device)
+    # (several devices are taken as that one, with a warning)
+    device_ids: str | None = None
 
     _captured: dict[str, list[tuple[tuple, dict, torch.Tensor | None]]] = attrs.field(factory=dict, init=False, repr=False)
     _layers: dict[str, torch.nn.Module] = attrs.field(factory=dict, init=False, repr=False)
@@ -128,30 +129,39 @@ class AutoRoundModifier(QuantizationModifier):
                 _check_scheme(scheme.weights, group)
                 tuned = True
             for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
-                if args is not None and not args.dynamic:
+                if args is not None and not args.dynamic and self.iters:
                     raise ValueError(
                         f"AutoRoundModifier: config group {group!r} has static {base} activation scales; "
-                        "AutoRound tunes weights (with dynamic or no activation quantization)."
+                        "AutoRound tunes weights (with dynamic or no activation quantization), or rounds "
+                        "them to nearest beside static scales with iters=0."
                     )
         if not tuned:
             raise ValueError("AutoRoundModifier: no config group quantizes weights; AutoRound has nothing to tune.")
-        if self.config.kv_cache_scheme is not None:
+        if self.config.kv_cache_scheme is not None and self.iters:
             raise ValueError("AutoRoundModifier: kv_cache_scheme is calibrated by QuantizationModifier; add one after AutoRound.")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 1.0 / self.iters
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
     def pipeline(self) -> str:
-        return "sequential"
+        return "sequential" if self.iters else super().pipeline()
 
     def on_initialize(self, state: State) -> None:
-        if self.device_ids is not None and _device_of(self.device_ids) != torch.device(state.device):
+        if _several(self.device_ids):
+            logger.warning(
+                "device_ids=%r: llmc tunes each layer on one device, the one the pipeline runs it on (%s).",
+                self.device_ids, state.device,
+            )
+        elif self.device_ids is not None and _device_of(self.device_ids) != torch.device(state.device):
             raise ValueError(
                 f"device_ids={self.device_ids!r} differs from the device the pipeline runs on "
                 f"({state.device}): pass oneshot(device={self.device_ids!r}) instead."
             )
         super().on_initialize(state)
+        if not self.iters:
+            logger.info("AutoRound with iters=0: weights rounded to nearest, nothing tuned.")
+            return
         self._pending = {m: n for n, m in self.targeted_modules() if m.quantization_scheme.weights is not None}
         self._round_trip = int_round_trip_eager
         if self.enable_torch_compile and torch.device(state.device).type == "cuda":
@@ -160,6 +170,8 @@ class AutoRoundModifier(QuantizationModifier):
             self._round_trip = torch.compile(int_round_trip_eager, dynamic=True)
 
     def on_calibration_start(self, state: State) -> None:
+        if not self.iters:
+            return super().on_calibration_start(state)
         from llmc_pipelines.sequential import declared_targets, sequential_targets
 
         for module in self._pending:
@@ -181,9 +193,13 @@ class AutoRoundModifier(QuantizationModifier):
             self.observe(state, layer, keep, call=True)
 
     def on_sequential_layer_end(self, state: State, layer_name: str, layer: torch.nn.Module) -> None:
+        if not self.iters:
+            return super().on_sequential_layer_end(state, layer_name, layer)
         self._tune_layer(layer_name, layer)
 
     def on_calibration_end(self, state: State) -> None:
+        if not self.iters:
+            return super().on_calibration_end(state)
         # on the basic pipeline every layer's inputs were captured in one pass
         for name, layer in list(self._layers.items()):
             self._tune_layer(name, layer)
@@ -196,6 +212,8 @@ class AutoRoundModifier(QuantizationModifier):
     def on_sequential_layer_restored(
         self, state: State, layer_name: str, layer: torch.nn.Module, saved: dict[str, torch.Tensor]
     ) -> None:
+        if not self.iters:
+            return super().on_sequential_layer_restored(state, layer_name, layer, saved)
         self._captured.pop(layer_name, None)
         self._layers.pop(layer_name, None)
         for module in layer.modules():

@@ -25,6 +25,7 @@ SUPPORTED_STRATEGIES = (
     QuantizationStrategy.CHANNEL,
     QuantizationStrategy.GROUP,
     QuantizationStrategy.TENSOR_GROUP,
+    QuantizationStrategy.BLOCK,
 )
 
 
@@ -46,6 +47,16 @@ class _Part:
     scale_shape: torch.Size  # its scale's (compressed-tensors' layout)
     start: int  # its rows (groups) in the stacked matrix
     stop: int
+    block: tuple[int, int] | None = None  # the block strategy's (rows, columns): a group is a tile
+
+    def weight(self, groups: torch.Tensor) -> torch.Tensor:
+        """The weight laid out by its groups, back in its own shape (tiles put in place, the
+        padding of ragged edges cut off)."""
+        if self.block is None:
+            return groups.reshape(self.shape)
+        rows, cols = self.block
+        tiles = groups.reshape(*self.scale_shape, rows, cols).transpose(1, 2)
+        return tiles.reshape(self.scale_shape[0] * rows, self.scale_shape[1] * cols)[: self.shape[0], : self.shape[1]]
 
 
 @attrs.define(eq=False)
@@ -78,13 +89,14 @@ class WeightRounding:
         """``weights`` of one dtype whose groups have one length (the same group size, or the
         same input size for channel strategies), with their NVFP4 global scales."""
         if args.strategy not in SUPPORTED_STRATEGIES:
-            raise ValueError(f"AutoRound rounds tensor, channel and group strategies, not {QuantizationStrategy(args.strategy).value}.")
+            raise ValueError(f"AutoRound rounds tensor, channel, group and block strategies, not {QuantizationStrategy(args.strategy).value}.")
         global_scales = list(global_scales) if global_scales is not None else [None] * len(weights)
         rows, parts, gscales, start = [], [], [], 0
         for weight, gscale in zip(weights, global_scales, strict=True):
             grouped = flatten_for_calibration(weight.detach().float(), "weight", args)[0]
             flat = grouped.reshape(-1, grouped.shape[-1])
-            parts.append(_Part(weight.shape, grouped.shape[:-1], start, start + len(flat)))
+            block = tuple(args.block_structure) if args.strategy == QuantizationStrategy.BLOCK else None
+            parts.append(_Part(weight.shape, grouped.shape[:-1], start, start + len(flat), block))
             start += len(flat)
             rows.append(flat)
             if gscale is not None:
@@ -121,7 +133,8 @@ class WeightRounding:
         """Each weight's part of ``stacked`` (groups first), in its own shape (its scale's
         shape with ``qparams``)."""
         return [
-            stacked[p.start : p.stop].reshape(p.scale_shape if qparams else p.shape) for p in self.parts
+            stacked[p.start : p.stop].reshape(p.scale_shape) if qparams else p.weight(stacked[p.start : p.stop])
+            for p in self.parts
         ]
 
     def fake_quantize(
