@@ -156,6 +156,12 @@ VISION_LANGUAGE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", {
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
     }, {**_QWEN_VISION, "deepstack_visual_indexes": [1]}),
+    # Llama 4 (Scout): routed and shared experts in every layer, a dense MLP nowhere
+    "llama4_vl": ("Llama4Config", {
+        "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 256, "attention_chunk_size": 64,
+    }, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "image_size": 56, "patch_size": 14, "vision_output_dim": 128, "projector_input_dim": 128,
+        "projector_output_dim": 128}),
     "gemma4_vl": ("Gemma4Config", _GEMMA4_TEXT, _GEMMA4_VISION),
     # Gemma 4's MoE (26B-A4B): a dense MLP and routed experts side by side in every layer
     "gemma4_moe_vl": ("Gemma4Config", {
