@@ -343,8 +343,8 @@ NEWER_FAMILIES = ["qwen3_next", "qwen3_5_moe", "minimax_m2", "cohere2_moe", "glm
 def test_newer_moe_families_quantize_every_expert_and_reload(arch, tmp_path, sample_ids):
     """MoE families transformers 5.2x added (Qwen3-Next, Qwen3.5-MoE, MiniMax-M2, Cohere2-MoE,
     GLM-5's DSA): linearized by the same mechanism, every routed expert quantized (GPTQ on the
-    sequential pipeline; GLM-5 on the basic one, its layers hand each other their indexer's
-    picks), and transformers reloads the checkpoint with the model's logits."""
+    sequential pipeline, which carries GLM-5's indexer picks from layer to layer), and
+    transformers reloads the checkpoint with the model's logits."""
     if not hasattr(transformers, tiny.ARCHITECTURES[arch][0]):
         pytest.skip(f"this transformers has no {arch}")
     path = tiny.save_tiny(tmp_path / "model", arch=arch, seed=0)
@@ -352,9 +352,8 @@ def test_newer_moe_families_quantize_every_expert_and_reload(arch, tmp_path, sam
     recipe = {"s": {"q_modifiers": {"GPTQModifier": {
         "targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
     }}}}
-    pipeline = "basic" if arch == "glm_moe_dsa" else "sequential"
     out = tmp_path / "out"
-    model = oneshot(model=str(path), recipe=recipe, output_dir=str(out), pipeline=pipeline,
+    model = oneshot(model=str(path), recipe=recipe, output_dir=str(out), pipeline="sequential",
                     dataset="llmc-docs", num_calibration_samples=8, max_seq_length=32)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or config.n_routed_experts
     moe_layers = config.num_hidden_layers - getattr(config, "first_k_dense_replace", 0)
@@ -365,15 +364,26 @@ def test_newer_moe_families_quantize_every_expert_and_reload(arch, tmp_path, sam
         torch.testing.assert_close(reloaded(sample_ids).logits, model(sample_ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_glm5_on_the_sequential_pipeline_says_what_to_do(tmp_path):
-    """GLM-5's layers hand each other their indexer's top-k picks: the sequential pipeline,
-    which runs each layer on its own inputs, refuses it before calibrating and names the fix."""
+def test_glm5_on_the_sequential_pipeline_quantizes_as_the_basic_one(tmp_path):
+    """GLM-5's layers hand each other their indexer's top-k picks (its shared-indexer layers
+    attend with them): the sequential pipeline carries them from layer to layer, batch by batch,
+    and GPTQ (on the unquantized model's activations, as the basic pipeline has them) writes
+    the basic pipeline's checkpoint."""
     if not hasattr(transformers, "GlmMoeDsaConfig"):
         pytest.skip("this transformers has no GLM-5")
-    path = tiny.save_tiny(tmp_path / "model", arch="glm_moe_dsa", seed=0)
+    path = tiny.save_tiny(tmp_path / "model", arch="glm_moe_dsa", seed=0, num_hidden_layers=3,
+                          indexer_types=["full", "shared", "shared"], index_topk=4)
     recipe = {"s": {"q_modifiers": {"GPTQModifier": {"targets": ["Linear"], "scheme": "W4A16", "ignore": ["lm_head", "re:.*mlp.gate$"]}}}}
-    with pytest.raises(RuntimeError, match="pipeline='basic'"):
-        oneshot(model=str(path), recipe=recipe, dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)
+    for pipeline in ("basic", "sequential"):
+        oneshot(model=str(path), recipe=recipe, pipeline=pipeline, quantization_aware_calibration=False,
+                output_dir=str(tmp_path / pipeline), dataset="llmc-docs", num_calibration_samples=4, max_seq_length=32)
+    basic, sequential = load_checkpoint_tensors(tmp_path / "basic"), load_checkpoint_tensors(tmp_path / "sequential")
+    assert basic.keys() == sequential.keys()
+    for name, tensor in basic.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(sequential[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert (sequential[name] != tensor).float().mean() < 0.001, name  # a rounding tie may flip
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe", "minimax_m2", "cohere2_moe"])

@@ -668,6 +668,47 @@ def test_modules_around_the_layers_are_observed_during_the_capture(tmp_path):
     torch.testing.assert_close(scales["sequential"], scales["basic"], rtol=0, atol=0)
 
 
+def test_outputs_layers_hand_each_other_are_carried_like_basic(tmp_path):
+    """GLM-5's layers return their indexer's picks beside the hidden states, and a shared-indexer
+    layer attends with the picks of the layer before: the sequential pipeline hands each layer,
+    batch by batch, what the one before produced, and sees what the basic pipeline sees."""
+    import transformers
+
+    from llmc import tiny
+
+    if not hasattr(transformers, "GlmMoeDsaConfig"):
+        pytest.skip("transformers without GLM-5")
+    config = tiny.build_config("glm_moe_dsa", num_hidden_layers=3, first_k_dense_replace=3,
+                               indexer_types=["full", "shared", "shared"], index_topk=4)
+    model = tiny.build_model(config)
+    tokenizer = _tokenizer_path(tmp_path)
+    grams = {}
+    for pipeline in ("basic", "sequential"):
+        gram = GramModifier()
+        oneshot(model=model, tokenizer=tokenizer, recipe=[gram], pipeline=pipeline, **DATA)
+        grams[pipeline] = gram.grams
+    assert any(".layers.2." in name for name in grams["basic"])
+    assert grams["sequential"].keys() == grams["basic"].keys()
+    for name, expected in grams["basic"].items():
+        torch.testing.assert_close(grams["sequential"][name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_declared_tuple_the_model_passes_on_whole_is_unwrapped():
+    """Llama 4's decoder layers declare a tuple and return a tensor: the capture hands back the
+    declared tuple, and takes the hidden states out of it when the model passes it on whole."""
+    from llmc_pipelines.carried import Carried, declared_outputs, handed_back, received
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return x, None
+
+    hidden = torch.zeros(2)
+    assert declared_outputs(Pair) == 2 and declared_outputs(torch.nn.Linear) == 1
+    handed = handed_back(3, Pair(), hidden)
+    assert handed[0] is hidden and handed[1] == Carried(3, 1)
+    assert received(handed, hidden) is hidden and received(hidden, hidden) is hidden
+
+
 def test_an_operation_between_layers_is_refused(llama_path):
     from transformers import AutoModelForCausalLM
 

@@ -37,6 +37,7 @@ from llmc.observing import is_input_only
 from llmc.quantization.calibrate import quantization_disabled, weights_quantized_once
 from llmc.resume import SequentialProgress
 from llmc_pipelines.basic import to_device
+from llmc_pipelines.carried import Carry, handed_back, received
 from llmc_pipelines.onloading import Onloader, lazily_onloaded
 from llmc_pipelines.transfers import Chunk, Transfers, batches, same_tree
 from llmc_pipelines.warming import start_attention_warm_up
@@ -125,7 +126,8 @@ def reached_targets(
     def passing(index: int) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             order.append(index)
-            return args[0] if args else kwargs["hidden_states"]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return handed_back(index, layers[index][1], hidden[0] if isinstance(hidden, tuple) else hidden)
 
         return forward
 
@@ -330,7 +332,9 @@ class Capture:
     def _recorder(self, last: bool) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:
             calls = self._calls
-            hidden = args[0] if args else kwargs.pop("hidden_states")
+            hidden = received(args[0] if args else kwargs.pop("hidden_states"), self._handed_back)
+            if args:
+                args = (hidden, *args[1:])
             previous = self.calls[-1] if self.calls else None
             if not calls:
                 if self.store:
@@ -359,7 +363,10 @@ class Capture:
                 calls.extend([call] * (len(self.layers) - 1))
                 raise _Captured
             self._handed_back = hidden
-            return hidden  # the real outputs are computed layer by layer later
+            # the real outputs are computed layer by layer later; the others it declares are
+            # placeholders that the model passes on to later targets' calls
+            index = len(calls) - 1
+            return handed_back(index, self.layers[index][1], hidden)
 
         return record
 
@@ -508,11 +515,20 @@ class EarlyExit:
         self._remove()
 
 
-def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
-    """One target on one batch; every argument is already on the execution device."""
+def run_layer(
+    layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall, carry: Carry | None = None, index: int = 0, batch: int = 0
+) -> torch.Tensor:
+    """Target ``index`` on one batch; every argument is already on the execution device but
+    the outputs of earlier targets ``carry`` holds, filled in here (and this one's kept)."""
+    if carry is not None:
+        call = carry.fill(call, batch, hidden.device)
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    if isinstance(out, (tuple, list)):
+        if carry is not None:
+            carry.keep(index, batch, out)
+        return out[0]
+    return out
 
 
 class _PhaseClock:
@@ -624,6 +640,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
     )
 
     transfers = Transfers(device, offload)
+    carry = Carry(offload)  # outputs the targets hand each other beside the hidden states (GLM-5)
     warming = start_attention_warm_up(model, device)  # while the inputs are captured
     with (
         contextlib.ExitStack() as preparing,
@@ -655,7 +672,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 state.loss_mask = masks[b]
                 state.batch_index = b
                 try:
-                    out = run_layer(layer, h, call)
+                    out = run_layer(layer, h, call, carry, index, b)
                 except _Observed:
                     out = None
                 if b == 0 and isinstance(early, EarlyExit):
@@ -719,6 +736,10 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
             state.loss_mask = None
             hidden, calls = capture.hidden, capture.calls
             del capture
+            carry.read_by(calls)
+            if carry and progress is not None:
+                logger.info("The sequential targets hand each other outputs: this run keeps no progress to resume.")
+                progress = None
             if start:
                 hidden = _restore(state, modifiers, layers, progress, transfers)
             for index, (name, layer) in enumerate(
@@ -729,9 +750,9 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                 last = index + 1 == len(layers)  # nothing reads the last target's outputs
                 clock = _PhaseClock(device)
 
-                def propagate(b: int, h: torch.Tensor, call: LayerCall, layer=layer) -> torch.Tensor:
+                def propagate(b: int, h: torch.Tensor, call: LayerCall, layer=layer, index=index) -> torch.Tensor:
                     state.batch_index = b
-                    return run_layer(layer, h, call)
+                    return run_layer(layer, h, call, carry, index, b)
 
                 calibrated = fused and index == 0  # during the capture, already onloaded
                 if not calibrated:
@@ -756,6 +777,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
                         state.observing = True
                     clock.mark("propagation")
                 logger.debug("%s: %s", name, clock)
+                carry.done(index)
                 if outputs is not None:
                     hidden = outputs
                 if progress is not None:
