@@ -428,3 +428,31 @@ def test_qwen3_vl_moe_takes_qwen3_moe_mappings_inside_its_language_model(recipe,
     assert tower and all(torch.equal(state[name], reference[name]) for name in tower)
     if recipe == "SmoothQuantModifier":  # smoothing alone keeps the function
         torch.testing.assert_close(logits(model, sample_ids), before, atol=2e-4, rtol=2e-4)
+
+
+def test_recipes_name_experts_projections_as_llm_compressor_does(checkpoint_factory, tmp_path):
+    """Mixtral's linearized experts are named as its checkpoint (w1/w3/w2), so the saved keys are
+    the checkpoint's; llm-compressor 0.14's recipes call them gate_proj/up_proj/down_proj, and
+    targets, ignore and mappings select them under those names too. The saved config keeps the
+    recipe's patterns."""
+    recipe = {"s": {"q_modifiers": {"QuantizationModifier": {
+        "config_groups": {"experts": {"targets": [r"re:.*experts\..*(gate|up)_proj$"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
+        "ignore": ["lm_head", "re:.*experts.1.up_proj$"],
+    }}}}
+    out = tmp_path / "out"
+    run(checkpoint_factory("mixtral"), out, recipe)
+    packed = {k for k in keys(out) if k.endswith("weight_packed")}
+    layer = "model.layers.0.block_sparse_moe.experts"
+    assert {f"{layer}.0.w1.weight_packed", f"{layer}.0.w3.weight_packed", f"{layer}.1.w1.weight_packed"} <= packed
+    assert f"{layer}.1.w3.weight_packed" not in packed  # ignored as up_proj
+    assert not any(".w2." in k for k in packed)  # down_proj: not targeted
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["targets"] for g in config["config_groups"].values()] == [[r"re:.*experts\..*(gate|up)_proj$"]]
+
+    from llmc_moe import linearize
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_factory("mixtral"))
+    linearize(model)
+    resolved = resolve_mappings(model, [[["re:.*experts.*down_proj$"], "re:.*experts.*up_proj$"]], "awq")
+    assert resolved and resolved[0].smooth_name.endswith("experts.0.w3") and resolved[0].balance_names[0].endswith("experts.0.w2")

@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import torch
 
+from llmc.naming import recipe_names
+
 logger = logging.getLogger(__name__)
 
 
@@ -157,10 +159,15 @@ def resolve_mappings(
         parsed = [Mapping.parse(m) for m in mappings]
     inside = scope + "." if scope else ""
     modules = dict(model.named_modules())
+    aliases = recipe_names(model)  # llm-compressor's names of linearized experts' projections
+
+    def named(pattern: str, name: str) -> bool:
+        return _matches(pattern, name) or (name in aliases and _matches(pattern, aliases[name]))
+
     ignore = list(ignore)
     resolved: list[ResolvedMapping] = []
     for mapping in parsed:
-        smooth_names = [n for n in modules if _matches(mapping.smooth_layer, n) and n.startswith(inside)]
+        smooth_names = [n for n in modules if named(mapping.smooth_layer, n) and n.startswith(inside)]
         if not smooth_names:
             raise ValueError(
                 f"{algorithm} mapping smooth layer {mapping.smooth_layer!r} matches no module of "
@@ -175,7 +182,7 @@ def resolve_mappings(
                     n
                     for n in modules
                     if n.startswith(prefix)
-                    and any(_matches(p, n) for p in mapping.balance_layers)
+                    and any(named(p, n) for p in mapping.balance_layers)
                 ]
                 if balance or not scope:
                     break

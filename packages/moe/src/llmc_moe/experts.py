@@ -18,8 +18,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from llmc.naming import RECIPE_NAME
 from llmc_moe import stacked
 from llmc_moe.layout import DOWN, GATE, UP, FusedLayout, ProjectionNames
+
+STANDARD = ProjectionNames()  # gate_proj, up_proj, down_proj: transformers' and llm-compressor's
 
 Gate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (expert indices, routing weights, expert outputs) of the routed (token, slot) pairs of one call
@@ -49,6 +52,8 @@ class ExpertMLP(nn.Module):
         self._roles = {role: names.of(role) for role in projections}
         for role, linear in projections.items():
             self.add_module(names.of(role), linear)
+            if names.of(role) != STANDARD.of(role):  # what llm-compressor's recipes call it
+                setattr(linear, RECIPE_NAME, STANDARD.of(role))
         self._gate = gate  # (gate, up) -> activation, when the expert is gated
         self._act = act  # up -> activation, when it is not
 

@@ -18,6 +18,7 @@ from compressed_tensors.utils import match_named_modules
 from llmc import distributed
 from llmc.lifecycle import State
 from llmc.modifiers.base import Modifier
+from llmc.naming import by_recipe_names
 from llmc.quantization.attention import apply_attention_scheme
 from llmc.quantization.calibrate import (
     ActivationObservers,
@@ -118,6 +119,7 @@ class QuantizationModifier(Modifier):
         return "sequential" if self.needs_data() else "datafree"
 
     def on_initialize(self, state: State) -> None:
+        recipe_config, self._config = self.config, _by_recipe_names(state.model, self.config)
         targets = sorted({t for s in self.config.config_groups.values() for t in s.targets})
         warn_unmatched(state.model, targets, self.config.ignore)
         check_targets_select(
@@ -139,6 +141,7 @@ class QuantizationModifier(Modifier):
                 self.config.model_copy(update={"kv_cache_scheme": None, "config_groups": groups, "ignore": [*self.config.ignore, *tapped]}),
                 show_progress=False,
             )
+        _recipe_targets(state.model, self.config, recipe_config)
         if self.config.kv_cache_scheme is not None:
             apply_kv_cache_scheme(state.model, self.config.kv_cache_scheme)
         for modules, scheme in attention.values():
@@ -285,6 +288,36 @@ class QuantizationModifier(Modifier):
         for name in [n for n in self._weighted if n.startswith(layer_name + ".")]:  # ranges restored with the layer
             self._weighted.pop(name).quantization_enabled = True
             self._importance.pop(name, None)
+
+
+def _by_recipe_names(model: torch.nn.Module, config: QuantizationConfig) -> QuantizationConfig:
+    """``config`` with the modules that its targets or ignore name only by their recipe names
+    (:mod:`llmc.naming`) added by their real names."""
+    ignored = by_recipe_names(model, config.ignore)
+    ignore = [*config.ignore, *ignored]
+    groups = {}
+    for key, scheme in config.config_groups.items():
+        added = by_recipe_names(model, scheme.targets, ignore)
+        groups[key] = scheme.model_copy(update={"targets": [*scheme.targets, *added]}) if added else scheme
+    if not ignored and all(groups[k] is config.config_groups[k] for k in groups):
+        return config
+    return config.model_copy(update={"config_groups": groups, "ignore": ignore})
+
+
+def _recipe_targets(model: torch.nn.Module, applied: QuantizationConfig, recipe: QuantizationConfig) -> None:
+    """Give back each module's scheme the recipe's targets where the applied ones add modules by
+    name (:func:`_by_recipe_names`): the saved config lists the recipe's patterns, not every expert."""
+    restored = {
+        tuple(scheme.targets): recipe.config_groups[key].targets
+        for key, scheme in applied.config_groups.items()
+        if scheme.targets != recipe.config_groups[key].targets
+    }
+    if not restored:
+        return
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and tuple(scheme.targets) in restored:
+            module.quantization_scheme = scheme.model_copy(update={"targets": restored[tuple(scheme.targets)]})
 
 
 def _matches(model: torch.nn.Module, scheme: QuantizationScheme, ignore: list[str]) -> int:
