@@ -59,7 +59,7 @@ def local(model_id):
     families = (("qwen3-vl-30b-a3b", "qwen3_vl_moe"), ("qwen3.6", "qwen3_5_moe_vl"), ("qwen3.5", "qwen3_5_vl"), ("qwen3.8-27b", "qwen3_5_vl"),
                 ("llama-4", "llama4_vl"), ("gemma-4-26b-a4b", "gemma4_moe_vl"), ("gemma-4", "gemma4_vl"), ("qwen3-next", "qwen3_next"), ("minimax", "minimax_m2"),
                 ("north-mini", "cohere2_moe"), ("glm-5", "glm_moe_dsa"),
-                ("mixtral", "mixtral"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
+                ("mixtral", "mixtral"), ("deepseek-v4", "deepseek_v4"), ("deepseek", "deepseek_v3"), ("glm-4", "glm4_moe"), ("moe", "qwen3_moe"),
                 ("a3b", "qwen3_moe"), ("30b", "qwen3_moe"))
     family = next((family for key, family in families if key in low), "llama")
     return os.path.join(models, family)
@@ -184,7 +184,7 @@ exec(compile(source, example, "exec"), {"__name__": "__main__"})
 
 
 TEXT_FAMILIES = ("llama", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "qwen3_next", "minimax_m2",
-                 "cohere2_moe", "glm_moe_dsa")
+                 "cohere2_moe", "glm_moe_dsa", "deepseek_v4")
 
 
 def build_models(folder: Path) -> None:

@@ -51,6 +51,14 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     }),
     "minimax_m2": ("MiniMaxM2Config", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "cohere2_moe": ("Cohere2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}),
+    # compressed and sparse attention, hyper-connections, a hash-routed MoE layer then a learned one
+    "deepseek_v4": ("DeepseekV4Config", {
+        "num_key_value_heads": 1, "head_dim": 64, "q_lora_rank": 128, "o_lora_rank": 128, "o_groups": 2,
+        "qk_rope_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "n_shared_experts": 1, "index_n_heads": 2, "index_head_dim": 64, "index_topk": 8, "sliding_window": 16,
+        "layer_types": ["heavily_compressed_attention", "compressed_sparse_attention"],
+        "mlp_layer_types": ["hash_moe", "moe"], "num_nextn_predict_layers": 0,
+    }),
     "glm_moe_dsa": ("GlmMoeDsaConfig", {
         "num_key_value_heads": 4, "head_dim": 16, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 16,
         "qk_nope_head_dim": 16, "v_head_dim": 32, "index_head_dim": 32, "index_n_heads": 2, "index_topk": 8,
