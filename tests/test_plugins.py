@@ -213,12 +213,13 @@ def test_llm_compressor_import_paths_resolve_through_the_registry():
 
 
 def test_llm_compressor_modifiers_llmc_lacks_are_named_so():
-    """0.14's transforms and pruning modifiers that no llmc package provides: an ImportError
-    that says so, not a guess at a similar name."""
-    with pytest.raises(ImportError, match="llm-compressor's ConstantPruningModifier has no llmc implementation") as caught:
+    """0.14's pruning modifiers that act during training (its oneshot leaves the model as it
+    was with them): an ImportError that says so and names the one-shot pruners, not a guess at
+    a similar name."""
+    with pytest.raises(ImportError, match="ConstantPruningModifier prunes during training") as caught:
         from llmc.modifiers.pruning import ConstantPruningModifier  # noqa: F401
-    assert "Did you mean" not in str(caught.value)
-    with pytest.raises(ImportError, match="MagnitudePruningModifier has no llmc implementation"):
+    assert "Did you mean" not in str(caught.value) and "SparseGPTModifier or WandaPruningModifier" in str(caught.value)
+    with pytest.raises(ImportError, match="MagnitudePruningModifier prunes during training"):
         from llmc.modifiers.pruning import MagnitudePruningModifier  # noqa: F401
 
 

@@ -40,8 +40,13 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "basic": "llmc-pipelines",
     "sequential": "llmc-pipelines",
 }
-# llm-compressor 0.14's modifiers that no llmc package provides (yet): named as such when asked for
-NOT_PROVIDED: frozenset[str] = frozenset({"MagnitudePruningModifier", "ConstantPruningModifier"})
+# llm-compressor 0.14's modifiers that no llmc package provides, and why: said when asked for
+_TRAINING_ONLY = (
+    "prunes during training, which llmc does not do (llm-compressor 0.14's oneshot leaves the model as "
+    "it was with it); for one-shot pruning use SparseGPTModifier or WandaPruningModifier (llmc-sparsegpt, "
+    "llmc-wanda)."
+)
+NOT_PROVIDED: dict[str, str] = {"MagnitudePruningModifier": _TRAINING_ONLY, "ConstantPruningModifier": _TRAINING_ONLY}
 DISABLE_VARIABLE = "LLMC_DISABLE_PLUGINS"  # comma-separated plugin (entry point) names not to load
 
 _MODIFIER_PREFIX = "modifier:"
@@ -88,10 +93,7 @@ class Registry:
         if name in KNOWN_PROVIDERS:
             msg += f" It is provided by {KNOWN_PROVIDERS[name]}: pip install {KNOWN_PROVIDERS[name]}."
         elif name in NOT_PROVIDED:
-            msg += (
-                f" llm-compressor's {name} has no llmc implementation yet; a plugin can provide one "
-                "(see docs/writing-a-plugin.md)."
-            )
+            msg += f" llm-compressor's {name} {NOT_PROVIDED[name]}"
         else:
             close = difflib.get_close_matches(name, installed, n=1)
             if close:

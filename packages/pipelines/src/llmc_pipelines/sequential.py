@@ -118,25 +118,36 @@ def reached_targets(
     more than one stack (a vision tower's blocks beside a language model's layers): a text
     batch runs the language layers only, and the tower's are left out of calibration, as
     they would be of a traced graph. One forward with every target passing its input
-    through; a single stack is taken as it is, without that forward."""
+    through (and, where the model then fails, once more with every target also returning the
+    other outputs its class declares, as GLM-5's layers do); a single stack is taken as it is,
+    without that forward."""
     if len({name.rpartition(".")[0] for name, _ in layers}) < 2:
         return layers
     order: list[int] = []
 
-    def passing(index: int) -> Callable[..., Any]:
+    def passing(index: int, declared: bool) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             order.append(index)
             hidden = args[0] if args else kwargs["hidden_states"]
-            return handed_back(index, layers[index][1], hidden[0] if isinstance(hidden, tuple) else hidden)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            return handed_back(index, layers[index][1], hidden) if declared else hidden
 
         return forward
 
     originals = [layer.__dict__.get("forward") for _, layer in layers]
-    for index, (_, layer) in enumerate(layers):
-        layer.forward = passing(index)
+    batch = to_device(pop_loss_mask(next(iter(loader)))[0], device)
     try:
-        with torch.no_grad(), lazily_onloaded(_shell(model, layers), device):
-            model(**to_device(pop_loss_mask(next(iter(loader)))[0], device), use_cache=False)
+        for declared in (False, True):
+            order.clear()
+            for index, (_, layer) in enumerate(layers):
+                layer.forward = passing(index, declared)
+            try:
+                with torch.no_grad(), lazily_onloaded(_shell(model, layers), device):
+                    model(**batch, use_cache=False)
+                break
+            except Exception:
+                if declared:
+                    raise
     finally:
         for (_, layer), original in zip(layers, originals, strict=True):
             if original is None:
