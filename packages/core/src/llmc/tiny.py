@@ -93,23 +93,18 @@ def build_tokenizer(vocab_size: int = 2048, corpus_name: str = corpus.NAME) -> P
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
-def _text_fields(
-    vocab_size: int = 2048,
-    hidden_size: int = 128,
-    intermediate_size: int = 256,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-) -> dict[str, Any]:
-    """The config fields every tiny decoder shares."""
+_TEXT_SIZES = dict(
+    vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def _text_fields(**given: Any) -> dict[str, Any]:
+    """The config fields every tiny decoder shares: the sizes (``given`` or the defaults) and
+    what follows from them."""
+    sizes = {k: given.get(k, v) for k, v in _TEXT_SIZES.items()}
     return dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=hidden_size // num_attention_heads,
+        sizes,
+        head_dim=sizes["hidden_size"] // sizes["num_attention_heads"],
         max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,
@@ -117,22 +112,12 @@ def _text_fields(
     )
 
 
-def build_config(
-    arch: str = "llama",
-    vocab_size: int = 2048,
-    hidden_size: int = 128,
-    intermediate_size: int = 256,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    **overrides: Any,
-) -> transformers.PretrainedConfig:
+def build_config(arch: str = "llama", **overrides: Any) -> transformers.PretrainedConfig:
+    """A tiny config of family ``arch``: two layers of width 128 unless ``overrides`` say otherwise."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}.")
     cls_name, extra = ARCHITECTURES[arch]
-    fields = _text_fields(
-        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads
-    )
+    fields = _text_fields(**overrides)
     fields.update(extra)  # a family's own fields, then the caller's, may replace the defaults
     fields.update(overrides)
     return getattr(transformers, cls_name)(**fields)
