@@ -81,18 +81,24 @@ CASES = {
     "qwen3": ["gptq-w4a16", "smoothquant-gptq-w8a8"],
     "qwen3_moe": ["reap-50", "sparsegpt-2of4", "w4a16", "gptq-w4a16", "gptq-nvfp4", "fp8-static", "nvfp4", "fp8-kv-cache"],
     "mixtral": ["w4a16"],
+    # vision-language: the model class llm-compressor's examples load, calibrated on text
+    "qwen3_5_vl": ["w4a16", "gptq-w4a16", "fp8-static"],
 }
 
 # run by both interpreters: python RUNNER tool model recipe.yaml out
 RUNNER = """
-import sys, torch
+import json, os, sys, torch, transformers
 from datasets import Dataset
 tool, model, recipe, out = sys.argv[1:5]
 ids = torch.randint(4, 2000, (32, 64), generator=torch.Generator().manual_seed(0))
 data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 oneshot = __import__(tool, fromlist=["oneshot"]).oneshot
+extra = {}
+if "vision_config" in json.load(open(os.path.join(model, "config.json"))):  # as the examples load one
+    extra["processor"] = transformers.AutoTokenizer.from_pretrained(model)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(model)
 oneshot(model=model, recipe=recipe, dataset=data, num_calibration_samples=32,
-        max_seq_length=64, output_dir=out)
+        max_seq_length=64, output_dir=out, **extra)
 """
 
 
@@ -101,6 +107,10 @@ def build_model(arch: str, folder: Path) -> Path:
     from llmc import tiny
 
     if (folder / "config.json").exists():
+        return folder
+    if arch in tiny.VISION_LANGUAGE:
+        tiny.build_vision_language(arch).save_pretrained(folder)
+        tiny.build_tokenizer(2048).save_pretrained(folder)
         return folder
     return tiny.save_tiny(folder, arch=arch, hidden_size=128, intermediate_size=256, seed=0)
 
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     runner.write_text(RUNNER)
     results = {}
     for arch, names in CASES.items():
-        ignore = MOE_IGNORE if arch in ("qwen3_moe", "mixtral") else ["lm_head"]
+        ignore = MOE_IGNORE if arch in ("qwen3_moe", "mixtral") else ["lm_head", "re:.*visual.*"] if arch.endswith("_vl") else ["lm_head"]
         for name in names:
             case = f"{arch}/{name}"
             if args.only not in case:
