@@ -39,6 +39,7 @@ from llmc.mappings import (
 )
 from llmc.modifiers.base import Modifier
 from llmc.modifiers.quantization import QuantizationModifier
+from llmc.naming import RECIPE_NAME
 from llmc.observing import input_only
 from llmc.patches import ModelPatch
 from llmc.pipelines import Pipeline
@@ -66,6 +67,7 @@ __all__ = [
     "Pipeline",
     # model patches and smooth/balance mappings
     "ModelPatch",
+    "RECIPE_NAME",
     "Mapping",
     "ResolvedMapping",
     "DENSE_ARCHITECTURES",
