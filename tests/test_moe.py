@@ -456,3 +456,26 @@ def test_recipes_name_experts_projections_as_llm_compressor_does(checkpoint_fact
     linearize(model)
     resolved = resolve_mappings(model, [[["re:.*experts.*down_proj$"], "re:.*experts.*up_proj$"]], "awq")
     assert resolved and resolved[0].smooth_name.endswith("experts.0.w3") and resolved[0].balance_names[0].endswith("experts.0.w2")
+
+
+def test_a_vision_language_moe_checkpoint_is_built_as_saved(tmp_path, sample_ids):
+    """Qwen3-VL-MoE's config is no AutoModelForCausalLM's: model_free_ptq splits its fused
+    experts from the class its config names (they were left fused and unquantized), writing
+    oneshot's checkpoint, and load_decompressed rebuilds that class (it failed)."""
+    if not hasattr(transformers, "Qwen3VLMoeConfig"):
+        pytest.skip("this transformers has no Qwen3-VL-MoE")
+    from llmc.evaluation import load_decompressed
+
+    source = tmp_path / "source"
+    model = tiny.build_vision_language("qwen3_vl_moe")
+    model.save_pretrained(source)
+    tiny.build_tokenizer(2048).save_pretrained(source)
+    ignore = ["lm_head", "re:.*visual.*", "re:.*mlp.gate$"]
+    model_free_ptq(str(source), str(tmp_path / "free"), scheme="W8A16", ignore=ignore)
+    oneshot(model=model, tokenizer=str(source), recipe={"s": {"q_modifiers": {"QuantizationModifier": {
+        "targets": ["Linear"], "scheme": "W8A16", "ignore": ignore}}}}, output_dir=str(tmp_path / "oneshot"))
+    assert_same_tensors(tmp_path / "free", tmp_path / "oneshot")
+    assert any(re.search(r"experts\.\d+\.down_proj\.weight_packed$", k) for k in keys(tmp_path / "free"))
+    reloaded = load_decompressed(tmp_path / "free", dtype=torch.float32)
+    assert type(reloaded).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    torch.testing.assert_close(logits(reloaded, sample_ids), logits(model, sample_ids), atol=1e-5, rtol=1e-5)

@@ -78,15 +78,17 @@ def load_decompressed(
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils import match_named_modules
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from llmc.model_loading import build_saved, saved_class
     from llmc.patches import matching_patches
     from llmc.quantization.attention import apply_attention_scheme
     from llmc.quantization.kv_cache import apply_kv_cache_scheme, attention_modules
 
+    model_config = AutoConfig.from_pretrained(checkpoint)
     if via_transformers:
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, output_loading_info=True)
+            model, info = saved_class(model_config).from_pretrained(checkpoint, dtype=dtype, output_loading_info=True)
             if not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
                 return model.eval()
         except RuntimeError:
@@ -94,9 +96,8 @@ def load_decompressed(
     checkpoint = Path(checkpoint)
     raw = json.loads((checkpoint / "config.json").read_text())
     config = QuantizationConfig.model_validate(raw["quantization_config"])
-    model_config = AutoConfig.from_pretrained(checkpoint)
     del model_config.quantization_config
-    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+    model = build_saved(model_config, dtype=dtype).eval()
     for patch in matching_patches(model):
         patch.apply(model)
     transforms = raw["quantization_config"].get("transform_config")

@@ -27,6 +27,25 @@ _DTYPES = {
 }
 
 
+def saved_class(config: Any) -> Any:
+    """The transformers class a saved config names (``architectures``, e.g. a vision-language
+    model's ``...ForConditionalGeneration``, which ``AutoModelForCausalLM`` may not know), else
+    ``AutoModelForCausalLM``: to build the checkpoint's model as it was saved."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return AutoModelForCausalLM
+
+
+def build_saved(config: Any, **kwargs: Any) -> PreTrainedModel:
+    """A model of :func:`saved_class` built from ``config`` (random weights, or none on the meta device)."""
+    cls = saved_class(config)
+    return cls.from_config(config, **kwargs) if cls is AutoModelForCausalLM else cls._from_config(config, **kwargs)
+
+
 def check_model_source(model: Any) -> None:
     """Fail fast on a local path that cannot hold a model."""
     if isinstance(model, PreTrainedModel) or not isinstance(model, (str, os.PathLike)):

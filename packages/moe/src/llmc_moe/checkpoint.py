@@ -33,9 +33,11 @@ def meta_model(checkpoint: Path) -> torch.nn.Module | None:
     try:
         import transformers
 
+        from llmc.model_loading import build_saved
+
         config = transformers.AutoConfig.from_pretrained(str(checkpoint))
         with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(config)
+            return build_saved(config)
     except Exception as exc:  # an architecture transformers does not know: nothing to split
         logger.debug("no model structure for %s: %s", checkpoint, exc)
         return None
