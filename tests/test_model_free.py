@@ -461,3 +461,21 @@ def test_gpu_and_cpu_write_the_same_bytes(sharded_llama, tmp_path, scheme):
     model_free_ptq(sharded_llama, tmp_path / "cpu", scheme, ignore=["lm_head"], device="cpu")
     model_free_ptq(sharded_llama, tmp_path / "gpu", scheme, ignore=["lm_head"], max_workers=2, device="cuda")
     assert_same_tensors(tmp_path / "cpu", tmp_path / "gpu")
+
+
+def test_a_fused_stack_no_patch_splits_is_named_in_a_warning(llama_path, tmp_path, caplog):
+    """A 3-D stack of expert matrices that no installed model patch splits (an architecture
+    transformers cannot build) is left unquantized, and the run says which; ignored, it is not."""
+    source = tmp_path / "source"
+    shutil.copytree(llama_path, source)
+    shard = next(source.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.experts.gate_up_proj"] = torch.randn(4, 64, 128)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="llmc.model_free.run"):
+        model_free_ptq(str(source), str(tmp_path / "out"), scheme="W8A16", ignore=["lm_head"])
+    assert "1 fused weight stacks (model.layers.0.mlp.experts.gate_up_proj) are left unquantized" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmc.model_free.run"):
+        model_free_ptq(str(source), str(tmp_path / "ignored"), scheme="W8A16", ignore=["lm_head", "re:.*experts$"])
+    assert "fused weight stacks" not in caplog.text

@@ -128,3 +128,20 @@ def select_quantizable(
                 check_weight_shape(module_name, tuple(tensor.shape), scheme.weights)
             selected[name] = scheme
     return selected
+
+
+def fused_stacks(tensors: Mapping[str, torch.Tensor], ignore: Iterable[str]) -> list[str]:
+    """Stacks of weight matrices (three or more dimensions longer than one: fused MoE experts)
+    that no converter split and ``ignore`` does not name: no scheme quantizes them."""
+    from compressed_tensors.utils import is_match
+
+    ignore = list(ignore)
+    return [
+        name
+        for name, tensor in tensors.items()
+        if sum(size > 1 for size in tensor.shape) >= 3
+        and tensor.dtype in FLOAT_DTYPES
+        and "embed" not in name.lower()
+        and not is_match(name.rpartition(".")[0], None, ignore)
+        and not is_match(name, None, ignore)
+    ]

@@ -338,6 +338,7 @@ def _process(
         metas = _convert(metas, converters, validate=True)
         if config is None:
             return set()
+        fused.extend(plan.fused_stacks(metas, config.ignore or []))
         selected = plan.select_quantizable(metas, config, where=job.shard)
         return {(group_of[id(scheme)], metas[n].shape, metas[n].dtype) for n, scheme in selected.items()}
 
@@ -347,7 +348,14 @@ def _process(
     progress.check()
     if out.is_dir() and (removed := remove_partial_files(out)):
         logger.info("Removed %d half-written file(s) an interrupted run left: %s", len(removed), ", ".join(removed[:3]))
+    fused: list[str] = []  # fused expert stacks left as they are, found while validating
     kinds = sorted(set().union(*_run_jobs(validate, jobs, max_workers, "Validating")), key=str)
+    if fused:
+        logger.warning(
+            "%d fused weight stacks (%s) are left unquantized: no installed model patch splits them "
+            "for this checkpoint's architecture. Add them to ignore to say so, or install one that does "
+            "(llmc-moe splits transformers' MoE families).", len(fused), ", ".join(sorted(fused)[:3]),
+        )
     if config is not None and not kinds:
         targets = sorted({t for scheme in groups.values() for t in scheme.targets})
         raise ValueError(
