@@ -531,7 +531,7 @@ def run_layer(
 ) -> torch.Tensor:
     """Target ``index`` on one batch; every argument is already on the execution device but
     the outputs of earlier targets ``carry`` holds, filled in here (and this one's kept)."""
-    if carry is not None:
+    if carry:  # some later target reads an earlier one's outputs: fill them in
         call = carry.fill(call, batch, hidden.device)
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
@@ -748,7 +748,7 @@ def run_sequential(state: State, modifiers: Sequence[Modifier]) -> None:
             hidden, calls = capture.hidden, capture.calls
             del capture
             carry.read_by(calls)
-            if carry and progress is not None:
+            if carry and progress is not None and not start:  # a resumed one fails where it fills them in
                 logger.info("The sequential targets hand each other outputs: this run keeps no progress to resume.")
                 progress = None
             if start:
